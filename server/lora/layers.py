@@ -1,0 +1,120 @@
+"""Adapter weights resident on the compute device, stacked per layer and site, and the per-step LoRA plan.
+
+Like vLLM's LoRA layers, each device slot holds one adapter (`set_lora` / `reset_lora`). A site is one
+fused base projection (qkv, o, gate_up, down); an adapter's weights for the projections inside a site are
+stored as one A [w, in] and one block-structured B^T [w, out_site], with alpha/r folded in, so a site costs
+one LoRA matmul pair whatever subset of projections an adapter targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.lora.apply import LoraBatch, lora_apply
+
+SITES = ("qkv", "o", "gate_up", "down")
+BASE = -1  # row_slots value of a row served by the bare base model
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    in_features: int
+    out_features: int
+    projections: dict[str, tuple[int, int]]  # proj -> (first output row, rows) inside the fused weight
+
+
+class LoraStep:
+    """Per-step plan: batches[layer][site_index] is a LoraBatch, or None where no active adapter touches it."""
+
+    def __init__(self, batches: list[list[LoraBatch | None]]):
+        self.batches = batches
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int, site: str) -> None:
+    if step is None:
+        return
+    batch = step.batches[layer][SITES.index(site)]
+    if batch is not None:
+        lora_apply(y, x, batch)
+
+
+class LoraSlots:
+    def __init__(self, num_layers: int, layouts: dict[str, SiteLayout], max_slots: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.layouts = layouts
+        self.num_layers = num_layers
+        self.max_slots = max_slots
+        self.device = device
+        self.dtype = dtype
+        # a[layer][site][slot] -> [w, in] or None; bt likewise -> [w, out]
+        self.a = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
+        self.bt = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
+        self._plan_key: tuple | None = None
+        self._plan: LoraStep | None = None
+
+    def set_lora(self, slot: int, adapter) -> None:
+        """Copies an `adapters.Adapter` into `slot`, replacing what was there."""
+        self.reset_lora(slot)
+        by_site: dict[tuple[int, str], list] = {}
+        for key, w in adapter.weights.items():
+            _, layer, proj = key.split(".")
+            site = next(s for s, lay in self.layouts.items() if proj in lay.projections)
+            by_site.setdefault((int(layer), site), []).append((proj, w))
+        for (layer, site), items in by_site.items():
+            layout = self.layouts[site]
+            items.sort(key=lambda item: layout.projections[item[0]][0])
+            a = torch.cat([w.A for _, w in items], dim=0)
+            bt = torch.zeros(a.shape[0], layout.out_features, dtype=torch.float32)
+            rank_start = 0
+            for proj, w in items:
+                first, rows = layout.projections[proj]
+                r = w.A.shape[0]
+                bt[rank_start : rank_start + r, first : first + rows] = (w.B * w.scale).T
+                rank_start += r
+            s = SITES.index(site)
+            self.a[layer][s][slot] = a.to(self.device, self.dtype)
+            self.bt[layer][s][slot] = bt.to(self.device, self.dtype)
+        self._plan_key = None
+
+    def reset_lora(self, slot: int) -> None:
+        for layer in range(self.num_layers):
+            for s in range(len(SITES)):
+                self.a[layer][s][slot] = None
+                self.bt[layer][s][slot] = None
+        self._plan_key = None
+
+    def plan(self, row_slots: list[int]) -> LoraStep | None:
+        """The LoRA operands for a step whose rows use `row_slots` (BASE for no adapter).
+
+        Rebuilt only when the rows' slots change; a steady decode batch reuses the last plan.
+        """
+        key = tuple(row_slots)
+        if key != self._plan_key:
+            self._plan = self._build(row_slots)
+            self._plan_key = key
+        return self._plan
+
+    def _build(self, row_slots: list[int]) -> LoraStep | None:
+        active = sorted({s for s in row_slots if s != BASE})
+        if not active:
+            return None
+        rows = torch.tensor(row_slots, device=self.device)
+        single = len(active) == 1 and BASE not in row_slots
+        batches = [[self._site_batch(layer, s, active, rows, single) for s in range(len(SITES))]
+                   for layer in range(self.num_layers)]
+        return LoraStep(batches)
+
+    def _site_batch(self, layer: int, s: int, active: list[int], rows: torch.Tensor, single: bool):
+        owners = [slot for slot in active if self.a[layer][s][slot] is not None]
+        if not owners:
+            return None
+        a = torch.cat([self.a[layer][s][slot] for slot in owners]) if len(owners) > 1 else self.a[layer][s][owners[0]]
+        bt = torch.cat([self.bt[layer][s][slot] for slot in owners]) if len(owners) > 1 else self.bt[layer][s][owners[0]]
+        mask = None
+        if not single:
+            widths = torch.tensor([self.a[layer][s][slot].shape[0] for slot in owners], device=self.device)
+            col_owner = torch.repeat_interleave(torch.tensor(owners, device=self.device), widths)
+            mask = (rows[:, None] == col_owner[None, :]).to(self.dtype)
+        return LoraBatch(a, bt, mask)

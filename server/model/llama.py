@@ -1,0 +1,132 @@
+"""A Llama-family decoder in plain torch, shaped for serving.
+
+Tokens of all sequences in a step are flattened into one [tokens, hidden] matrix, so every projection is
+one matmul for the whole batch. q/k/v and gate/up are fused (measured +16% on CPU). Attention reads and
+writes the preallocated KV cache in place. LoRA side branches are added at four sites per layer (qkv, o,
+gate_up, down) by `server.lora.layers.add_lora`, which does nothing when the step has no adapters.
+Nothing here knows about requests or HTTP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.context import StepContext
+from server.lora.layers import SITES, add_lora
+from server.model.config import ModelConfig
+from server.model.linear import Linear
+
+# Where each HF projection lives in the fused weights: site name and order within it.
+FUSED_SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+               "down": ("down_proj",)}
+assert tuple(FUSED_SITES) == SITES
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    if cfg.rope_scaling:  # llama3: stretch low frequencies, keep high ones, blend between
+        s = cfg.rope_scaling
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * torch.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer:
+    def __init__(self, index: int, cfg: ModelConfig, linears: dict[str, Linear], norms: tuple[torch.Tensor, torch.Tensor]):
+        self.index = index
+        self.cfg = cfg
+        self.linears = linears
+        self.input_norm, self.post_attention_norm = norms
+
+    def _project(self, site: str, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        y = self.linears[site](x)
+        add_lora(y, x, ctx.lora, self.index, site)
+        return y
+
+    def __call__(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
+        cfg = self.cfg
+        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        q, k, v = self._project("qkv", x, ctx).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        attn = kv.attend(self.index, q, k, v, ctx)
+        h = h + self._project("o", attn.reshape(-1, cfg.q_size), ctx)
+        x = rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps)
+        gate, up = self._project("gate_up", x, ctx).chunk(2, dim=-1)
+        return h + self._project("down", F.silu(gate) * up, ctx)
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
+                 lm_head: Linear, device: torch.device):
+        self.cfg = cfg
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.device = device
+        self.dtype = embed.dtype
+        self.inv_freq = rope_inv_freq(cfg).to(device)
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # broadcast over heads
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
+        """Returns float32 logits [seqs, vocab] for the rows in ctx.logits_rows."""
+        h = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope_tables(ctx.positions)
+        for layer in self.layers:
+            h = layer(h, ctx, cos, sin, kv)
+        h = rms_norm(h[ctx.logits_rows], self.norm, self.cfg.rms_norm_eps)
+        return self.lm_head(h).float()
+
+    def linear(self, layer: int, site: str) -> Linear:
+        return self.layers[layer].linears[site]
+
+    def lora_target_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each unfused projection, keyed "layers.{i}.{proj}", as adapters name them."""
+        cfg = self.cfg
+        shapes = {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
+                  "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
+                  "gate_proj": (cfg.intermediate_size, cfg.hidden_size),
+                  "up_proj": (cfg.intermediate_size, cfg.hidden_size),
+                  "down_proj": (cfg.hidden_size, cfg.intermediate_size)}
+        return {f"layers.{i}.{p}": s for i in range(cfg.num_layers) for p, s in shapes.items()}
+
+
+def projection_rows(cfg: ModelConfig, proj: str) -> tuple[str, int, int]:
+    """Site of an HF projection and the rows [start, start+size) it occupies in that site's fused weight."""
+    sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
+             "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+    for site, projs in FUSED_SITES.items():
+        if proj in projs:
+            start = sum(sizes[p] for p in projs[: projs.index(proj)])
+            return site, start, sizes[proj]
+    raise KeyError(proj)
+
+
+def hf_weight_name(layer: int, proj: str) -> str:
+    group = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{group}.{proj}.weight"
