@@ -1,0 +1,18 @@
+"""Adapters: the weight format (PEFT read/write, validation), the on-disk store and the registry.
+
+Pure Python + torch + safetensors; nothing here knows about HTTP or the engine.
+"""
+
+from adapters.format import (
+    PROJECTIONS, Adapter, AdapterLimits, BaseShapes, LoraWeights, peft_folder_files, read_peft_folder,
+    read_raw_safetensors, validate, validate_name, write_peft_folder,
+)
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
+from adapters.synthetic import llama_base_shapes, random_adapter
+
+__all__ = [
+    "PROJECTIONS", "Adapter", "AdapterLimits", "AdapterRegistry", "AdapterStore", "BaseShapes", "LoraWeights",
+    "llama_base_shapes", "peft_folder_files", "random_adapter", "read_peft_folder", "read_raw_safetensors",
+    "validate", "validate_name", "write_peft_folder",
+]

@@ -1,0 +1,152 @@
+"""The registry: which adapters this server can serve, by name.
+
+It owns the in-memory name -> Adapter map and keeps it in step with the store: an adapter is in the
+map only after it parsed, validated against the base and (when persisted) reached the disk. Uploads are
+parsed outside the lock, so a large upload never blocks lookups from the engine.
+"""
+
+import logging
+import tempfile
+import threading
+from pathlib import Path
+
+from adapters.format import (
+    WEIGHTS_FILE, Adapter, AdapterLimits, BaseShapes, peft_folder_files, raw_to_peft_files,
+    read_peft_folder, read_raw_safetensors, validate, validate_name,
+)
+from adapters.peft_config import CONFIG_FILE
+from adapters.store import AdapterStore
+from server.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, LoraplexError
+
+log = logging.getLogger(__name__)
+
+_PEFT_FILES = {CONFIG_FILE, WEIGHTS_FILE}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# A safetensors header (names, dtypes, offsets) and the JSON config are small next to the weights;
+# this slack lets uploads near max_bytes through while refusing huge ones before parsing them.
+_HEADER_SLACK_BYTES = 1024 * 1024
+
+
+class AdapterRegistry:
+    def __init__(self, store: AdapterStore, base: BaseShapes, limits: AdapterLimits):
+        self.store = store
+        self.base = base
+        self.limits = limits
+        self._adapters: dict[str, Adapter] = {}
+        self._lock = threading.Lock()
+
+    def load_stored(self) -> list[str]:
+        """Load every stored adapter; one that no longer loads is quarantined rather than stopping start-up."""
+        self.store.clean_leftovers()
+        loaded = []
+        for name in self.store.names():
+            if name in self:
+                continue
+            if len(self) >= self.limits.max_adapters:
+                log.warning("registry full (max_adapters=%d): stored adapter %r not loaded",
+                            self.limits.max_adapters, name)
+                continue
+            try:
+                self.add(read_peft_folder(self.store.path(name), name), persist=False)
+            except (LoraplexError, OSError) as e:
+                dest = self.store.quarantine(name)
+                log.warning("stored adapter %r failed to load and was moved to %s: %s", name, dest, e)
+                continue
+            loaded.append(name)
+        return loaded
+
+    def register_upload(self, name: str, files: dict[str, bytes],
+                        rank: int | None = None, alpha: float | None = None) -> Adapter:
+        validate_name(name)
+        raw = _is_raw_upload(files, rank, alpha)
+        with self._lock:
+            self._check_room(name)
+        if sum(len(data) for data in files.values()) > self.limits.max_bytes + _HEADER_SLACK_BYTES:
+            raise AdapterTooLarge(f"upload for {name!r} is larger than the limit of {self.limits.max_bytes} bytes")
+        with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
+            adapter, stored_files = _parse_upload(Path(tmp), name, files, raw, rank, alpha)
+        validate(adapter, self.base, self.limits)
+        with self._lock:
+            self._check_room(name)
+            self.store.save(name, stored_files)
+            self._adapters[name] = adapter
+        return adapter
+
+    def add(self, adapter: Adapter, persist: bool = True) -> None:
+        validate(adapter, self.base, self.limits)
+        with self._lock:
+            self._check_room(adapter.name)
+            if persist:
+                self.store.save(adapter.name, peft_folder_files(adapter))
+            self._adapters[adapter.name] = adapter
+
+    def _check_room(self, name: str) -> None:
+        if name in self._adapters:
+            raise AdapterExists(f"adapter {name!r} is already registered")
+        if len(self._adapters) >= self.limits.max_adapters:
+            raise AdapterTooLarge(
+                f"registry full: {len(self._adapters)} adapters registered (max_adapters="
+                f"{self.limits.max_adapters}); remove one first"
+            )
+
+    def get(self, name: str) -> Adapter:
+        with self._lock:
+            adapter = self._adapters.get(name)
+        if adapter is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        return adapter
+
+    def remove(self, name: str) -> Adapter:
+        with self._lock:
+            if name not in self._adapters:
+                raise AdapterNotFound(f"adapter {name!r} is not registered")
+            try:
+                self.store.delete(name)
+            except AdapterNotFound:
+                pass  # registered with persist=False
+            return self._adapters.pop(name)
+
+    def list(self) -> list[Adapter]:
+        with self._lock:
+            return [self._adapters[name] for name in sorted(self._adapters)]
+
+    def __contains__(self, name) -> bool:
+        with self._lock:
+            return name in self._adapters
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._adapters)
+
+
+def _is_raw_upload(files: dict[str, bytes], rank: int | None, alpha: float | None) -> bool:
+    """Check the uploaded file names; True for one raw .safetensors, False for a PEFT folder."""
+    for file_name in files:
+        if not file_name or "/" in file_name or "\\" in file_name or ".." in file_name or "\0" in file_name:
+            raise AdapterInvalid(f"file name {file_name!r} must be a plain name without path separators or '..'")
+        if file_name.lower().endswith(_PICKLE_SUFFIXES):
+            raise AdapterInvalid(f"{file_name}: pickle-based files are not accepted; use safetensors")
+    if set(files) == _PEFT_FILES:
+        return False
+    if len(files) == 1 and next(iter(files)).endswith(".safetensors"):
+        if rank is None or alpha is None:
+            raise AdapterInvalid("a single .safetensors upload has no config: give rank and alpha with it")
+        return True
+    raise AdapterInvalid(
+        f"unexpected files {sorted(files)}: upload {CONFIG_FILE} + {WEIGHTS_FILE} (a PEFT folder), "
+        "or one .safetensors file together with rank and alpha"
+    )
+
+
+def _parse_upload(tmp: Path, name: str, files: dict[str, bytes], raw: bool,
+                  rank: int | None, alpha: float | None) -> tuple[Adapter, dict[str, bytes]]:
+    """Parse uploaded bytes from files in `tmp`; returns the adapter and the PEFT folder files to store."""
+    if raw:
+        # Written under our own name: the client's file name never reaches the file system.
+        raw_path = tmp / "upload.safetensors"
+        raw_path.write_bytes(next(iter(files.values())))
+        adapter = read_raw_safetensors(raw_path, name, rank, alpha)
+        return adapter, raw_to_peft_files(raw_path, adapter)
+    for file_name in _PEFT_FILES:
+        (tmp / file_name).write_bytes(files[file_name])
+    return read_peft_folder(tmp, name), {f: files[f] for f in _PEFT_FILES}
