@@ -1,0 +1,180 @@
+"""The serving loop: one background thread steps the model; callers submit and receive tokens.
+
+HTTP handlers never run a forward: they submit a Sequence and await events on an asyncio queue. The loop
+thread drains submissions between steps, so requests join the running batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from server.engine.detokenizer import Detokenizer
+from server.engine.request import SamplingParams, Sequence
+from server.engine.runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.scheduler import Scheduler
+from server.lora import policy
+from server.lora.merge import MergedAdapter, merge_into_base, restore_base
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenEvent:
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    merges: int = 0
+    restores: int = 0
+    merge_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, loaded, runner: ModelRunner, scheduler: Scheduler, tokenizer, lora_mode: str, eos_ids: set[int]):
+        self.loaded = loaded
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.lora_mode = lora_mode
+        self.eos_ids = eos_ids
+        self.stats = EngineStats()
+        self._merged: MergedAdapter | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sinks: dict[int, tuple[Callable[[TokenEvent], None], Detokenizer]] = {}
+
+    # ---- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    # ---- submission (any thread)
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, sink: Callable[[TokenEvent], None]) -> Sequence:
+        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device)
+        self._inbox.put(("add", seq, sink))
+        self._wake.set()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        self._inbox.put(("abort", seq, None))
+        self._wake.set()
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter) -> AsyncIterator[TokenEvent]:
+        """Submits a request and yields its events; leaving the iterator early aborts the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        seq = self.submit(prompt_ids, params, adapter, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event.finished:
+                    return
+        finally:
+            if not seq.finished:
+                self.abort(seq)
+
+    # ---- the loop (engine thread only)
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # a bug in one step must not kill the server: fail the batch, keep serving
+                log.exception("engine step failed; failing its requests")
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(seq, "error")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, seq, sink = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._sinks[seq.id] = (sink, Detokenizer(self.tokenizer, seq.params.stop))
+                self.scheduler.add(seq)
+            elif kind == "abort" and not seq.finished and seq.id in self._sinks:
+                self._finish(seq, "abort")
+
+    def step(self) -> None:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return
+        self._choose_mode()
+        logits = self.runner.run(seqs, is_prefill, use_lora=self._merged is None)
+        tokens = sample(logits, seqs)
+        self.stats.steps += 1
+        self.stats.prefill_steps += is_prefill
+        for seq, token in zip(seqs, tokens):
+            self._postprocess(seq, token)
+
+    def _choose_mode(self) -> None:
+        target = policy.merge_target(self.lora_mode, [s.adapter for s in self.scheduler.running])
+        current = self._merged.adapter if self._merged else None
+        if target is current:
+            return
+        started = time.perf_counter()
+        if self._merged is not None:
+            restore_base(self.loaded.transformer, self.loaded.checkpoint, self._merged)
+            self._merged = None
+            self.stats.restores += 1
+        if target is not None:
+            self._merged = merge_into_base(self.loaded.transformer, target)
+            self.stats.merges += 1
+        self.stats.merge_seconds += time.perf_counter() - started
+
+    def _postprocess(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        sink, detok = self._sinks[seq.id]
+        p = seq.params
+        reason = None
+        if token in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+            text, hit_stop = "", False
+        else:
+            text, hit_stop = detok.add(token)
+            if hit_stop:
+                reason = "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_new_tokens
+                               or seq.num_tokens >= self.runner.kv.max_len):
+            reason = "length"
+        if reason is not None and not hit_stop:
+            text += detok.flush()
+        if text or reason is None:
+            sink(TokenEvent(text, [token], completion_tokens=len(seq.output_ids)))
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        sink, _ = self._sinks.pop(seq.id, (None, None))
+        if sink is not None:
+            sink(TokenEvent("", [], True, reason, len(seq.prompt_ids), len(seq.output_ids)))

@@ -1,0 +1,32 @@
+"""Next-token choice from logits: greedy, or temperature with top-k / top-p, per request, seedable."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.request import Sequence
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits: [len(seqs), vocab] float32."""
+    if all(s.params.greedy for s in seqs):
+        return logits.argmax(dim=-1).tolist()
+    greedy = logits.argmax(dim=-1).tolist()
+    return [greedy[i] if s.params.greedy else _sample_row(logits[i], s) for i, s in enumerate(seqs)]
+
+
+def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
+    p = seq.params
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=seq.generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=seq.generator))

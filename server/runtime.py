@@ -1,0 +1,101 @@
+"""Assembles the serving stack from Settings: model, tokenizer, adapter registry and store, engine.
+
+Used by the HTTP app's lifespan, the benchmarks and the tests, so all of them run the same engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoTokenizer
+
+from adapters import AdapterLimits, AdapterRegistry, AdapterStore
+from server.engine.engine import Engine
+from server.engine.kv_cache import KVCache
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler
+from server.errors import InvalidRequest
+from server.lora import policy
+from server.lora.layers import LoraSlots, SiteLayout
+from server.lora.manager import AdapterSlots
+from server.model.linear import resolve_backend
+from server.model.llama import FUSED_SITES, projection_rows
+from server.model.loader import resolve_model
+from server.model.weights import LoadedModel
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.device = settings.torch_device()
+        self.dtype = settings.torch_dtype()
+        self.folder = resolve_model(settings.model_path)
+        self.model_id = os.path.basename(os.path.normpath(self.folder.path))
+        backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
+        self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
+        cfg = self.loaded.config
+        self.max_seq_len = min(settings.max_seq_len, cfg.max_position_embeddings)
+        self.registry = AdapterRegistry(
+            AdapterStore(settings.store_dir), self.loaded.transformer.lora_target_shapes(),
+            AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
+                          max_adapters=settings.max_adapters))
+        loaded_names = self.registry.load_stored()
+        self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype)
+        self.adapter_slots = AdapterSlots(self.lora)
+        kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
+        scheduler = Scheduler(kv, self.adapter_slots, settings.max_prefill_tokens, policy.admits_mixed(settings.lora_mode))
+        self.engine = Engine(self.loaded, ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
+                             self.tokenizer, settings.lora_mode, eos_ids(self.folder.config, self.tokenizer))
+        log.info("model %s on %s/%s (linear: %s), %d stored adapters loaded", self.model_id, self.device,
+                 str(self.dtype).removeprefix("torch."), backend, len(loaded_names))
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequest("this model has no chat template; send `prompt` instead of `messages`")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = self.tokenizer(prompt or "").input_ids
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return list(ids)
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if max_new_tokens > self.settings.max_new_tokens:
+            raise InvalidRequest(f"max_new_tokens {max_new_tokens} exceeds the server limit {self.settings.max_new_tokens}")
+        if prompt_tokens + max_new_tokens > self.max_seq_len:
+            raise InvalidRequest(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                                 f"the context length {self.max_seq_len}")
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+def site_layouts(cfg) -> dict[str, SiteLayout]:
+    layouts = {}
+    for site, projs in FUSED_SITES.items():
+        rows = {p: projection_rows(cfg, p)[1:] for p in projs}
+        out = sum(size for _, size in rows.values())
+        in_features = cfg.intermediate_size if site == "down" else cfg.q_size if site == "o" else cfg.hidden_size
+        layouts[site] = SiteLayout(in_features, out, rows)
+    return layouts
+
+
+def eos_ids(hf_config: dict, tokenizer) -> set[int]:
+    ids = hf_config.get("eos_token_id")
+    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return found

@@ -1,0 +1,42 @@
+"""Every knob of the server, in one place. Environment variables (LORAPLEX_*) and CLI flags map onto it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", protected_namespaces=())
+
+    model_path: str | None = Field(None, description="local Hugging Face model folder; default: SmolLM2-135M-Instruct")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    linear_backend: Literal["auto", "torch", "mkldnn"] = "auto"
+    threads: int | None = Field(None, description="torch intra-op threads on CPU (default: all cores)")
+    lora_mode: Literal["auto", "merged", "unmerged"] = "auto"
+    max_batch: int = Field(64, ge=1, description="sequences decoded together (KV-cache slots)")
+    max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
+    max_prefill_tokens: int = Field(4096, ge=16)
+    max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
+    lora_slots: int = Field(32, ge=1, description="adapters resident on the compute device at once")
+    max_lora_rank: int = Field(64, ge=1)
+    max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_adapters: int = Field(1000, ge=1)
+    store_dir: Path = Path("store")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
