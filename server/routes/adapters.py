@@ -1,0 +1,61 @@
+"""Adapter upload, listing, inspection and deletion."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from server.errors import AdapterInvalid, AdapterTooLarge
+from server.schemas import AdapterInfo, AdapterList
+
+router = APIRouter(prefix="/adapters")
+
+_CHUNK = 1 << 20
+
+
+def adapter_info(adapter) -> AdapterInfo:
+    return AdapterInfo(name=adapter.name, rank=adapter.rank, alpha=adapter.alpha,
+                       target_modules=list(adapter.target_modules), size_bytes=adapter.size_bytes)
+
+
+async def _read_capped(upload: UploadFile, budget: int) -> bytes:
+    data = bytearray()
+    while chunk := await upload.read(_CHUNK):
+        data += chunk
+        if len(data) > budget:
+            raise AdapterTooLarge(f"upload exceeds the limit of {budget} bytes")
+    return bytes(data)
+
+
+@router.post("", status_code=201, response_model=AdapterInfo,
+             responses={409: {"description": "name taken"}, 413: {"description": "too large"},
+                        422: {"description": "invalid adapter"}})
+async def upload_adapter(request: Request, name: str = Form(...), files: list[UploadFile] = File(...),
+                         rank: int | None = Form(None), alpha: float | None = Form(None)):
+    rt = request.app.state.runtime
+    budget = rt.settings.max_adapter_bytes + (1 << 20)  # config JSON and safetensors header on top of tensors
+    contents: dict[str, bytes] = {}
+    for upload in files:
+        if not upload.filename:
+            raise AdapterInvalid("every file part needs a file name")
+        if upload.filename in contents:
+            raise AdapterInvalid(f"file {upload.filename!r} sent twice")
+        contents[upload.filename] = await _read_capped(upload, budget - sum(map(len, contents.values())))
+    adapter = await run_in_threadpool(rt.registry.register_upload, name, contents, rank, alpha)
+    return adapter_info(adapter)
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(request: Request):
+    return AdapterList(adapters=[adapter_info(a) for a in request.app.state.runtime.registry.list()])
+
+
+@router.get("/{name}", response_model=AdapterInfo, responses={404: {"description": "unknown adapter"}})
+async def get_adapter(name: str, request: Request):
+    return adapter_info(request.app.state.runtime.registry.get(name))
+
+
+@router.delete("/{name}", status_code=204, responses={404: {"description": "unknown adapter"}})
+async def delete_adapter(name: str, request: Request):
+    # Requests already running hold the Adapter object and finish with it; new ones get 404.
+    await run_in_threadpool(request.app.state.runtime.registry.remove, name)

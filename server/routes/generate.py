@@ -1,0 +1,53 @@
+"""POST /generate: validate, hand to the engine, return or stream the text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.engine.engine import TokenEvent
+from server.engine.request import SamplingParams
+from server.schemas import GenerateRequest, GenerateResponse, Usage
+
+router = APIRouter()
+
+
+async def start_generation(rt, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
+    adapter = rt.registry.get(req.adapter) if req.adapter else None
+    messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+    prompt_ids = await run_in_threadpool(rt.encode, req.prompt, messages)
+    rt.check_length(len(prompt_ids), req.max_new_tokens)
+    params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                            top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos)
+    return rt.engine.stream(prompt_ids, params, adapter)
+
+
+@router.post("/generate", response_model=GenerateResponse,
+             responses={404: {"description": "unknown adapter"}, 422: {"description": "invalid parameters"}})
+async def generate(req: GenerateRequest, request: Request):
+    events = await start_generation(request.app.state.runtime, req)
+    if req.stream:
+        return StreamingResponse(_sse(events, req.adapter), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text = []
+    async for event in events:
+        text.append(event.text)
+        if event.finished:
+            return GenerateResponse(text="".join(text), adapter=req.adapter, finish_reason=event.finish_reason,
+                                    usage=Usage(prompt_tokens=event.prompt_tokens,
+                                                completion_tokens=event.completion_tokens))
+
+
+async def _sse(events: AsyncIterator[TokenEvent], adapter: str | None) -> AsyncIterator[str]:
+    async for event in events:
+        if event.finished:
+            final = {"text": "", "adapter": adapter, "finish_reason": event.finish_reason,
+                     "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}}
+            yield f"data: {json.dumps(final)}\n\n"
+        elif event.text:
+            yield f"data: {json.dumps({'text': event.text, 'adapter': adapter})}\n\n"

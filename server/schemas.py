@@ -1,0 +1,81 @@
+"""The wire format of the native API, defined once."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    adapter: str | None = Field(None, description="registered adapter name; null for the bare base model")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    ignore_eos: bool = False
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    adapter: str | None
+    finish_reason: str
+    usage: Usage
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    device: str
+    dtype: str
+    lora_mode: str
+    adapters: int
+    resident_adapters: int
+    running: int
+    waiting: int
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
