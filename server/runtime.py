@@ -72,7 +72,8 @@ class Runtime:
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
                           max_adapters=settings.max_adapters))
         loaded_names = self.registry.load_stored()
-        self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype)
+        self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype,
+                              backend)
         self.adapter_slots = AdapterSlots(self.lora)
         kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
         scheduler = Scheduler(kv, self.adapter_slots, settings.max_prefill_tokens, policy.admits_mixed(settings.lora_mode))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from server.lora.apply import LoraBatch, lora_apply
+from server.model.linear import Linear
 
 SITES = ("qkv", "o", "gate_up", "down")
 BASE = -1  # row_slots value of a row served by the bare base model
@@ -42,8 +43,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int
 
 class LoraSlots:
     def __init__(self, num_layers: int, layouts: dict[str, SiteLayout], max_slots: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, backend: str = "torch"):
         self.layouts = layouts
+        self.backend = backend
         self.num_layers = num_layers
         self.max_slots = max_slots
         self.device = device
@@ -110,11 +112,11 @@ class LoraSlots:
         owners = [slot for slot in active if self.a[layer][s][slot] is not None]
         if not owners:
             return None
-        a = torch.cat([self.a[layer][s][slot] for slot in owners]) if len(owners) > 1 else self.a[layer][s][owners[0]]
-        bt = torch.cat([self.bt[layer][s][slot] for slot in owners]) if len(owners) > 1 else self.bt[layer][s][owners[0]]
+        a = torch.cat([self.a[layer][s][slot] for slot in owners])
+        b = torch.cat([self.bt[layer][s][slot] for slot in owners]).T.contiguous()
         mask = None
         if not single:
             widths = torch.tensor([self.a[layer][s][slot].shape[0] for slot in owners], device=self.device)
             col_owner = torch.repeat_interleave(torch.tensor(owners, device=self.device), widths)
             mask = (rows[:, None] == col_owner[None, :]).to(self.dtype)
-        return LoraBatch(a, bt, mask)
+        return LoraBatch(Linear(a, None, self.backend), Linear(b, None, self.backend), mask)
