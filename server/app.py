@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.routes import adapters, errors, generate, health
+from server.routes import adapters, errors, generate, health, openai
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -29,6 +29,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
                   description="One frozen base LLM, many LoRA adapters.")
     errors.install(app)
-    for module in (generate, adapters, health):
+    for module in (generate, adapters, health, openai):
         app.include_router(module.router)
     return app

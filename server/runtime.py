@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import torch
 from transformers import AutoTokenizer
@@ -37,6 +38,7 @@ class Runtime:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.started_at = time.time()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._engine_thread, name="loraplex-engine", daemon=True)

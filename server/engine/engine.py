@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import SamplingParams, Sequence
 from server.engine.runner import ModelRunner
-from server.engine.sampler import sample
+from server.engine.sampler import TokenLogprob, logprobs_of, sample
 from server.engine.scheduler import Scheduler
 from server.lora import policy
 from server.lora.merge import MergedAdapter, merge_into_base, restore_base
@@ -33,6 +33,7 @@ class TokenEvent:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -153,10 +154,11 @@ class Engine:
         self._choose_mode()
         logits = self.runner.run(seqs, is_prefill, use_lora=self._merged is None)
         tokens = sample(logits, seqs)
+        logprobs = logprobs_of(logits, seqs, tokens)
         self.stats.steps += 1
         self.stats.prefill_steps += is_prefill
-        for seq, token in zip(seqs, tokens):
-            self._postprocess(seq, token)
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            self._postprocess(seq, token, logprob)
 
     def _choose_mode(self) -> None:
         target = policy.merge_target(self.lora_mode, [s.adapter for s in self.scheduler.running])
@@ -173,7 +175,7 @@ class Engine:
             self.stats.merges += 1
         self.stats.merge_seconds += time.perf_counter() - started
 
-    def _postprocess(self, seq: Sequence, token: int) -> None:
+    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.output_ids.append(token)
         sink, detok = self._sinks[seq.id]
         p = seq.params
@@ -190,8 +192,9 @@ class Engine:
             reason = "length"
         if reason is not None and not hit_stop:
             text += detok.flush()
-        if text or reason is None:
-            self._outbox.append((sink, TokenEvent(text, [token], completion_tokens=len(seq.output_ids))))
+        if text or reason is None or logprob is not None:
+            self._outbox.append((sink, TokenEvent(text, [token], completion_tokens=len(seq.output_ids),
+                                                  logprob=logprob)))
         if reason is not None:
             self._finish(seq, reason)
 

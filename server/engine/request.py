@@ -21,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None   # None = off; k = the chosen token's logprob plus the k most likely
 
     @property
     def greedy(self) -> bool:

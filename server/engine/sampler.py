@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from server.engine.request import Sequence
@@ -30,3 +32,26 @@ def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
         choice = torch.multinomial(sorted_probs, 1, generator=seq.generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()   # (token id, logprob), most likely first
+
+
+def logprobs_of(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Log-probabilities of the chosen tokens under the unmodified distribution (before temperature),
+    only for the sequences that asked for them."""
+    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(seqs)
+    if not wanted:
+        return result
+    logp = torch.log_softmax(logits[wanted], dim=-1)
+    for row, i in enumerate(wanted):
+        k = seqs[i].params.logprobs
+        top = torch.topk(logp[row], k) if k else None
+        pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+        result[i] = TokenLogprob(tokens[i], float(logp[row, tokens[i]]), pairs)
+    return result

@@ -25,8 +25,14 @@ STATUS = {
 }
 
 
-def error_json(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_json(status: int, code: str, message: str, request: Request | None = None) -> JSONResponse:
+    if request is not None and request.url.path.startswith("/v1/"):
+        # OpenAI's error shape, which its client libraries parse into typed exceptions
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    else:
+        body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status)
 
 
 def status_of(exc: LoraplexError) -> int:
@@ -38,23 +44,23 @@ def status_of(exc: LoraplexError) -> int:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(LoraplexError)
-    async def _loraplex(_: Request, exc: LoraplexError):
-        return error_json(status_of(exc), exc.code, exc.message)
+    async def _loraplex(request: Request, exc: LoraplexError):
+        return error_json(status_of(exc), exc.code, exc.message, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return error_json(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return error_json(422, "invalid_request", "; ".join(parts) or "invalid request", request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
-        return error_json(exc.status_code, code, str(exc.detail))
+        return error_json(exc.status_code, code, str(exc.detail), request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return error_json(500, "internal_error", "internal server error")
+        return error_json(500, "internal_error", "internal server error", request)

@@ -16,21 +16,22 @@ from server.schemas import GenerateRequest, GenerateResponse, Usage
 router = APIRouter()
 
 
-async def start_generation(rt, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+async def start_generation(rt, adapter_name: str | None, prompt: str | None, messages: list[dict] | None,
+                           params: SamplingParams) -> AsyncIterator[TokenEvent]:
     """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
-    adapter = rt.registry.get(req.adapter) if req.adapter else None
-    messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-    prompt_ids = await run_in_threadpool(rt.encode, req.prompt, messages)
-    rt.check_length(len(prompt_ids), req.max_new_tokens)
-    params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                            top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos)
+    adapter = rt.registry.get(adapter_name) if adapter_name else None
+    prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
+    rt.check_length(len(prompt_ids), params.max_new_tokens)
     return rt.engine.stream(prompt_ids, params, adapter)
 
 
 @router.post("/generate", response_model=GenerateResponse,
              responses={404: {"description": "unknown adapter"}, 422: {"description": "invalid parameters"}})
 async def generate(req: GenerateRequest, request: Request):
-    events = await start_generation(request.app.state.runtime, req)
+    params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                            top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos)
+    messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+    events = await start_generation(request.app.state.runtime, req.adapter, req.prompt, messages, params)
     if req.stream:
         return StreamingResponse(_sse(events, req.adapter), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,185 @@
+"""OpenAI-compatible routes: `model` names an adapter (or the base model's id for none).
+
+Unmodified OpenAI clients work against these; vLLM's runtime adapter endpoints are here too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.engine.engine import TokenEvent
+from server.engine.request import SamplingParams
+from server.errors import AdapterInvalid
+from server.routes.generate import start_generation
+from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
+
+router = APIRouter(prefix="/v1")
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@router.get("/models")
+async def list_models(request: Request):
+    rt = request.app.state.runtime
+    created = int(rt.started_at)
+    base = {"id": rt.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": rt.model_id,
+            "parent": None}
+    adapters = [{"id": a.name, "object": "model", "created": created, "owned_by": "loraplex", "root": a.name,
+                 "parent": rt.model_id} for a in rt.registry.list()]
+    return {"object": "list", "data": [base, *adapters]}
+
+
+def _adapter_of(rt, model: str) -> str | None:
+    return None if model == rt.model_id else model
+
+
+def _params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=req.temperature,
+                          top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
+                          ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+
+def _usage(event: TokenEvent) -> dict:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _streaming(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Logprobs:
+    """Collects per-token logprobs in either of OpenAI's two layouts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chat_entry(self, lp) -> dict:
+        def one(tid, value):
+            text = self.token_text(tid)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+        return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top]}
+
+    def completion_block(self, lps: list, offset: int = 0) -> dict:
+        tokens = [self.token_text(lp.token_id) for lp in lps]
+        offsets, at = [], offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+# ---- /v1/completions
+
+@router.post("/completions")
+async def completions(req: CompletionRequest, request: Request):
+    rt = request.app.state.runtime
+    params = _params(req, req.max_tokens or 16, req.logprobs)
+    events = await start_generation(rt, _adapter_of(rt, req.model), req.prompt, None, params)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    lp = _Logprobs(rt.tokenizer) if req.logprobs is not None else None
+    head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+    if req.stream:
+        return _streaming(_completion_chunks(events, head, lp, req.stream_options))
+    text, lps = [], []
+    async for event in events:
+        text.append(event.text)
+        if event.logprob is not None:
+            lps.append(event.logprob)
+        if event.finished:
+            choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason,
+                      "logprobs": lp.completion_block(lps) if lp else None}
+            return {**head, "choices": [choice], "usage": _usage(event)}
+
+
+async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options) -> AsyncIterator[str]:
+    offset = 0
+    async for event in events:
+        if event.finished:
+            yield _sse({**head, "choices": [{"index": 0, "text": "", "finish_reason": event.finish_reason,
+                                             "logprobs": None}]})
+            if options and options.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(event)})
+        elif event.text or event.logprob is not None:
+            logprobs = lp.completion_block([event.logprob], offset) if lp and event.logprob else None
+            offset += len(event.text)
+            yield _sse({**head, "choices": [{"index": 0, "text": event.text, "finish_reason": None,
+                                             "logprobs": logprobs}]})
+    yield _sse("[DONE]")
+
+
+# ---- /v1/chat/completions
+
+@router.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    rt = request.app.state.runtime
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = _params(req, req.max_completion_tokens or req.max_tokens, top)
+    messages = [m.as_template_message() for m in req.messages]
+    events = await start_generation(rt, _adapter_of(rt, req.model), None, messages, params)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    lp = _Logprobs(rt.tokenizer) if req.logprobs else None
+    head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}
+    if req.stream:
+        return _streaming(_chat_chunks(events, {**head, "object": "chat.completion.chunk"}, lp, req.stream_options))
+    text, entries = [], []
+    async for event in events:
+        text.append(event.text)
+        if lp and event.logprob is not None:
+            entries.append(lp.chat_entry(event.logprob))
+        if event.finished:
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                      "finish_reason": event.finish_reason, "logprobs": {"content": entries} if lp else None}
+            return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(event)}
+
+
+async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options) -> AsyncIterator[str]:
+    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}]})
+    async for event in events:
+        if event.finished:
+            yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                             "finish_reason": event.finish_reason}]})
+            if options and options.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(event)})
+        elif event.text or event.logprob is not None:
+            logprobs = {"content": [lp.chat_entry(event.logprob)]} if lp and event.logprob else None
+            yield _sse({**head, "choices": [{"index": 0, "delta": {"content": event.text}, "logprobs": logprobs,
+                                             "finish_reason": None}]})
+    yield _sse("[DONE]")
+
+
+# ---- vLLM-compatible runtime adapter loading (server-side paths, for operators)
+
+@router.post("/load_lora_adapter")
+async def load_lora_adapter(req: LoadLoraRequest, request: Request):
+    folder = Path(req.lora_path)
+    files = {}
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            raise AdapterInvalid(f"{folder} has no {name}")
+        files[name] = await run_in_threadpool((folder / name).read_bytes)
+    adapter = await run_in_threadpool(request.app.state.runtime.registry.register_upload, req.lora_name, files)
+    return JSONResponse({"status": "ok", "lora_name": adapter.name}, status_code=200)
+
+
+@router.post("/unload_lora_adapter")
+async def unload_lora_adapter(req: UnloadLoraRequest, request: Request):
+    await run_in_threadpool(request.app.state.runtime.registry.remove, req.lora_name)
+    return {"status": "ok", "lora_name": req.lora_name}

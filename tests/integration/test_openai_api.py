@@ -1,0 +1,91 @@
+"""The OpenAI-compatible routes, driven by the official `openai` package, unchanged, over loopback."""
+
+import httpx
+import openai
+import pytest
+
+from adapters import llama_base_shapes, random_adapter, write_peft_folder
+from tests.integration.test_http_api import adapter_files, upload
+
+pytestmark = pytest.mark.integration
+
+BASE_ID = "SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "Name a color."}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        assert upload(c, "oa-persona", adapter_files(seed=11)).status_code == 201
+    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with server.client() as c:
+        c.delete("/adapters/oa-persona")
+
+
+def test_models_lists_base_and_adapters(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert BASE_ID in models and "oa-persona" in models
+    assert models["oa-persona"].model_extra["parent"] == BASE_ID
+
+
+@pytest.mark.parametrize("model", [BASE_ID, "oa-persona"])
+def test_chat_and_stream_agree(client, model):
+    full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
+    assert full.choices[0].message.role == "assistant" and full.choices[0].message.content
+    assert full.usage.completion_tokens <= 8 and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+
+
+def test_adapter_changes_chat_output(client):
+    outs = {m: client.chat.completions.create(model=m, messages=CHAT, max_tokens=10, temperature=0).choices[0].message.content
+            for m in (BASE_ID, "oa-persona")}
+    assert outs[BASE_ID] != outs["oa-persona"]
+
+
+def test_completions_with_logprobs_and_ignore_eos(client):
+    resp = client.completions.create(model="oa-persona", prompt="The sky is", max_tokens=6, temperature=0, logprobs=2,
+                                     extra_body={"ignore_eos": True})
+    choice = resp.choices[0]
+    assert resp.usage.completion_tokens == 6 and choice.finish_reason == "length"
+    assert len(choice.logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    for token, lp, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+        assert lp == pytest.approx(max(top.values()), abs=1e-5)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="oa-persona", prompt="The sky is", max_tokens=6, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == choice.text
+
+
+def test_chat_logprobs(client):
+    resp = client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) >= 1 and all(len(e.top_logprobs) == 3 for e in content)
+
+
+def test_errors_use_openai_shape(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-adapter", messages=CHAT, max_tokens=4)
+    assert err.value.body["code"] == "adapter_not_found"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, n=2)
+
+
+def test_vllm_style_load_and_unload(server, client, tmp_path):
+    folder = tmp_path / "runtime-lora"
+    write_peft_folder(random_adapter("x", llama_base_shapes(30, 576, 1536, 192), seed=12, init_std=0.05), folder)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "rt", "lora_path": str(folder)}).status_code == 200
+        assert "rt" in {m.id for m in client.models.list().data}
+        assert client.completions.create(model="rt", prompt="Hi", max_tokens=3).choices[0].text is not None
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "rt"}).status_code == 200
+        missing = c.post("/v1/load_lora_adapter", json={"lora_name": "rt2", "lora_path": str(tmp_path / "none")})
+        assert missing.status_code == 422 and missing.json()["error"]["type"] == "invalid_request_error"
+    assert "rt" not in {m.id for m in client.models.list().data}
