@@ -3,20 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
-from server.routes import adapters, errors, generate, health, openai
+from server.auth import KeyRing
+from server.request_log import RequestLogMiddleware
+from server.routes import adapters, errors, generate, health, metrics, openai
 from server.runtime import Runtime
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"  # the chat page, no build step
+
+
+class InsecureBind(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(settings: Settings, keyring: KeyRing) -> None:
+    if keyring.enabled:
+        return
+    if not is_loopback(settings.host):
+        raise InsecureBind(f"no API keys are configured, so loraplex only binds to loopback, not {settings.host}: "
+                           "set LORAPLEX_ADMIN_KEYS / LORAPLEX_USER_KEYS or LORAPLEX_KEYS_FILE")
+    log.warning("*** DEVELOPMENT MODE: no API keys configured; every caller is admin. Bound to %s only. ***",
+                settings.host)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    keyring = KeyRing.from_settings(settings.admin_keys, settings.user_keys, settings.keys_file)
+    check_security(settings, keyring)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -28,7 +60,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
                   description="One frozen base LLM, many LoRA adapters.")
+    app.state.keyring = keyring
+    app.add_middleware(RequestLogMiddleware)
     errors.install(app)
-    for module in (generate, adapters, health, openai):
+    for module in (generate, adapters, health, metrics, openai):
         app.include_router(module.router)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app

@@ -35,3 +35,20 @@ class InvalidRequest(LoraplexError):
 
 class EngineUnavailable(LoraplexError):
     code = "engine_unavailable"
+
+
+class Unauthorized(LoraplexError):
+    code = "unauthorized"
+
+
+class Forbidden(LoraplexError):
+    code = "forbidden"
+
+
+class Overloaded(LoraplexError):
+    code = "overloaded"
+    retry_after_s = 1
+
+
+class DeadlineExceeded(LoraplexError):
+    code = "deadline_exceeded"

@@ -22,6 +22,7 @@ from server.errors import InvalidRequest
 from server.lora import policy
 from server.lora.layers import LoraSlots, SiteLayout
 from server.lora.manager import AdapterSlots
+from server.metrics import Metrics
 from server.model.linear import resolve_backend
 from server.model.llama import FUSED_SITES, projection_rows
 from server.model.loader import resolve_model
@@ -79,8 +80,11 @@ class Runtime:
         self.adapter_slots = AdapterSlots(self.lora)
         kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
         scheduler = Scheduler(kv, self.adapter_slots, settings.max_prefill_tokens, policy.admits_mixed(settings.lora_mode))
+        self.metrics = Metrics()
         self.engine = Engine(self.loaded, ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
-                             self.tokenizer, settings.lora_mode, eos_ids(self.folder.config, self.tokenizer))
+                             self.tokenizer, settings.lora_mode, eos_ids(self.folder.config, self.tokenizer),
+                             metrics=self.metrics, max_pending=settings.max_pending,
+                             timeout_s=settings.request_timeout_s)
         log.info("model %s on %s/%s (linear: %s), %d stored adapters loaded", self.model_id, self.device,
                  str(self.dtype).removeprefix("torch."), backend, len(loaded_names))
 
@@ -97,6 +101,8 @@ class Runtime:
         return list(ids)
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt has {prompt_tokens} tokens; the limit is {self.settings.max_prompt_tokens}")
         if max_new_tokens > self.settings.max_new_tokens:
             raise InvalidRequest(f"max_new_tokens {max_new_tokens} exceeds the server limit {self.settings.max_new_tokens}")
         if prompt_tokens + max_new_tokens > self.max_seq_len:

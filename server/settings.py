@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_adapters: int = Field(1000, ge=1)
     store_dir: Path = Path("store")
+    # security and limits (issue: production hardening)
+    admin_keys: str = Field("", description="comma-separated API keys that may change adapters")
+    user_keys: str = Field("", description="comma-separated API keys that may generate and list")
+    keys_file: Path | None = Field(None, description='JSON list of {"key", "role", "adapters"?}')
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_pending: int = Field(256, ge=1, description="requests queued or running; more get 429")
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline of one generation request")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -19,6 +19,8 @@ from server.engine.request import SamplingParams, Sequence
 from server.engine.runner import ModelRunner
 from server.engine.sampler import TokenLogprob, logprobs_of, sample
 from server.engine.scheduler import Scheduler
+from server.errors import Overloaded
+from server.metrics import Metrics, adapter_label
 from server.lora import policy
 from server.lora.merge import MergedAdapter, merge_into_base, restore_base
 
@@ -60,7 +62,8 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, loaded, runner: ModelRunner, scheduler: Scheduler, tokenizer, lora_mode: str, eos_ids: set[int]):
+    def __init__(self, loaded, runner: ModelRunner, scheduler: Scheduler, tokenizer, lora_mode: str, eos_ids: set[int],
+                 metrics: Metrics | None = None, max_pending: int = 256, timeout_s: float | None = None):
         self.loaded = loaded
         self.runner = runner
         self.scheduler = scheduler
@@ -68,6 +71,12 @@ class Engine:
         self.lora_mode = lora_mode
         self.eos_ids = eos_ids
         self.stats = EngineStats()
+        self.metrics = metrics or Metrics()
+        self.max_pending = max_pending
+        self.timeout_s = timeout_s
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._slot_loads_seen = 0
         self._merged: MergedAdapter | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -83,7 +92,13 @@ class Engine:
 
     # ---- submission (any thread)
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, sink: AsyncSink) -> Sequence:
-        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device)
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise Overloaded(f"{self._pending} requests are queued or running (max_pending="
+                                 f"{self.max_pending}); retry shortly")
+            self._pending += 1
+        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device, timeout_s=self.timeout_s)
         self._inbox.put(("add", seq, sink))
         self._wake.set()
         return seq
@@ -135,7 +150,13 @@ class Engine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_deliver, batch)
 
+    def _expire_overdue(self) -> None:
+        now = time.monotonic()
+        for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.expired(now)]:
+            self._finish(seq, "timeout")
+
     def _drain_inbox(self) -> None:
+        self._expire_overdue()
         while True:
             try:
                 kind, seq, sink = self._inbox.get_nowait()
@@ -157,8 +178,19 @@ class Engine:
         logprobs = logprobs_of(logits, seqs, tokens)
         self.stats.steps += 1
         self.stats.prefill_steps += is_prefill
+        self._record_step(len(seqs), is_prefill)
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             self._postprocess(seq, token, logprob)
+
+    def _record_step(self, batch: int, is_prefill: bool) -> None:
+        m = self.metrics
+        m.batch.labels("prefill" if is_prefill else "decode").observe(batch)
+        m.running.set(len(self.scheduler.running))
+        m.waiting.set(len(self.scheduler.waiting))
+        slots = self.scheduler.adapter_slots
+        m.adapter_loads.inc(slots.loads - self._slot_loads_seen)
+        self._slot_loads_seen = slots.loads
+        m.resident.set(len(slots.resident()))
 
     def _choose_mode(self) -> None:
         target = policy.merge_target(self.lora_mode, [s.adapter for s in self.scheduler.running])
@@ -170,13 +202,20 @@ class Engine:
             restore_base(self.loaded.transformer, self.loaded.checkpoint, self._merged)
             self._merged = None
             self.stats.restores += 1
+            self.metrics.restores.inc()
         if target is not None:
             self._merged = merge_into_base(self.loaded.transformer, target)
             self.stats.merges += 1
-        self.stats.merge_seconds += time.perf_counter() - started
+            self.metrics.merges.inc()
+        elapsed = time.perf_counter() - started
+        self.stats.merge_seconds += elapsed
+        self.metrics.merge_seconds.inc(elapsed)
 
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.output_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+            self.metrics.ttft.labels(adapter_label(seq.adapter_name)).observe(seq.first_token_at - seq.arrived)
         sink, detok = self._sinks[seq.id]
         p = seq.params
         reason = None
@@ -200,6 +239,14 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
+        with self._pending_lock:
+            self._pending -= 1
+        label = adapter_label(seq.adapter_name)
+        m = self.metrics
+        m.requests.labels(label, reason).inc()
+        m.tokens.labels(label).inc(len(seq.output_ids))
+        m.prompt_tokens.labels(label).inc(len(seq.prompt_ids))
+        m.latency.labels(label).observe(time.monotonic() - seq.arrived)
         sink, _ = self._sinks.pop(seq.id, (None, None))
         if sink is not None:
             self._outbox.append((sink, TokenEvent("", [], True, reason, len(seq.prompt_ids), len(seq.output_ids))))

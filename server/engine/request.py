@@ -35,7 +35,8 @@ class Status(Enum):
 
 
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter=None, device="cpu"):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter=None, device="cpu",
+                 timeout_s: float | None = None):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -46,6 +47,8 @@ class Sequence:
         self.lora_slot = -1
         self.finish_reason: str | None = None
         self.arrived = time.monotonic()
+        self.deadline = self.arrived + timeout_s if timeout_s else None
+        self.first_token_at: float | None = None
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
@@ -62,6 +65,9 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
 
     @property
     def finished(self) -> bool:

@@ -2,16 +2,61 @@
 
 Continuous batching: every step either prefills newly admitted sequences (they join the running batch) or
 decodes one token for every running sequence. Finished sequences leave at once and free their KV slot.
-`running[i]` is the sequence in KV slot i, so the decode batch is in slot order.
+`running[i]` is the sequence in KV slot i, so the decode batch is in slot order. Waiting sequences queue
+per adapter and are admitted round-robin across adapters (as LoRAX's router does), so a flood of requests
+for one adapter cannot starve the others.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from server.engine.kv_cache import KVCache
 from server.engine.request import Sequence, Status
 from server.lora.manager import AdapterSlots
+
+
+class AdapterQueues:
+    """One FIFO per adapter (None = base); iteration order is the round-robin order."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[int, deque[Sequence]] = OrderedDict()
+
+    @staticmethod
+    def _key(seq: Sequence) -> int:
+        return id(seq.adapter)
+
+    def append(self, seq: Sequence) -> None:
+        self._queues.setdefault(self._key(seq), deque()).append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        key = self._key(seq)
+        self._queues[key].remove(seq)
+        if not self._queues[key]:
+            del self._queues[key]
+
+    def heads(self) -> list[tuple[int, Sequence]]:
+        return [(key, q[0]) for key, q in self._queues.items()]
+
+    def pop(self, key: int) -> Sequence:
+        """Takes the head of one adapter's queue and sends that adapter to the back of the rotation."""
+        queue = self._queues.pop(key)
+        seq = queue.popleft()
+        if queue:
+            self._queues[key] = queue
+        return seq
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return any(seq in q for q in self._queues.values())
+
+    def __iter__(self):
+        return (seq for q in self._queues.values() for seq in q)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)
 
 
 class Scheduler:
@@ -20,7 +65,7 @@ class Scheduler:
         self.adapter_slots = adapter_slots
         self.max_prefill_tokens = max_prefill_tokens
         self.admits_mixed = admits_mixed
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = AdapterQueues()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
@@ -38,27 +83,29 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
         tokens = 0
-        skipped: list[Sequence] = []
-        while self.waiting and self.kv.used < self.kv.max_seqs:
-            seq = self.waiting[0]
+        blocked: set[int] = set()  # adapters that cannot be admitted in this step
+        while self.kv.used < self.kv.max_seqs:
+            candidates = [(key, seq) for key, seq in self.waiting.heads() if key not in blocked]
+            if not candidates:
+                break
+            key, seq = candidates[0]
             if admitted and tokens + len(seq.prompt_ids) > self.max_prefill_tokens:
                 break
             if not self.admits_mixed and not self._same_group(seq, admitted):
-                skipped.append(self.waiting.popleft())
+                blocked.add(key)
                 continue
             if seq.adapter is not None:
                 slot = self.adapter_slots.acquire(seq.adapter)
                 if slot is None:  # every device slot is pinned by running sequences
-                    skipped.append(self.waiting.popleft())
+                    blocked.add(key)
                     continue
                 seq.lora_slot = slot
-            self.waiting.popleft()
+            self.waiting.pop(key)
             seq.kv_slot = self.kv.allocate()
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
             tokens += len(seq.prompt_ids)
-        self.waiting.extendleft(reversed(skipped))
         return admitted
 
     def _same_group(self, seq: Sequence, admitted: list[Sequence]) -> bool:

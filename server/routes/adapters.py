@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from server.errors import AdapterInvalid, AdapterTooLarge
+from server.auth import Principal
+from server.errors import AdapterInvalid, AdapterNotFound, AdapterTooLarge
+from server.routes.security import admin, caller
 from server.schemas import AdapterInfo, AdapterList
 
 router = APIRouter(prefix="/adapters")
@@ -27,7 +29,7 @@ async def _read_capped(upload: UploadFile, budget: int) -> bytes:
     return bytes(data)
 
 
-@router.post("", status_code=201, response_model=AdapterInfo,
+@router.post("", status_code=201, response_model=AdapterInfo, dependencies=[Depends(admin)],
              responses={409: {"description": "name taken"}, 413: {"description": "too large"},
                         422: {"description": "invalid adapter"}})
 async def upload_adapter(request: Request, name: str = Form(...), files: list[UploadFile] = File(...),
@@ -46,16 +48,19 @@ async def upload_adapter(request: Request, name: str = Form(...), files: list[Up
 
 
 @router.get("", response_model=AdapterList)
-async def list_adapters(request: Request):
-    return AdapterList(adapters=[adapter_info(a) for a in request.app.state.runtime.registry.list()])
+async def list_adapters(request: Request, principal: Principal = Depends(caller)):
+    adapters = request.app.state.runtime.registry.list()
+    return AdapterList(adapters=[adapter_info(a) for a in adapters if principal.may_use(a.name)])
 
 
 @router.get("/{name}", response_model=AdapterInfo, responses={404: {"description": "unknown adapter"}})
-async def get_adapter(name: str, request: Request):
+async def get_adapter(name: str, request: Request, principal: Principal = Depends(caller)):
+    if not principal.may_use(name):
+        raise AdapterNotFound(f"adapter {name!r} is not registered")
     return adapter_info(request.app.state.runtime.registry.get(name))
 
 
-@router.delete("/{name}", status_code=204, responses={404: {"description": "unknown adapter"}})
+@router.delete("/{name}", status_code=204, dependencies=[Depends(admin)], responses={404: {"description": "unknown adapter"}})
 async def delete_adapter(name: str, request: Request):
     # Requests already running hold the Adapter object and finish with it; new ones get 404.
     await run_in_threadpool(request.app.state.runtime.registry.remove, name)

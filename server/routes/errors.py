@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import (
-    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, EngineUnavailable, InvalidRequest, LoraplexError,
+    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, DeadlineExceeded, EngineUnavailable, Forbidden,
+    InvalidRequest, LoraplexError, Overloaded, Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -22,17 +23,30 @@ STATUS = {
     AdapterInvalid: 422,
     InvalidRequest: 422,
     EngineUnavailable: 503,
+    Unauthorized: 401,
+    Forbidden: 403,
+    Overloaded: 429,
+    DeadlineExceeded: 408,
 }
 
 
-def error_json(status: int, code: str, message: str, request: Request | None = None) -> JSONResponse:
+def _headers(exc: LoraplexError) -> dict[str, str]:
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return {}
+
+
+def error_json(status: int, code: str, message: str, request: Request | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
     if request is not None and request.url.path.startswith("/v1/"):
         # OpenAI's error shape, which its client libraries parse into typed exceptions
         kind = "invalid_request_error" if status < 500 else "server_error"
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     else:
         body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def status_of(exc: LoraplexError) -> int:
@@ -45,7 +59,7 @@ def status_of(exc: LoraplexError) -> int:
 def install(app: FastAPI) -> None:
     @app.exception_handler(LoraplexError)
     async def _loraplex(request: Request, exc: LoraplexError):
-        return error_json(status_of(exc), exc.code, exc.message, request)
+        return error_json(status_of(exc), exc.code, exc.message, request, _headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

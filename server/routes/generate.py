@@ -5,33 +5,43 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.engine.engine import TokenEvent
+from server.auth import Principal
 from server.engine.request import SamplingParams
+from server.errors import AdapterNotFound, DeadlineExceeded
+from server.routes.security import caller
 from server.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter()
 
 
-async def start_generation(rt, adapter_name: str | None, prompt: str | None, messages: list[dict] | None,
-                           params: SamplingParams) -> AsyncIterator[TokenEvent]:
+async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
+                           messages: list[dict] | None, params: SamplingParams) -> AsyncIterator[TokenEvent]:
     """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
+    if not principal.may_use(adapter_name):  # a tenant's private adapter looks absent to other keys
+        raise AdapterNotFound(f"adapter {adapter_name!r} is not registered")
     adapter = rt.registry.get(adapter_name) if adapter_name else None
     prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
     rt.check_length(len(prompt_ids), params.max_new_tokens)
     return rt.engine.stream(prompt_ids, params, adapter)
 
 
+def raise_if_timed_out(event: TokenEvent) -> None:
+    if event.finish_reason == "timeout":
+        raise DeadlineExceeded("the request ran past its deadline (request_timeout_s) and was stopped")
+
+
 @router.post("/generate", response_model=GenerateResponse,
              responses={404: {"description": "unknown adapter"}, 422: {"description": "invalid parameters"}})
-async def generate(req: GenerateRequest, request: Request):
+async def generate(req: GenerateRequest, request: Request, principal: Principal = Depends(caller)):
     params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos)
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-    events = await start_generation(request.app.state.runtime, req.adapter, req.prompt, messages, params)
+    events = await start_generation(request.app.state.runtime, principal, req.adapter, req.prompt, messages, params)
     if req.stream:
         return StreamingResponse(_sse(events, req.adapter), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -39,6 +49,7 @@ async def generate(req: GenerateRequest, request: Request):
     async for event in events:
         text.append(event.text)
         if event.finished:
+            raise_if_timed_out(event)
             return GenerateResponse(text="".join(text), adapter=req.adapter, finish_reason=event.finish_reason,
                                     usage=Usage(prompt_tokens=event.prompt_tokens,
                                                 completion_tokens=event.completion_tokens))

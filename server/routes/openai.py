@@ -11,14 +11,16 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.engine.engine import TokenEvent
 from server.engine.request import SamplingParams
 from server.errors import AdapterInvalid
-from server.routes.generate import start_generation
+from server.auth import Principal
+from server.routes.generate import raise_if_timed_out, start_generation
+from server.routes.security import admin, caller
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
 router = APIRouter(prefix="/v1")
@@ -27,13 +29,13 @@ DEFAULT_MAX_TOKENS = 256
 
 
 @router.get("/models")
-async def list_models(request: Request):
+async def list_models(request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     created = int(rt.started_at)
     base = {"id": rt.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": rt.model_id,
             "parent": None}
     adapters = [{"id": a.name, "object": "model", "created": created, "owned_by": "loraplex", "root": a.name,
-                 "parent": rt.model_id} for a in rt.registry.list()]
+                 "parent": rt.model_id} for a in rt.registry.list() if principal.may_use(a.name)]
     return {"object": "list", "data": [base, *adapters]}
 
 
@@ -88,10 +90,10 @@ class _Logprobs:
 # ---- /v1/completions
 
 @router.post("/completions")
-async def completions(req: CompletionRequest, request: Request):
+async def completions(req: CompletionRequest, request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     params = _params(req, req.max_tokens or 16, req.logprobs)
-    events = await start_generation(rt, _adapter_of(rt, req.model), req.prompt, None, params)
+    events = await start_generation(rt, principal, _adapter_of(rt, req.model), req.prompt, None, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs is not None else None
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
@@ -103,6 +105,7 @@ async def completions(req: CompletionRequest, request: Request):
         if event.logprob is not None:
             lps.append(event.logprob)
         if event.finished:
+            raise_if_timed_out(event)
             choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason,
                       "logprobs": lp.completion_block(lps) if lp else None}
             return {**head, "choices": [choice], "usage": _usage(event)}
@@ -127,12 +130,12 @@ async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options) 
 # ---- /v1/chat/completions
 
 @router.post("/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):
+async def chat_completions(req: ChatCompletionRequest, request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, req.max_completion_tokens or req.max_tokens, top)
     messages = [m.as_template_message() for m in req.messages]
-    events = await start_generation(rt, _adapter_of(rt, req.model), None, messages, params)
+    events = await start_generation(rt, principal, _adapter_of(rt, req.model), None, messages, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs else None
     head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}
@@ -144,6 +147,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         if lp and event.logprob is not None:
             entries.append(lp.chat_entry(event.logprob))
         if event.finished:
+            raise_if_timed_out(event)
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                       "finish_reason": event.finish_reason, "logprobs": {"content": entries} if lp else None}
             return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(event)}
@@ -167,7 +171,7 @@ async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options) -> Asy
 
 # ---- vLLM-compatible runtime adapter loading (server-side paths, for operators)
 
-@router.post("/load_lora_adapter")
+@router.post("/load_lora_adapter", dependencies=[Depends(admin)])
 async def load_lora_adapter(req: LoadLoraRequest, request: Request):
     folder = Path(req.lora_path)
     files = {}
@@ -179,7 +183,7 @@ async def load_lora_adapter(req: LoadLoraRequest, request: Request):
     return JSONResponse({"status": "ok", "lora_name": adapter.name}, status_code=200)
 
 
-@router.post("/unload_lora_adapter")
+@router.post("/unload_lora_adapter", dependencies=[Depends(admin)])
 async def unload_lora_adapter(req: UnloadLoraRequest, request: Request):
     await run_in_threadpool(request.app.state.runtime.registry.remove, req.lora_name)
     return {"status": "ok", "lora_name": req.lora_name}

@@ -1,0 +1,37 @@
+"""Prometheus metrics of the serving loop, recorded by the engine and scraped at /metrics.
+
+Each app gets its own CollectorRegistry, so several servers (tests, benchmarks) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BASE_LABEL = "__base__"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("loraplex_requests", "finished generation requests", ["adapter", "finish_reason"], registry=r)
+        self.tokens = Counter("loraplex_generated_tokens", "generated tokens", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "prompt tokens", ["adapter"], registry=r)
+        self.latency = Histogram("loraplex_request_seconds", "request latency", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loraplex_ttft_seconds", "time to first token", ["adapter"], buckets=_TTFT_BUCKETS, registry=r)
+        self.batch = Histogram("loraplex_batch_size", "sequences per engine step", ["phase"],
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.waiting = Gauge("loraplex_queue_waiting", "requests waiting for a batch slot", registry=r)
+        self.running = Gauge("loraplex_queue_running", "requests in the running batch", registry=r)
+        self.merges = Counter("loraplex_merges", "hot-swap merges into the base weights", registry=r)
+        self.restores = Counter("loraplex_restores", "exact restores of the base weights", registry=r)
+        self.merge_seconds = Counter("loraplex_merge_seconds", "time spent merging and restoring", registry=r)
+        self.resident = Gauge("loraplex_resident_adapters", "adapters resident on the compute device", registry=r)
+        self.adapter_loads = Counter("loraplex_adapter_slot_misses", "adapter loads into a device slot", registry=r)
+        self.adapter_hits = Counter("loraplex_adapter_slot_hits", "requests whose adapter was already resident", registry=r)
+        self.rejected = Counter("loraplex_rejected_requests", "requests refused by a limit", ["reason"], registry=r)
+
+
+def adapter_label(name: str | None) -> str:
+    return name or BASE_LABEL
