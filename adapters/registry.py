@@ -55,20 +55,22 @@ class AdapterRegistry:
             loaded.append(name)
         return loaded
 
-    def register_upload(self, name: str, files: dict[str, bytes],
-                        rank: int | None = None, alpha: float | None = None) -> Adapter:
+    def register_upload(self, name: str, files: dict[str, bytes], rank: int | None = None,
+                        alpha: float | None = None, replace: bool = False) -> Adapter:
+        """Parses, validates, stores and registers an upload. With replace=True an existing adapter of that
+        name is swapped for the new version atomically; requests already running keep the old one."""
         validate_name(name)
         raw = _is_raw_upload(files, rank, alpha)
         with self._lock:
-            self._check_room(name)
+            self._check_room(name, replace)
         if sum(len(data) for data in files.values()) > self.limits.max_bytes + _HEADER_SLACK_BYTES:
             raise AdapterTooLarge(f"upload for {name!r} is larger than the limit of {self.limits.max_bytes} bytes")
         with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
             adapter, stored_files = _parse_upload(Path(tmp), name, files, raw, rank, alpha)
         validate(adapter, self.base, self.limits)
         with self._lock:
-            self._check_room(name)
-            self.store.save(name, stored_files)
+            self._check_room(name, replace)
+            self.store.save(name, stored_files, replace=replace and name in self._adapters)
             self._adapters[name] = adapter
         return adapter
 
@@ -80,9 +82,11 @@ class AdapterRegistry:
                 self.store.save(adapter.name, peft_folder_files(adapter))
             self._adapters[adapter.name] = adapter
 
-    def _check_room(self, name: str) -> None:
+    def _check_room(self, name: str, replace: bool = False) -> None:
         if name in self._adapters:
-            raise AdapterExists(f"adapter {name!r} is already registered")
+            if replace:
+                return
+            raise AdapterExists(f"adapter {name!r} is already registered (upload with replace=true to swap it)")
         if len(self._adapters) >= self.limits.max_adapters:
             raise AdapterTooLarge(
                 f"registry full: {len(self._adapters)} adapters registered (max_adapters="

@@ -3,6 +3,10 @@
 Saves are atomic: files go into a ".tmp-<uuid>" directory, are fsynced, and the directory is renamed
 into place, so a crash leaves either the old state or the new one, plus a leftover that
 `clean_leftovers` removes on the next start. Deletes rename first for the same reason.
+
+A replace moves the live folder aside to ".old-<uuid>-<name>" and renames the new one into place. A crash
+between the two renames leaves no live folder; `clean_leftovers` then moves the old one back, so the last
+acknowledged version survives.
 """
 
 import errno
@@ -17,6 +21,8 @@ from server.errors import AdapterExists, AdapterInvalid, AdapterNotFound
 
 STORED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE})
 _LEFTOVER_PREFIXES = (".tmp-", ".trash-")
+_OLD_PREFIX = ".old-"
+_UUID_HEX = 32
 QUARANTINE = ".quarantine"
 
 
@@ -32,12 +38,12 @@ class AdapterStore:
         # Adapter names start with a letter or digit, so ".tmp-*", ".trash-*" and ".quarantine" never clash.
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def save(self, name: str, files: dict[str, bytes]) -> Path:
+    def save(self, name: str, files: dict[str, bytes], replace: bool = False) -> Path:
         target = self.path(name)
         unexpected = set(files) - STORED_FILES
         if unexpected:
             raise AdapterInvalid(f"the store keeps only {sorted(STORED_FILES)}, not {sorted(unexpected)}")
-        if target.exists():
+        if target.exists() and not replace:
             raise AdapterExists(f"adapter {name!r} is already stored")
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -45,7 +51,10 @@ class AdapterStore:
             for file_name, data in files.items():
                 _write_synced(tmp / file_name, data)
             _fsync_dir(tmp)
-            os.rename(tmp, target)
+            if replace and target.exists():
+                self._swap_in(tmp, target)
+            else:
+                os.rename(tmp, target)
         except OSError as e:
             # Renaming onto a non-empty directory fails, so a racing save of the same name cannot clobber.
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
@@ -55,6 +64,13 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync_dir(self.root)
         return target
+
+    def _swap_in(self, tmp: Path, target: Path) -> None:
+        old = self.root / f"{_OLD_PREFIX}{uuid.uuid4().hex}-{target.name}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
 
     def delete(self, name: str) -> None:
         target = self.path(name)
@@ -81,6 +97,14 @@ class AdapterStore:
 
     def clean_leftovers(self) -> None:
         for entry in self.root.iterdir():
+            if entry.name.startswith(_OLD_PREFIX):
+                live = self.root / entry.name[len(_OLD_PREFIX) + _UUID_HEX + 1:]
+                if live.exists():
+                    shutil.rmtree(entry)
+                else:  # a replace stopped between its two renames: the old version is the acknowledged one
+                    os.rename(entry, live)
+                    _fsync_dir(self.root)
+                continue
             if entry.name.startswith(_LEFTOVER_PREFIXES):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)

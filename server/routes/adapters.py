@@ -33,7 +33,8 @@ async def _read_capped(upload: UploadFile, budget: int) -> bytes:
              responses={409: {"description": "name taken"}, 413: {"description": "too large"},
                         422: {"description": "invalid adapter"}})
 async def upload_adapter(request: Request, name: str = Form(...), files: list[UploadFile] = File(...),
-                         rank: int | None = Form(None), alpha: float | None = Form(None)):
+                         rank: int | None = Form(None), alpha: float | None = Form(None),
+                         replace: bool = Form(False, description="swap an existing adapter of this name atomically")):
     rt = request.app.state.runtime
     budget = rt.settings.max_adapter_bytes + (1 << 20)  # config JSON and safetensors header on top of tensors
     contents: dict[str, bytes] = {}
@@ -43,7 +44,7 @@ async def upload_adapter(request: Request, name: str = Form(...), files: list[Up
         if upload.filename in contents:
             raise AdapterInvalid(f"file {upload.filename!r} sent twice")
         contents[upload.filename] = await _read_capped(upload, budget - sum(map(len, contents.values())))
-    adapter = await run_in_threadpool(rt.registry.register_upload, name, contents, rank, alpha)
+    adapter = await run_in_threadpool(rt.registry.register_upload, name, contents, rank, alpha, replace)
     return adapter_info(adapter)
 
 

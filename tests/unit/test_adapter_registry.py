@@ -162,3 +162,30 @@ def test_concurrent_uploads_of_one_name_register_once(tmp_path):
     for t in threads:
         t.join()
     assert len(errors) == 3 and reg.store.names() == ["sql"]
+
+
+def test_replace_swaps_version_and_survives_restart(tmp_path):
+    reg = registry(tmp_path)
+    old = reg.register_upload("sql", peft_upload(seed=0))
+    new = reg.register_upload("sql", peft_upload(rank=2, seed=1), replace=True)
+    assert reg.get("sql") is new and new.rank == 2 and len(reg) == 1
+    assert old.rank == 4  # a request holding the old object keeps serving it
+    reloaded = registry(tmp_path)
+    reloaded.load_stored()
+    assert reloaded.get("sql").rank == 2
+
+
+def test_replace_of_unknown_name_registers_it(tmp_path):
+    reg = registry(tmp_path)
+    assert reg.register_upload("fresh", peft_upload(), replace=True).name == "fresh"
+
+
+def test_invalid_replacement_keeps_the_old_version(tmp_path):
+    reg = registry(tmp_path)
+    old = reg.register_upload("sql", peft_upload())
+    with pytest.raises(AdapterInvalid):
+        reg.register_upload("sql", {**peft_upload(), "adapter_config.json": b"{bad"}, replace=True)
+    assert reg.get("sql") is old
+    reloaded = registry(tmp_path)
+    reloaded.load_stored()
+    assert reloaded.get("sql").rank == old.rank

@@ -84,3 +84,38 @@ def test_quarantine_moves_entry_aside(tmp_path):
     store.save("broken", FILES)
     assert store.quarantine("broken").parent == tmp_path / ".quarantine"
     assert len(list((tmp_path / ".quarantine").iterdir())) == 2
+
+
+NEW_FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"new weights"}
+
+
+def test_replace_swaps_the_stored_version(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.save("sql", FILES)
+    store.save("sql", NEW_FILES, replace=True)
+    assert {p.name: p.read_bytes() for p in store.path("sql").iterdir()} == NEW_FILES
+    assert store.names() == ["sql"]
+    assert [p.name for p in tmp_path.iterdir()] == ["sql"]
+
+
+def test_crash_between_the_two_renames_of_a_replace_restores_the_old_version(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.save("sql", FILES)
+    # the state a replace leaves if it dies after moving the live folder aside
+    os.rename(store.path("sql"), tmp_path / f".old-{'a' * 32}-sql")
+    (tmp_path / f".tmp-{'b' * 32}").mkdir()
+    AdapterStore(tmp_path).clean_leftovers()
+    assert store.names() == ["sql"]
+    assert {p.name: p.read_bytes() for p in store.path("sql").iterdir()} == FILES
+    assert [p.name for p in tmp_path.iterdir()] == ["sql"]
+
+
+def test_crash_after_a_replace_completed_drops_the_old_version(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.save("sql", NEW_FILES)
+    old = tmp_path / f".old-{'c' * 32}-sql"
+    old.mkdir()
+    (old / "adapter_config.json").write_bytes(b"stale")
+    AdapterStore(tmp_path).clean_leftovers()
+    assert {p.name: p.read_bytes() for p in store.path("sql").iterdir()} == NEW_FILES
+    assert not old.exists()
