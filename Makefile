@@ -6,7 +6,7 @@ PORT   ?= 8000
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-unit bench clean
+.PHONY: install serve test test-unit bench clean browser-deps
 
 install: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 serve: install
 	$(BIN)/python -m server --host $(HOST) --port $(PORT) $(ARGS)
 
-test: install
+# the browser tests drive the system Chromium through Playwright (no browser downloads)
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: install browser-deps
 	$(BIN)/python -m server.model.prepare
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 

@@ -1,0 +1,1 @@
+"""Clients of a loraplex server: `python/` (httpx library), `cli.py` (the `loraplex` command), `web/` (chat page)."""

@@ -1,0 +1,98 @@
+"""What the client returns: small dataclasses mirroring the server's JSON (unknown fields are ignored)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+
+class Message(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationParams(TypedDict, total=False):
+    """Sampling parameters of POST /generate; a parameter left out takes the server's default."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    ignore_eos: bool
+
+
+def _known_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    adapter: str | None
+    finish_reason: str
+    usage: Usage
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerateResult:
+        return cls(text=data["text"], adapter=data.get("adapter"), finish_reason=data["finish_reason"],
+                   usage=Usage(**_known_fields(Usage, data["usage"])))
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One server-sent event; the last chunk of a stream has `finish_reason` and `usage` set and usually no text."""
+
+    text: str
+    adapter: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StreamChunk:
+        usage = data.get("usage")
+        return cls(text=data.get("text", ""), adapter=data.get("adapter"), finish_reason=data.get("finish_reason"),
+                   usage=Usage(**_known_fields(Usage, usage)) if usage else None)
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdapterInfo:
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass(frozen=True)
+class Health:
+    status: str
+    model: str
+    device: str
+    dtype: str
+    lora_mode: str
+    adapters: int
+    resident_adapters: int
+    running: int
+    waiting: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Health:
+        return cls(**_known_fields(cls, data))

@@ -1,0 +1,202 @@
+// The persona chat: every message sends the whole conversation to POST /generate with the chosen adapter and
+// streams the reply (server-sent events over fetch). `history` is what the server sees; the page mirrors it.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  form: $("composer"), select: $("adapter-select"), input: $("message-input"), send: $("send-button"),
+  conversation: $("conversation"), hint: $("empty-hint"), status: $("status"), model: $("model-info"),
+  maxTokens: $("max-tokens"), temperature: $("temperature"), clear: $("clear-button"), refresh: $("refresh-button"),
+};
+const history = [];
+let busy = false;
+
+function option(value, text) {
+  const el = document.createElement("option");
+  el.value = value;
+  el.textContent = text;
+  return el;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return `${body.error.message} (${body.error.code})`;
+  } catch {
+    return `HTTP ${response.status}`;
+  }
+}
+
+async function getJSON(path) {
+  const response = await fetch(path);
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
+async function loadAdapters() {
+  const chosen = els.select.value;
+  try {
+    const { adapters } = await getJSON("/adapters");
+    els.select.replaceChildren(option("", "base model"),
+      ...adapters.map((a) => option(a.name, `${a.name} (rank ${a.rank})`)));
+    els.select.value = adapters.some((a) => a.name === chosen) ? chosen : "";
+  } catch (err) {
+    setStatus(`Could not load adapters: ${err.message}`);
+  }
+}
+
+async function loadHealth() {
+  try {
+    const health = await getJSON("/health");
+    els.model.textContent = `${health.model} on ${health.device} · ${health.adapters} adapters`;
+  } catch (err) {
+    els.model.textContent = "server unreachable";
+  }
+}
+
+function setStatus(text) {
+  els.status.textContent = text;
+}
+
+function setBusy(value) {
+  busy = value;
+  els.send.disabled = value;
+  els.clear.disabled = value;
+  els.send.textContent = value ? "Writing…" : "Send";
+}
+
+// A persona keeps one hue on every reply it writes, so switches are visible at a glance.
+function hueOf(name) {
+  let h = 0;
+  for (const c of name) h = (h * 31 + c.codePointAt(0)) % 360;
+  return h;
+}
+
+function addMessage(kind, label, text) {
+  const item = document.createElement("li");
+  item.className = `message ${kind}`;
+  item.dataset.testid = kind === "user" ? "user-message" : "reply";
+  const tag = document.createElement("span");
+  tag.className = kind === "user" ? "message-label" : "message-label reply-label";
+  tag.textContent = label;
+  const body = document.createElement("div");
+  body.className = "message-text";
+  body.textContent = text;
+  item.append(tag, body);
+  els.conversation.append(item);
+  els.hint.hidden = true;
+  item.scrollIntoView({ block: "end" });
+  return item;
+}
+
+function addReply(adapter) {
+  const persona = adapter ?? "base";
+  const item = addMessage("reply", persona, "");
+  item.dataset.adapter = persona;
+  item.dataset.state = "streaming";
+  item.setAttribute("aria-busy", "true");
+  item.style.setProperty("--persona-hue", adapter ? hueOf(adapter) : 220);
+  return item;
+}
+
+function finishReply(item, state, meta) {
+  item.dataset.state = state;
+  item.setAttribute("aria-busy", "false");
+  const line = document.createElement("p");
+  line.className = "reply-meta";
+  line.textContent = meta;
+  item.append(line);
+}
+
+// Events are `data: {json}` blocks separated by a blank line; the last one carries finish_reason and usage.
+async function streamReply(body, onText) {
+  const response = await fetch("/generate", {
+    method: "POST",
+    headers: { "content-type": "application/json", accept: "text/event-stream" },
+    body: JSON.stringify({ ...body, stream: true }),
+  });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let text = "";
+  let final = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value.replace(/\r\n/g, "\n");
+    const events = buffer.split("\n\n");
+    buffer = events.pop();
+    for (const event of events) {
+      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+      if (!data) continue;
+      const chunk = JSON.parse(data);
+      if (chunk.text) {
+        text += chunk.text;
+        onText(chunk.text);
+      }
+      if (chunk.finish_reason) final = chunk;
+    }
+  }
+  if (!final) throw new Error("the reply stream ended early");
+  return { text, finishReason: final.finish_reason, usage: final.usage };
+}
+
+function generationParams() {
+  const params = {};
+  const maxTokens = parseInt(els.maxTokens.value, 10);
+  const temperature = parseFloat(els.temperature.value);
+  if (maxTokens > 0) params.max_new_tokens = maxTokens;
+  if (temperature >= 0) params.temperature = temperature;
+  return params;
+}
+
+async function send(event) {
+  event.preventDefault();
+  const text = els.input.value.trim();
+  if (!text || busy) return;
+  const adapter = els.select.value || null;
+  history.push({ role: "user", content: text });
+  const question = addMessage("user", "you", text);
+  els.input.value = "";
+  const reply = addReply(adapter);
+  const replyText = reply.querySelector(".message-text");
+  setBusy(true);
+  setStatus(`${adapter ?? "base model"} is writing…`);
+  try {
+    const result = await streamReply({ messages: history, adapter, ...generationParams() },
+      (piece) => { replyText.textContent += piece; });
+    history.push({ role: "assistant", content: result.text });
+    const tokens = result.usage.completion_tokens;
+    finishReply(reply, "done", `${tokens} token${tokens === 1 ? "" : "s"} · ${result.finishReason}`);
+    setStatus("");
+  } catch (err) {
+    history.pop(); // the turn failed: the next message must not follow an unanswered one
+    question.classList.add("unsent");
+    finishReply(reply, "error", `Not sent: ${err.message}`);
+    setStatus(`Error: ${err.message}`);
+  } finally {
+    setBusy(false);
+    els.input.focus();
+  }
+}
+
+function clearConversation() {
+  history.length = 0;
+  els.conversation.replaceChildren();
+  els.hint.hidden = false;
+  setStatus("New conversation.");
+  els.input.focus();
+}
+
+els.form.addEventListener("submit", send);
+els.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    els.form.requestSubmit();
+  }
+});
+els.clear.addEventListener("click", clearConversation);
+els.refresh.addEventListener("click", () => { loadAdapters(); loadHealth(); });
+document.addEventListener("visibilitychange", () => { if (!document.hidden) loadAdapters(); });
+loadAdapters();
+loadHealth();

@@ -1,0 +1,106 @@
+"""The persona chat page at `/` in headless Chromium, against a real server with two uploaded adapters."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adapters import llama_base_shapes, random_adapter, write_peft_folder
+from clients.python import LoraplexClient
+from tests.integration.server_process import ServerProcess
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Only the system Chromium is used (browser downloads do not work here); nothing may reach the network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "test-output" / "chat_page.png"
+SMOLLM2_SHAPES = llama_base_shapes(30, 576, 1536, 192)
+REPLY_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc = ServerProcess(tmp_path_factory.mktemp("store"))
+    proc.start()
+    with LoraplexClient(proc.url) as client:
+        for seed, name in enumerate(("pirate", "butler", "ghost"), start=1):
+            folder = tmp_path_factory.mktemp(name)
+            write_peft_folder(random_adapter(name, SMOLLM2_SHAPES, seed=seed, init_std=0.05), folder)
+            client.upload_adapter(folder, name)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no system Chromium: run `make browser-deps`")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(server, browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 760})
+    page.goto(server.url + "/")
+    expect(page.get_by_label("Persona").locator("option")).to_have_count(4)
+    page.get_by_text("Settings").click()
+    page.get_by_label("Max new tokens").fill("12")
+    page.get_by_label("Temperature").fill("0")
+    yield page
+    page.close()
+
+
+def send(page, persona: str, text: str, replies_after: int) -> None:
+    page.get_by_label("Persona").select_option(persona)
+    page.get_by_label("Message").fill(text)
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator(".reply:not([data-state=streaming])")).to_have_count(replies_after, timeout=REPLY_TIMEOUT_MS)
+
+
+def test_persona_switch_keeps_history_and_labels_each_reply(page):
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    options = page.get_by_label("Persona").locator("option")
+    assert options.first.text_content() == "base model"
+
+    send(page, "pirate", "Who are you?", replies_after=1)
+    send(page, "butler", "And who are you?", replies_after=2)
+
+    replies = page.locator(".reply")
+    expect(replies.locator(".reply-label")).to_have_text(["pirate", "butler"])
+    expect(page.locator(".reply[data-state=done]")).to_have_count(2)
+    texts = [replies.nth(i).locator(".message-text").text_content() for i in range(2)]
+    assert all(t.strip() for t in texts), texts
+    expect(page.locator("#conversation > li")).to_have_count(4)
+
+    assert [b["adapter"] for b in bodies] == ["pirate", "butler"] and all(b["stream"] for b in bodies)
+    assert bodies[0]["messages"] == [{"role": "user", "content": "Who are you?"}]
+    assert bodies[1]["messages"] == [{"role": "user", "content": "Who are you?"},
+                                     {"role": "assistant", "content": texts[0]},
+                                     {"role": "user", "content": "And who are you?"}]
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_a_deleted_persona_shows_the_error_and_is_left_out_of_history(page, server):
+    with LoraplexClient(server.url) as client:
+        client.delete_adapter("ghost")
+    send(page, "ghost", "Boo?", replies_after=1)
+    reply = page.locator(".reply")
+    expect(reply).to_have_attribute("data-state", "error")
+    expect(page.get_by_role("status")).to_contain_text("adapter_not_found")
+
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    send(page, "", "Hello?", replies_after=2)
+    expect(reply.nth(1).locator(".reply-label")).to_have_text("base")
+    assert bodies[0]["adapter"] is None
+    assert bodies[0]["messages"] == [{"role": "user", "content": "Hello?"}]
