@@ -113,10 +113,11 @@ def _size(n: int) -> str:
 @adapters_app.command("upload")
 def upload_adapter(ctx: typer.Context,
                    path: Annotated[Path, typer.Argument(exists=True, help="a PEFT adapter folder")],
-                   name: Annotated[str, typer.Option("--name", "-n", help="the name requests will use")]):
+                   name: Annotated[str, typer.Option("--name", "-n", help="the name requests will use")],
+                   replace: Annotated[bool, typer.Option(help="swap an existing adapter of this name")] = False):
     """Upload a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
     with connect(ctx) as client:
-        info = client.upload_adapter(path, name)
+        info = client.upload_adapter(path, name, replace=replace)
     typer.echo(f"uploaded {info.name}: rank {info.rank}, alpha {info.alpha:g}, "
                f"{','.join(info.target_modules)}, {_size(info.size_bytes)}")
 

@@ -33,10 +33,11 @@ def generate_body(prompt: str | None, messages: Sequence[Message] | None, adapte
     return {**body, "adapter": adapter, "stream": stream}
 
 
-def upload_parts(path: str | Path, name: str, rank: int | None, alpha: float | None) -> dict[str, Any]:
+def upload_parts(path: str | Path, name: str, rank: int | None, alpha: float | None,
+                 replace: bool) -> dict[str, Any]:
     """Multipart fields for POST /adapters: a PEFT folder's two files, or one raw .safetensors with rank and alpha."""
     path = Path(path)
-    data: dict[str, Any] = {"name": name}
+    data: dict[str, Any] = {"name": name, **({"replace": "true"} if replace else {})}
     if path.is_dir():
         missing = [f for f in (PEFT_CONFIG, PEFT_WEIGHTS) if not (path / f).is_file()]
         if missing:
@@ -122,8 +123,9 @@ class LoraplexClient:
         return AdapterInfo.from_json(_checked(self._http.get(_adapter_path(name))).json())
 
     def upload_adapter(self, path: str | Path, name: str, *, rank: int | None = None,
-                       alpha: float | None = None) -> AdapterInfo:
-        parts = upload_parts(path, name, rank, alpha)
+                       alpha: float | None = None, replace: bool = False) -> AdapterInfo:
+        """`replace=True` swaps an existing adapter of this name atomically; running requests keep the old one."""
+        parts = upload_parts(path, name, rank, alpha, replace)
         return AdapterInfo.from_json(_checked(self._http.post("/adapters", **parts)).json())
 
     def delete_adapter(self, name: str) -> None:
@@ -185,8 +187,9 @@ class AsyncLoraplexClient:
         return AdapterInfo.from_json(_checked(await self._http.get(_adapter_path(name))).json())
 
     async def upload_adapter(self, path: str | Path, name: str, *, rank: int | None = None,
-                             alpha: float | None = None) -> AdapterInfo:
-        parts = upload_parts(path, name, rank, alpha)
+                             alpha: float | None = None, replace: bool = False) -> AdapterInfo:
+        """`replace=True` swaps an existing adapter of this name atomically; running requests keep the old one."""
+        parts = upload_parts(path, name, rank, alpha, replace)
         return AdapterInfo.from_json(_checked(await self._http.post("/adapters", **parts)).json())
 
     async def delete_adapter(self, name: str) -> None:

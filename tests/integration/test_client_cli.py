@@ -98,6 +98,8 @@ def test_cli_adapters_and_generate(server, peft_folder):
 
     taken = cli(server, "adapters", "upload", str(peft_folder), "--name", "cli-crew")
     assert taken.exit_code == 1 and "adapter_exists" in taken.stderr
+    replaced = cli(server, "adapters", "upload", str(peft_folder), "--name", "cli-crew", "--replace")
+    assert replaced.exit_code == 0, replaced.output
     assert cli(server, "adapters", "delete", "cli-crew").stdout == "deleted cli-crew\n"
     gone = cli(server, "generate", "Ahoy", "--adapter", "cli-crew", *FAST_FLAGS)
     assert gone.exit_code == 1 and "adapter_not_found" in gone.stderr

@@ -179,6 +179,16 @@ def test_upload_sends_the_peft_folder_as_multipart(tmp_path):
     assert b'name="files"; filename="adapter_config.json"' in body and b'{"r": 8}' in body
     assert b'name="files"; filename="adapter_model.safetensors"' in body and b"WEIGHTS" in body
     assert b"not sent" not in body
+    assert b'name="replace"' not in body
+
+
+def test_upload_with_replace_sends_the_flag(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"W")
+    server = Recorder(json_reply(INFO, 201))
+    with server.client() as client:
+        client.upload_adapter(tmp_path, "pirate", replace=True)
+    assert b'name="replace"\r\n\r\ntrue' in server.requests[-1].content
 
 
 def test_upload_raw_safetensors_needs_rank_and_alpha(tmp_path):
