@@ -126,8 +126,9 @@ class Engine:
     def run(self) -> None:
         """Serves until `stop`. Call it on the thread that built the model (see server.runtime)."""
         while not self._stop.is_set():
-            self._drain_inbox()
+            self._drain_inbox()  # aborts and expiries finish requests here too: flush before sleeping
             if not self.scheduler.has_work():
+                self._flush_outbox()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

@@ -20,9 +20,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, store_dir: Path, *extra_args: str, log_path: Path | None = None):
+    def __init__(self, store_dir: Path, *extra_args: str, log_path: Path | None = None, env: dict | None = None):
         self.store_dir = store_dir
         self.extra_args = extra_args
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or store_dir.parent / f"server-{self.port}.log"
@@ -32,7 +33,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--store-dir", str(self.store_dir), "--max-batch", "16", "--max-seq-len", "1024", *self.extra_args]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
