@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 import time
 
 import torch
 from transformers import AutoTokenizer
 
-from adapters import AdapterLimits, AdapterRegistry, AdapterStore
+from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache
 from server.engine.runner import ModelRunner
@@ -75,6 +76,8 @@ class Runtime:
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
                           max_adapters=settings.max_adapters))
         loaded_names = self.registry.load_stored()
+        if settings.preload_dir is not None:
+            loaded_names += preload(self.registry, settings.preload_dir)
         self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype,
                               backend)
         self.adapter_slots = AdapterSlots(self.lora)
@@ -112,6 +115,17 @@ class Runtime:
     def stop(self) -> None:
         self.engine.stop()
         self._thread.join(timeout=60)
+
+
+def preload(registry, folder) -> list[str]:
+    """Registers every PEFT folder under `folder` by its folder name, unless the store already has that name."""
+    names = []
+    for path in sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file()):
+        if path.name in registry:
+            continue
+        registry.add(read_peft_folder(path, path.name), persist=False)
+        names.append(path.name)
+    return names
 
 
 def site_layouts(cfg) -> dict[str, SiteLayout]:

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_adapters: int = Field(1000, ge=1)
     store_dir: Path = Path("store")
+    preload_dir: Path | None = Field(None, description="folder of PEFT adapter folders registered at start-up "
+                                                       "(read-only; not copied into the store)")
     # security and limits (issue: production hardening)
     admin_keys: str = Field("", description="comma-separated API keys that may change adapters")
     user_keys: str = Field("", description="comma-separated API keys that may generate and list")
