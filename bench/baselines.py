@@ -1,0 +1,101 @@
+"""The reference points, in-process on the same model, prompt and adapter folders: transformers and PEFT.
+
+- transformers `generate` at batch 16, base model: what a plain batched HF loop does.
+- PEFT served the naive way: one request at a time, `set_adapter` then batch-1 `generate` (an HTTP server
+  doing this holds a lock around both, so requests run one after another; in-process is the same minus
+  the HTTP overhead, which flatters the baseline).
+- PEFT's mixed-batch `generate(adapter_names=...)` at batch 16 over 8 adapters.
+- PEFT `merge_adapter` + `unmerge_adapter`, and load_adapter-to-first-token, for the swap and upload figures.
+
+`run_all` is meant to run in a fresh process (see bench.run), after the server under test has stopped, so
+it neither competes with it for cores nor inherits its memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.fixtures import NEW_TOKENS, PROMPT
+
+
+def _generate(model, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> float:
+    """Seconds for one fixed-length greedy generate of the whole batch."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=2, **kwargs)
+    assert out.shape[1] == input_ids.shape[1] + new_tokens
+    return time.perf_counter() - started
+
+
+def batch_tokens_per_s(model, prompt_ids: list[int], batch: int, reps: int, **kwargs) -> float:
+    ids = torch.tensor([prompt_ids] * batch)
+    _generate(model, ids, 4, **kwargs)
+    seconds = min(_generate(model, ids, NEW_TOKENS, **kwargs) for _ in range(reps))
+    return batch * NEW_TOKENS / seconds
+
+
+def naive_peft(model: PeftModel, prompt_ids: list[int], names: list[str], requests: int) -> dict:
+    """One request at a time, each switching the active adapter first."""
+    ids = torch.tensor([prompt_ids])
+    model.set_adapter(names[0])
+    _generate(model, ids, 4)
+    latencies = []
+    for i in range(requests):
+        started = time.perf_counter()
+        model.set_adapter(names[i % len(names)])
+        _generate(model, ids, NEW_TOKENS)
+        latencies.append(time.perf_counter() - started)
+    return {"tokens_per_s": requests * NEW_TOKENS / sum(latencies), "latency_p50": statistics.median(latencies)}
+
+
+def peft_swap(model: PeftModel, name: str, reps: int) -> dict:
+    model.set_adapter(name)
+    weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    before = weight.detach().clone()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        model.merge_adapter()
+        model.unmerge_adapter()
+        times.append(time.perf_counter() - started)
+    drift = (weight.detach() - before).abs()
+    return {"seconds": statistics.median(times), "restore_exact": bool(drift.max() == 0),
+            "changed_fraction": float((drift > 0).float().mean())}
+
+
+def peft_load_to_first_token(model: PeftModel, folder: Path, prompt_ids: list[int]) -> float:
+    started = time.perf_counter()
+    model.load_adapter(str(folder), adapter_name="fresh-upload")
+    model.set_adapter("fresh-upload")
+    _generate(model, torch.tensor([prompt_ids]), 1)
+    return time.perf_counter() - started
+
+
+def run_all(model_dir: str, folders: dict[str, Path], fresh_folder: Path, quick: bool) -> dict:
+    """All baseline figures; `folders` are the 8 adapters of the mixed workload, `fresh_folder` one more."""
+    torch.manual_seed(0)
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reps = 1 if quick else 2
+    out = {"threads": torch.get_num_threads(), "prompt_tokens": len(prompt_ids)}
+    out["hf_batch16_tokens_per_s"] = batch_tokens_per_s(model, prompt_ids, 16, reps)
+    out["hf_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    names = list(folders)
+    model = PeftModel.from_pretrained(model, str(folders[names[0]]), adapter_name=names[0]).eval()
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    out["peft_naive"] = naive_peft(model, prompt_ids, names, requests=3 if quick else 8)
+    mixed = [names[i % len(names)] for i in range(16)]
+    out["peft_mixed16_tokens_per_s"] = batch_tokens_per_s(model, prompt_ids, 16, reps, adapter_names=mixed)
+    out["peft_swap"] = peft_swap(model, names[0], reps=3 if quick else 5)
+    out["peft_load_to_first_token_s"] = peft_load_to_first_token(model, fresh_folder, prompt_ids)
+    return out

@@ -1,0 +1,179 @@
+"""In-process micro-benchmarks (no HTTP), each against a baseline taken in the same process.
+
+- the matmul ceiling: fp32 GEMM throughput of a [64,576]x[576,1536] product through the server's own
+  `Linear` (oneDNN when available), the yardstick for the model's achieved FLOP/s;
+- decode-step time of the serving model, bare vs with a LoraSlots plan (one adapter, 8 mixed), at batch
+  1, 16 and 64;
+- one hot-swap: merge_into_base + restore_base, with a bit-exactness check;
+- the registry: resident memory added per registered adapter, and load_stored time.
+
+Run each of `run_model_micro` and `run_registry_micro` in a fresh process (bench.run does), so RSS deltas
+and thread pools belong to that benchmark alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoTokenizer
+
+from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
+from bench.fixtures import NEW_TOKENS, PROMPT, folder_files
+from server.engine.context import StepContext
+from server.engine.kv_cache import KVCache
+from server.lora.layers import LoraSlots
+from server.lora.merge import merge_into_base, restore_base
+from server.model.linear import Linear, resolve_backend
+from server.model.llama import projection_rows
+from server.model.loader import resolve_model
+from server.model.weights import LoadedModel
+from server.runtime import site_layouts
+
+
+def _median_seconds(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def matmul_ceiling_gflops(backend: str, reps: int) -> float:
+    m, k, n = 64, 576, 1536
+    linear = Linear(torch.randn(n, k), None, backend)
+    x = torch.randn(m, k)
+    with torch.inference_mode():
+        seconds = _median_seconds(lambda: [linear(x) for _ in range(20)], reps) / 20
+    return 2 * m * k * n / seconds / 1e9
+
+
+def contention_probe() -> dict:
+    """GEMM throughput on one thread and on all: when other processes hold the cores, torch's thread team
+    waits on its descheduled members and all threads fall far below one (seen: 6 vs 91 GFLOP/s)."""
+    threads = torch.get_num_threads()
+    backend = resolve_backend("auto", torch.device("cpu"), torch.float32)
+    torch.set_num_threads(1)
+    one = matmul_ceiling_gflops(backend, reps=5)
+    torch.set_num_threads(threads)
+    return {"one_thread_gflops": one, "all_threads_gflops": matmul_ceiling_gflops(backend, reps=5),
+            "threads": threads}
+
+
+def params_per_token(loaded: LoadedModel) -> int:
+    """Weights each generated token is multiplied through: every projection plus the (tied) lm_head."""
+    model = loaded.transformer
+    return sum(lin.weight.numel() for layer in model.layers for lin in layer.linears.values()) + \
+        model.lm_head.weight.numel()
+
+
+class DecodeBench:
+    """Times one decode step of `batch` sequences, each `kv_len` tokens in, as the engine would run it."""
+
+    def __init__(self, loaded: LoadedModel, max_batch: int, kv_len: int):
+        self.model = loaded.transformer
+        self.kv = KVCache(loaded.config, max_batch, kv_len + 8, self.model.device, self.model.dtype)
+        self.kv.k.zero_()
+        self.kv.v.zero_()
+        self.kv_len = kv_len
+
+    def step_seconds(self, batch: int, lora_plan, reps: int) -> float:
+        pos = torch.full((batch,), self.kv_len - 1)
+        mask = (torch.arange(self.kv_len)[None, :] <= pos[:, None])[:, None, None, :]
+        ctx = StepContext(False, pos, torch.arange(batch), torch.arange(batch), decode_mask=mask,
+                          kv_len=self.kv_len, lora=lora_plan)
+        ids = torch.randint(0, self.model.cfg.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
+        return _median_seconds(lambda: self.model.forward(ids, ctx, self.kv), reps)
+
+
+def lora_overhead(loaded: LoadedModel, qv: list, wide: list, batches: list[int], prompt_tokens: int,
+                  reps: int) -> list[dict]:
+    cfg = loaded.config
+    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), len(qv) + len(wide), loaded.transformer.device,
+                      loaded.transformer.dtype)
+    for slot, adapter in enumerate(qv + wide):
+        slots.set_lora(slot, adapter)
+    bench = DecodeBench(loaded, max(batches), kv_len=prompt_tokens + NEW_TOKENS // 2)
+    rows = []
+    for batch in batches:
+        base = bench.step_seconds(batch, None, reps)
+        row = {"batch": batch, "base_step_s": base}
+        variants = {"qv_single": [0] * batch, "qv_mixed8": [i % len(qv) for i in range(batch)],
+                    "all_mixed8": [len(qv) + i % len(wide) for i in range(batch)]}
+        for label, row_slots in variants.items():
+            row[f"{label}_step_s"] = bench.step_seconds(batch, slots.plan(row_slots), reps)
+            row[f"{label}_ratio"] = row[f"{label}_step_s"] / base
+        rows.append(row)
+    return rows
+
+
+def swap(loaded: LoadedModel, adapter, reps: int) -> dict:
+    model = loaded.transformer
+    touched = {}
+    for key in adapter.weights:
+        _, layer, proj = key.split(".")
+        linear = model.linear(int(layer), projection_rows(model.cfg, proj)[0])
+        touched[id(linear)] = linear
+    before = {key: lin.weight.clone() for key, lin in touched.items()}
+    seconds = _median_seconds(lambda: restore_base(model, loaded.checkpoint, merge_into_base(model, adapter)),
+                              reps, warmup=1)
+    exact = all(torch.equal(lin.weight, before[key]) for key, lin in touched.items())
+    return {"seconds": seconds, "restore_exact": exact}
+
+
+def run_model_micro(qv_folders: dict[str, Path], wide_folders: dict[str, Path], quick: bool) -> dict:
+    device, dtype = torch.device("cpu"), torch.float32
+    backend = resolve_backend("auto", device, dtype)
+    folder = resolve_model(None)
+    loaded = LoadedModel(folder, device, dtype, backend)
+    prompt_tokens = len(AutoTokenizer.from_pretrained(str(folder.path))(PROMPT).input_ids)
+    qv = [read_peft_folder(folder, name) for name, folder in qv_folders.items()]
+    wide = [read_peft_folder(folder, name) for name, folder in wide_folders.items()]
+    reps = 5 if quick else 15
+    return {
+        "backend": backend,
+        "threads": torch.get_num_threads(),
+        "params_per_token": params_per_token(loaded),
+        "matmul_ceiling_gflops": matmul_ceiling_gflops(backend, reps),
+        "lora_overhead": lora_overhead(loaded, qv, wide, [1, 16, 64], prompt_tokens, reps),
+        "swap": swap(loaded, qv[0], reps),
+    }
+
+
+def run_registry_micro(folder: Path, counts: list[int], shapes: dict) -> dict:
+    """Registers copies of one adapter folder through the upload path (parse, validate, store), measuring
+    the resident memory they add; then times a fresh registry's load_stored over the same store."""
+    files = folder_files(folder)
+    file_bytes = sum(len(data) for data in files.values())
+    process = psutil.Process()
+    limits = AdapterLimits(max_adapters=max(counts))
+    out = {"file_bytes": file_bytes, "counts": []}
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-store-") as root:
+        registry = AdapterRegistry(AdapterStore(Path(root)), shapes, limits)
+        gc.collect()
+        rss0 = process.memory_info().rss
+        started = time.perf_counter()
+        for count in counts:
+            while len(registry) < count:
+                registry.register_upload(f"copy-{len(registry):05d}", files)
+            gc.collect()
+            added = process.memory_info().rss - rss0
+            out["counts"].append({"adapters": count, "rss_added_bytes": added, "per_adapter_bytes": added / count,
+                                  "per_adapter_vs_file": added / count / file_bytes,
+                                  "upload_s_per_adapter": (time.perf_counter() - started) / count})
+        del registry
+        gc.collect()
+        fresh = AdapterRegistry(AdapterStore(Path(root)), shapes, limits)
+        started = time.perf_counter()
+        loaded = fresh.load_stored()
+        out["load_stored_s"] = time.perf_counter() - started
+        out["load_stored_count"] = len(loaded)
+    return out

@@ -1,0 +1,208 @@
+"""`python -m bench.run [--quick]`: the whole benchmark, one thing measured at a time.
+
+Order: in-process micro-benchmarks (fresh process each), then a real server per LoRA mode driven over
+127.0.0.1 (nothing else computes meanwhile), a restart over the stored adapters, then the
+transformers/PEFT baselines (fresh process, after the last server stopped). Prints a table of ratios and
+targets; writes JSON, text and a PNG to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import baselines, micro, report, targets
+from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
+                            write_adapters)
+from bench.load import request_body, run_streams, stream_request
+from bench.serving import BenchServer
+from bench.table import render
+from server.model.loader import resolve_model
+
+RESULTS_DIR = Path(__file__).parent / "results"
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def in_fresh_process(fn, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+@dataclass
+class Workload:
+    name: str
+    streams: int
+    pick: Callable[[int, int], str | None]
+
+
+def zipf_picker(names: list[str], streams: int, rounds: int, seed: int = 0) -> Callable[[int, int], str]:
+    """Adapter k (1-based rank) drawn with probability proportional to 1/k, fixed per (stream, request)."""
+    rng = random.Random(seed)
+    weights = [1.0 / (k + 1) for k in range(len(names))]
+    draws = {(i, r): rng.choices(names, weights)[0] for i in range(streams) for r in range(rounds + 1)}
+    return lambda i, r: draws[(i, r)]
+
+
+def auto_workloads(qv: list[str], wide: list[str], zipf: list[str], stream_counts: list[int],
+                   rounds: int) -> list[Workload]:
+    loads = [Workload("lone", 1, lambda i, r: None)]
+    for n in stream_counts:
+        loads += [Workload(f"base-{n}", n, lambda i, r: None),
+                  Workload(f"mixed8-{n}", n, lambda i, r: qv[(i + r) % 8]),
+                  Workload(f"zipf100-{n}", n, zipf_picker(zipf, n, rounds))]
+    loads += [Workload("single-16", 16, lambda i, r: qv[0]),
+              Workload("all8-16", 16, lambda i, r: wide[(i + r) % 8])]
+    return loads
+
+
+def mode_workloads(qv: list[str]) -> list[Workload]:
+    return [Workload("base-16", 16, lambda i, r: None), Workload("single-16", 16, lambda i, r: qv[0]),
+            Workload("mixed8-16", 16, lambda i, r: qv[(i + r) % 8])]
+
+
+def run_workloads(server: BenchServer, workloads: list[Workload], rounds: int) -> dict[str, dict]:
+    results = {}
+    for w in workloads:
+        started = time.perf_counter()
+        r = asyncio.run(run_streams(server.url, w.name, w.streams, rounds if w.streams > 1 else rounds + 1,
+                                    w.pick, NEW_TOKENS, PROMPT, server.pid))
+        results[w.name] = r.as_dict()
+        log(f"  {server.lora_mode:8s} {w.name:12s} {r.tokens_per_s:7.1f} tok/s  TTFT p99 {r.ttft_p99 * 1e3:6.0f} ms"
+            f"  ({time.perf_counter() - started:.0f}s)")
+    return results
+
+
+async def _one_request(url: str, adapter: str | None, new_tokens: int):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        return await stream_request(client, request_body(adapter, new_tokens, PROMPT))
+
+
+def upload_to_ready(server: BenchServer, name: str, folder: Path) -> dict:
+    """Seconds from starting the upload to the first token of the first request that uses the adapter."""
+    upload_s = server.upload(name, folder)
+    first = asyncio.run(_one_request(server.url, name, 1))
+    return {"upload_s": upload_s, "first_token_s": first.ttft, "total_s": upload_s + first.ttft}
+
+
+def serve_auto(store: Path, folders: dict[str, dict[str, Path]], stream_counts: list[int], rounds: int) -> dict:
+    qv, wide = list(folders["qv"]), list(folders["all"])
+    with BenchServer(store, "auto") as server:
+        log(f"auto server healthy in {server.start_s:.1f}s (empty store)")
+        asyncio.run(_one_request(server.url, None, 4))  # first forward pays one-off kernel set-up
+        rss_before = server.rss_mb()
+        ready = upload_to_ready(server, qv[0], folders["qv"][qv[0]])
+        for name, folder in {**folders["qv"], **folders["all"]}.items():
+            if name != qv[0]:
+                server.upload(name, folder)
+        uploaded = sum(len(b) for f in {**folders["qv"], **folders["all"]}.values() for b in folder_files(f).values())
+        rss_after = server.rss_mb()
+        log(f"uploaded {len(qv) + len(wide)} adapters; RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
+        workloads = run_workloads(server, auto_workloads(qv[:8], wide, qv, stream_counts, rounds), rounds)
+        return {"start_s": server.start_s, "upload_to_ready": ready, "workloads": workloads,
+                "rss_before_uploads_mb": rss_before, "rss_after_uploads_mb": rss_after,
+                "uploaded_adapters": len(qv) + len(wide), "uploaded_file_bytes": uploaded}
+
+
+def serve_mode(store: Path, mode: str, qv: dict[str, Path], rounds: int) -> dict:
+    with BenchServer(store, mode) as server:
+        log(f"{mode} server healthy in {server.start_s:.1f}s")
+        for name, folder in qv.items():
+            server.upload(name, folder)
+        asyncio.run(_one_request(server.url, None, 4))
+        return {"start_s": server.start_s, "workloads": run_workloads(server, mode_workloads(list(qv)), rounds)}
+
+
+def restart(store: Path) -> dict:
+    stored = sum(1 for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with BenchServer(store, "auto") as server:
+        log(f"restart over {stored} stored adapters: healthy in {server.start_s:.1f}s")
+        return {"start_s": server.start_s, "stored_adapters": stored}
+
+
+def warn_if_contended(probe: dict, load_average: float) -> None:
+    if probe["all_threads_gflops"] < 1.3 * probe["one_thread_gflops"] or load_average > 0.5:
+        log(f"warning: the cores look shared (load average {load_average:.2f}; GEMM {probe['one_thread_gflops']:.0f} "
+            f"GFLOP/s on 1 thread, {probe['all_threads_gflops']:.0f} on {probe['threads']}): figures will be skewed")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16 streams only, fewer rounds and repeats (~5 min)")
+    parser.add_argument("--rounds", type=int, default=None, help="measured requests per stream (default 2; quick 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON, text and PNG go")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keeps the generated adapter folders between runs (default: a temp dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 2)
+    stream_counts = [16] if args.quick else [16, 64]
+    started = time.strftime("%Y-%m-%d %H:%M")
+    load_start = os.getloadavg()[0]
+    probe_start = in_fresh_process(micro.contention_probe)
+    warn_if_contended(probe_start, load_start)
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
+        work, stores = args.work_dir or Path(tmp), Path(tmp)
+        folders = {"qv": write_adapters(QV_R8, 100, work / "adapters"),
+                   "all": write_adapters(ALL_R16, 8, work / "adapters")}
+        qv8 = {n: folders["qv"][n] for n in adapter_names(QV_R8, 8)}
+        log("micro-benchmarks: model")
+        results: dict = {"micro": in_fresh_process(micro.run_model_micro, qv8, folders["all"], args.quick)}
+        log("micro-benchmarks: registry memory and load_stored")
+        counts = [100] if args.quick else [100, 1000]
+        results["registry"] = in_fresh_process(micro.run_registry_micro, folders["qv"]["qv-0000"], counts,
+                                               SMOLLM2_SHAPES)
+        results["servers"] = {"auto": serve_auto(stores / "store-auto", folders, stream_counts, rounds)}
+        for mode in ("merged", "unmerged"):
+            results["servers"][mode] = serve_mode(stores / f"store-{mode}", mode, qv8, rounds)
+        results["restart"] = restart(stores / "store-auto")
+        log("baselines: transformers and PEFT (in-process)")
+        fresh = write_adapters(QV_R8, 101, work / "adapters")["qv-0100"]
+        results["baselines"] = in_fresh_process(baselines.run_all, str(resolve_model(None).path), qv8, fresh,
+                                                args.quick)
+    probe_end = in_fresh_process(micro.contention_probe)
+    warn_if_contended(probe_end, os.getloadavg()[0])
+    results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
+    results["meta"] = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": NEW_TOKENS,
+                       "rounds": rounds, "quick": args.quick, "started": started,
+                       "threads": results["micro"]["threads"], "seconds": time.perf_counter() - _T0,
+                       "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+                       "contention_probe_start": probe_start, "contention_probe_end": probe_end, **machine()}
+    table = render(results)
+    print(table)
+    paths = report.write(results, table, args.out, "quick" if args.quick else "latest")
+    log(f"wrote {', '.join(str(p) for p in paths)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

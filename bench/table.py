@@ -1,0 +1,114 @@
+"""The printed report: every figure next to the same-run baseline it is a ratio of."""
+
+from __future__ import annotations
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f}"
+
+
+def _workloads(results: dict) -> list[str]:
+    hf = results["baselines"]["hf_batch16_tokens_per_s"]
+    hf_rss = results["baselines"]["hf_peak_rss_mb"]
+    lone = results["servers"]["auto"]["workloads"]["lone"]
+    lines = [
+        "Workloads: closed-loop SSE streams, 64 new tokens each (ignore_eos, greedy). x base: tok/s over the same",
+        "server's base-only run at the same streams; x HF: over transformers generate b16; TTFT x lone: p99 over a",
+        f"lone request's p50 ({_ms(lone['ttft_p50'])} ms); RSS x HF: server peak RSS over the transformers process "
+        f"peak ({hf_rss:.0f} MiB).",
+        f"{'mode':9}{'workload':13}{'streams':>7}{'tok/s':>8}{'x base':>8}{'x HF':>7}{'TTFT p50/p99 ms':>17}"
+        f"{'x lone':>8}{'latency p50/p99 s':>19}{'RSS MiB':>9}{'x HF':>6}",
+    ]
+    for mode, server in results["servers"].items():
+        for name, w in server["workloads"].items():
+            base = server["workloads"].get(f"base-{w['streams']}", w if w["streams"] == 1 else None)
+            x_base = f"{w['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+            lines.append(
+                f"{mode:9}{name:13}{w['streams']:>7}{w['tokens_per_s']:>8.0f}{x_base:>8}"
+                f"{w['tokens_per_s'] / hf:>7.2f}{_ms(w['ttft_p50']) + '/' + _ms(w['ttft_p99']):>17}"
+                f"{w['ttft_p99'] / lone['ttft_p50']:>8.2f}"
+                f"{w['latency_p50']:>11.2f}/{w['latency_p99']:<7.2f}{w['peak_rss_mb']:>9.0f}"
+                f"{w['peak_rss_mb'] / hf_rss:>6.2f}{'' if w['steady'] else '  (no steady window: tok/s over the whole run)'}")
+    return lines
+
+
+def _baselines(results: dict) -> list[str]:
+    b = results["baselines"]
+    hf = b["hf_batch16_tokens_per_s"]
+    naive = b["peft_naive"]
+    return [
+        "Baselines, in-process on the same model, prompt and adapter files (x HF: over transformers b16):",
+        f"  transformers generate, batch 16, base model    {hf:7.0f} tok/s  x HF 1.00",
+        f"  PEFT naive: set_adapter + batch-1 generate,     {naive['tokens_per_s']:7.0f} tok/s  x HF "
+        f"{naive['tokens_per_s'] / hf:.2f}  ({naive['latency_p50']:.2f} s/request, one at a time)",
+        f"  PEFT mixed-batch generate(adapter_names), b16   {b['peft_mixed16_tokens_per_s']:7.0f} tok/s  x HF "
+        f"{b['peft_mixed16_tokens_per_s'] / hf:.2f}  (8 q/v r8 adapters, 2 rows each)",
+    ]
+
+
+def _ceiling(results: dict) -> list[str]:
+    m = results["micro"]
+    best_name, best = max(((f"{mode} {name}", w["tokens_per_s"]) for mode, s in results["servers"].items()
+                           for name, w in s["workloads"].items()), key=lambda item: item[1])
+    achieved = 2 * m["params_per_token"] * best / 1e9
+    return [
+        f"Hardware ceiling: fp32 GEMM [64,576]x[576,1536] through server Linear ({m['backend']}, {m['threads']} "
+        f"threads): {m['matmul_ceiling_gflops']:.1f} GFLOP/s.",
+        f"  best run ({best_name}, {best:.0f} tok/s) x 2 x {m['params_per_token'] / 1e6:.1f}M params/token = "
+        f"{achieved:.1f} GFLOP/s = {100 * achieved / m['matmul_ceiling_gflops']:.0f}% of the ceiling",
+    ]
+
+
+def _micro(results: dict) -> list[str]:
+    m, b, reg = results["micro"], results["baselines"], results["registry"]
+    lines = ["Unmerged LoRA decode step vs the bare base (in-process forward, LoraSlots plan):",
+             f"  {'batch':>5}{'base ms':>9}{'q/v r8 single':>15}{'q/v r8 8 mixed':>16}{'7-proj r16 8 mixed':>20}"]
+    for row in m["lora_overhead"]:
+        lines.append(f"  {row['batch']:>5}{row['base_step_s'] * 1e3:>9.1f}{row['qv_single_ratio']:>14.2f}x"
+                     f"{row['qv_mixed8_ratio']:>15.2f}x{row['all_mixed8_ratio']:>19.2f}x")
+    swap, peft = m["swap"], b["peft_swap"]
+    lines.append(f"Swap: merge_into_base + restore_base {swap['seconds'] * 1e3:.1f} ms (exact restore: "
+                 f"{swap['restore_exact']}) vs PEFT merge_adapter + unmerge_adapter {peft['seconds'] * 1e3:.1f} ms "
+                 f"(exact: {peft['restore_exact']}, {100 * peft['changed_fraction']:.1f}% of q_proj weights drifted)"
+                 f" -> {peft['seconds'] / swap['seconds']:.2f}x faster")
+    ready = results["servers"]["auto"]["upload_to_ready"]
+    lines.append(f"Upload to ready: POST /adapters {_ms(ready['upload_s'])} ms + first token {_ms(ready['first_token_s'])}"
+                 f" ms = {_ms(ready['total_s'])} ms vs PEFT load_adapter + first token "
+                 f"{_ms(b['peft_load_to_first_token_s'])} ms -> {b['peft_load_to_first_token_s'] / ready['total_s']:.2f}x faster")
+    empty, again = results["servers"]["auto"]["start_s"], results["restart"]
+    lines.append(f"Cold start: healthy in {again['start_s']:.1f} s with {again['stored_adapters']} stored adapters vs "
+                 f"{empty:.1f} s with none -> {again['start_s'] / empty:.2f}x; registry.load_stored of "
+                 f"{reg['load_stored_count']}: {reg['load_stored_s']:.1f} s "
+                 f"({1e3 * reg['load_stored_s'] / max(1, reg['load_stored_count']):.1f} ms each)")
+    for c in reg["counts"]:
+        lines.append(f"Memory, {c['adapters']:>4} adapters registered via the upload path: "
+                     f"{c['per_adapter_bytes'] / 2**20:.2f} MiB each vs {reg['file_bytes'] / 2**20:.2f} MiB file "
+                     f"-> {c['per_adapter_vs_file']:.2f}x (upload {1e3 * c['upload_s_per_adapter']:.0f} ms each)")
+    auto = results["servers"]["auto"]
+    added = (auto["rss_after_uploads_mb"] - auto["rss_before_uploads_mb"]) * 2**20
+    lines.append(f"Memory, server: RSS grew {added / 2**20:.0f} MiB for {auto['uploaded_adapters']} uploads of "
+                 f"{auto['uploaded_file_bytes'] / 2**20:.0f} MiB of files -> {added / auto['uploaded_file_bytes']:.2f}x")
+    return lines
+
+
+def _targets(results: dict) -> list[str]:
+    lines = [f"Targets (fp32, 16 streams, 64 new tokens):", f"  {'target':52}{'ratio':>7}{'goal':>8}  result  detail"]
+    for t in results["targets"]:
+        goal = f"{'>=' if t['higher_is_better'] else '<='}{t['goal']:g}"
+        lines.append(f"  {t['name']:52}{t['ratio']:>7.2f}{goal:>8}  {'PASS' if t['passed'] else 'MISS':6}  {t['detail']}")
+    return lines
+
+
+def render(results: dict) -> str:
+    meta = results["meta"]
+    head = [f"loraplex bench: {meta['model']} {meta['dtype']}, {meta['cpu']}, {meta['cores']} cores, "
+            f"{meta['threads']} torch threads, torch {meta['torch']}; {'quick' if meta['quick'] else 'full'} run "
+            f"{meta['started']}, {meta['seconds'] / 60:.1f} min; load average {meta['load_average_start']:.2f} at "
+            f"start, {meta['load_average_end']:.2f} at end"]
+    for when in ("start", "end"):
+        p = meta[f"contention_probe_{when}"]
+        head.append(f"Contention probe at {when}: GEMM {p['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
+                    f"{p['all_threads_gflops']:.0f} on {p['threads']} "
+                    f"({'cores look free' if p['all_threads_gflops'] >= 1.3 * p['one_thread_gflops'] else 'CORES SHARED: figures skewed'})")
+    sections = [head, _workloads(results), _baselines(results), _ceiling(results), _micro(results), _targets(results)]
+    return "\n\n".join("\n".join(s) for s in sections)

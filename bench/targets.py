@@ -1,0 +1,55 @@
+"""The product's performance goals, each a ratio of two figures measured in the same run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Target:
+    name: str
+    ratio: float
+    goal: float
+    higher_is_better: bool
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= self.goal if self.higher_is_better else self.ratio <= self.goal
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+
+def _tps(results: dict, server: str, workload: str) -> float:
+    return results["servers"][server]["workloads"][workload]["tokens_per_s"]
+
+
+def evaluate(results: dict) -> list[Target]:
+    auto = results["servers"]["auto"]["workloads"]
+    base = auto["base-16"]["tokens_per_s"]
+    hf = results["baselines"]["hf_batch16_tokens_per_s"]
+    peft_mixed = results["baselines"]["peft_mixed16_tokens_per_s"]
+    merged_single, merged_base = _tps(results, "merged", "single-16"), _tps(results, "merged", "base-16")
+    swap, peft_swap = results["micro"]["swap"]["seconds"], results["baselines"]["peft_swap"]["seconds"]
+    memory = results["registry"]["counts"][-1]
+    lone_ttft = auto["lone"]["ttft_p50"]
+    loaded_ttft = auto["base-16"]["ttft_p99"]
+    return [
+        Target("base-only, 16 streams vs transformers generate b16", base / hf, 3.0, True,
+               f"{base:.0f} vs {hf:.0f} tok/s"),
+        Target("8 adapters mixed (q/v r8) vs own base-only", _tps(results, "auto", "mixed8-16") / base, 0.95, True,
+               f"{_tps(results, 'auto', 'mixed8-16'):.0f} vs {base:.0f} tok/s"),
+        Target("8 adapters mixed (7 proj r16) vs own base-only", _tps(results, "auto", "all8-16") / base, 0.8, True,
+               f"{_tps(results, 'auto', 'all8-16'):.0f} vs {base:.0f} tok/s"),
+        Target("8 adapters mixed (q/v r8) vs PEFT mixed-batch b16", _tps(results, "auto", "mixed8-16") / peft_mixed,
+               4.0, True, f"{_tps(results, 'auto', 'mixed8-16'):.0f} vs {peft_mixed:.0f} tok/s"),
+        Target("single adapter, merged mode vs base-only", merged_single / merged_base, 0.97, True,
+               f"{merged_single:.0f} vs {merged_base:.0f} tok/s (--lora-mode merged)"),
+        Target("swap speed-up vs PEFT merge+unmerge", peft_swap / swap, 4.0, True,
+               f"{swap * 1e3:.1f} vs {peft_swap * 1e3:.1f} ms"),
+        Target(f"memory per adapter / file size ({memory['adapters']} adapters)", memory["per_adapter_vs_file"], 1.2,
+               False, f"{memory['per_adapter_bytes'] / 2**20:.2f} vs {results['registry']['file_bytes'] / 2**20:.2f} MiB"),
+        Target("TTFT p99 at 16 streams vs a lone request's", loaded_ttft / lone_ttft, 3.0, False,
+               f"{loaded_ttft * 1e3:.0f} vs {lone_ttft * 1e3:.0f} ms"),
+    ]
