@@ -18,6 +18,11 @@ class StepContext:
     kv_slots: torch.Tensor           # [seqs] KV-cache slot of each sequence
     logits_rows: torch.Tensor        # [seqs] row whose hidden state predicts the sequence's next token
     prefill_lens: list[int] = field(default_factory=list)   # tokens of each sequence (prefill only)
+    prefill_slots: list[int] = field(default_factory=list)  # KV slot of each sequence, as ints (prefill only)
     decode_mask: torch.Tensor | None = None  # [seqs, 1, 1, kv_len]: True where a key is visible (decode only)
     kv_len: int = 0                  # keys each decode row attends over (max over the batch)
     lora: object | None = None       # server.lora.layers.LoraStep, or None when no row uses an adapter
+
+    def __post_init__(self):
+        if self.is_prefill and not self.prefill_slots:
+            self.prefill_slots = self.kv_slots.tolist()  # once per step, not once per layer

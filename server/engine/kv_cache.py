@@ -57,7 +57,7 @@ class KVCache:
     def _prefill(self, kc, vc, q, k, v, ctx: StepContext) -> torch.Tensor:
         outs = []
         start = 0
-        for slot, length in zip(ctx.kv_slots.tolist(), ctx.prefill_lens):
+        for slot, length in zip(ctx.prefill_slots, ctx.prefill_lens):
             qs, ks, vs = (t[start : start + length].transpose(0, 1) for t in (q, k, v))
             kc[slot, :, :length] = ks
             vc[slot, :, :length] = vs

@@ -36,8 +36,9 @@ class ModelRunner:
             row_slots.extend([_lora_slot(seq)] * n)
             lens.append(n)
             last_rows.append(len(ids) - 1)
-        ctx = StepContext(True, self._tensor(positions), self._tensor([s.kv_slot for s in seqs]),
-                          self._tensor(last_rows), prefill_lens=lens)
+        slots = [s.kv_slot for s in seqs]
+        ctx = StepContext(True, self._tensor(positions), self._tensor(slots), self._tensor(last_rows),
+                          prefill_lens=lens, prefill_slots=slots)
         return ctx, self._tensor(ids), row_slots
 
     def _decode(self, seqs: list[Sequence]):
