@@ -1,0 +1,179 @@
+"""The mixed-batch LoRA math on tiny tensors: the fast per-site form the model calls must equal the per-row
+definition, for any mix of adapters, ranks, target subsets and bare-base rows."""
+
+import pytest
+import torch
+
+from adapters import llama_base_shapes, random_adapter
+from server.lora.apply import lora_apply, lora_apply_reference
+from server.lora.layers import BASE, SITES, LoraSlots, SiteLayout
+from server.model.linear import resolve_backend
+
+LAYERS, HIDDEN, INTER, KV = 2, 16, 32, 8
+SHAPES = llama_base_shapes(num_layers=LAYERS, hidden=HIDDEN, intermediate=INTER, kv_dim=KV)
+# Fused sites as the model lays them out: projections stacked along the output rows.
+LAYOUTS = {
+    "qkv": SiteLayout(HIDDEN, HIDDEN + 2 * KV,
+                      {"q_proj": (0, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN + KV, KV)}),
+    "o": SiteLayout(HIDDEN, HIDDEN, {"o_proj": (0, HIDDEN)}),
+    "gate_up": SiteLayout(HIDDEN, 2 * INTER, {"gate_proj": (0, INTER), "up_proj": (INTER, INTER)}),
+    "down": SiteLayout(INTER, HIDDEN, {"down_proj": (0, HIDDEN)}),
+}
+ADAPTERS = [
+    random_adapter("qv", SHAPES, rank=2, alpha=4, targets=("q_proj", "v_proj"), seed=1, init_std=0.5),
+    random_adapter("all", SHAPES, rank=4, alpha=16, seed=2, init_std=0.5,
+                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    random_adapter("mlp", SHAPES, rank=3, alpha=3, targets=("up_proj", "down_proj"), seed=3, init_std=0.5),
+]
+MIXED_ROWS = [0, BASE, 1, 2, 2, BASE, 0, 1, 1, BASE]
+# the LoRA matmuls run through the base model's Linear kernels: plain torch, and oneDNN where it works here
+KERNELS = sorted({"torch", resolve_backend("auto", torch.device("cpu"), torch.float32)})
+
+
+def loaded_slots(adapters, dtype=torch.float32, backend="torch") -> LoraSlots:
+    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=len(adapters) + 1, device=torch.device("cpu"), dtype=dtype,
+                      backend=backend)
+    for slot, adapter in enumerate(adapters):
+        slots.set_lora(slot, adapter)
+    return slots
+
+
+def site_inputs(site: str, rows: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    layout = LAYOUTS[site]
+    x = torch.randn(rows, layout.in_features, generator=generator)
+    y = torch.randn(rows, layout.out_features, generator=generator)
+    return x, y
+
+
+def apply_planned(slots: LoraSlots, row_slots: list[int], layer: int, site: str, x, y) -> torch.Tensor:
+    out = y.clone()
+    batch = slots.plan(row_slots).batches[layer][SITES.index(site)]
+    if batch is not None:
+        lora_apply(out, x, batch)
+    return out
+
+
+def apply_reference(adapters, row_slots: list[int], layer: int, site: str, x, y) -> torch.Tensor:
+    """lora_apply_reference run once per projection of the fused site, on that projection's output rows."""
+    out = y.clone()
+    for proj, (first, size) in LAYOUTS[site].projections.items():
+        weights = [a.weights.get(f"layers.{layer}.{proj}") for a in adapters]
+        part = out[:, first : first + size]
+        lora_apply_reference(part, x, [w.A if w else None for w in weights], [w.B if w else None for w in weights],
+                             [w.scale if w else 0.0 for w in weights], row_slots)
+    return out
+
+
+def apply_by_hand(adapters, row_slots: list[int], layer: int, site: str, x, y) -> torch.Tensor:
+    """y_i += scale * B (A x_i), row by row, in float64: the definition, independent of both functions."""
+    out = y.double().clone()
+    for i, slot in enumerate(row_slots):
+        if slot == BASE:
+            continue
+        for proj, (first, size) in LAYOUTS[site].projections.items():
+            w = adapters[slot].weights.get(f"layers.{layer}.{proj}")
+            if w is not None:
+                out[i, first : first + size] += w.scale * (w.B.double() @ (w.A.double() @ x[i].double()))
+    return out
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("layer", range(LAYERS))
+@pytest.mark.parametrize("site", SITES)
+def test_mixed_batch_equals_reference_and_definition(site, layer, backend):
+    slots = loaded_slots(ADAPTERS, backend=backend)
+    x, y = site_inputs(site, len(MIXED_ROWS), seed=layer)
+    got = apply_planned(slots, MIXED_ROWS, layer, site, x, y)
+    torch.testing.assert_close(got, apply_reference(ADAPTERS, MIXED_ROWS, layer, site, x, y), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), apply_by_hand(ADAPTERS, MIXED_ROWS, layer, site, x, y),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, y), "every site is targeted by some adapter in the mix, so it must change"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("site", SITES)
+def test_base_rows_are_untouched_bit_for_bit(site, backend):
+    slots = loaded_slots(ADAPTERS, backend=backend)
+    x, y = site_inputs(site, len(MIXED_ROWS))
+    got = apply_planned(slots, MIXED_ROWS, 0, site, x, y)
+    base = [i for i, s in enumerate(MIXED_ROWS) if s == BASE]
+    assert torch.equal(got[base], y[base])
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_rows_of_an_adapter_not_targeting_the_site_are_untouched(site):
+    slots = loaded_slots(ADAPTERS)
+    x, y = site_inputs(site, len(MIXED_ROWS))
+    got = apply_planned(slots, MIXED_ROWS, 1, site, x, y)
+    for i, slot in enumerate(MIXED_ROWS):
+        targets_site = slot != BASE and any(p in ADAPTERS[slot].target_modules for p in LAYOUTS[site].projections)
+        assert torch.equal(got[i], y[i]) != targets_site, (i, slot)
+
+
+def test_untouched_projection_rows_inside_a_fused_site_are_untouched():
+    slots = loaded_slots(ADAPTERS)
+    x, y = site_inputs("qkv", 4)
+    got = apply_planned(slots, [0, 0, 0, 0], 0, "qkv", x, y)  # "qv": q and v, never k
+    first, size = LAYOUTS["qkv"].projections["k_proj"]
+    assert torch.equal(got[:, first : first + size], y[:, first : first + size])
+    assert not torch.equal(got[:, :first], y[:, :first])
+
+
+@pytest.mark.parametrize("slot", range(len(ADAPTERS)))
+def test_single_adapter_batch_equals_reference(slot):
+    slots = loaded_slots(ADAPTERS)
+    rows = [slot] * 5
+    assert all(b.mask is None for layer in slots.plan(rows).batches for b in layer if b is not None)
+    for site in SITES:
+        x, y = site_inputs(site, len(rows))
+        torch.testing.assert_close(apply_planned(slots, rows, 0, site, x, y),
+                                   apply_reference(ADAPTERS, rows, 0, site, x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_site_no_active_adapter_targets_has_no_batch():
+    slots = loaded_slots(ADAPTERS)
+    plan = slots.plan([0, BASE, 0])  # "qv" touches only qkv
+    assert [b is None for b in plan.batches[0]] == [False, True, True, True]
+
+
+def test_all_base_rows_plan_nothing():
+    assert loaded_slots(ADAPTERS).plan([BASE, BASE]) is None
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_zero_b_adds_nothing(backend):
+    zero = [random_adapter(a.name, SHAPES, rank=a.rank, alpha=a.alpha, targets=a.target_modules, seed=i + 1,
+                           b_zero=True) for i, a in enumerate(ADAPTERS)]
+    slots = loaded_slots(zero, backend=backend)
+    for site in SITES:
+        x, y = site_inputs(site, len(MIXED_ROWS))
+        assert torch.equal(apply_planned(slots, MIXED_ROWS, 0, site, x, y), y)
+
+
+def test_plan_is_reused_while_rows_keep_their_slots_and_rebuilt_when_they_change():
+    slots = loaded_slots(ADAPTERS)
+    first = slots.plan(MIXED_ROWS)
+    assert slots.plan(list(MIXED_ROWS)) is first
+    assert slots.plan(MIXED_ROWS[:-1]) is not first
+
+
+def test_reloading_a_slot_serves_the_new_adapter():
+    slots = loaded_slots(ADAPTERS)
+    rows = [0, 1, BASE]
+    slots.plan(rows)
+    slots.set_lora(0, ADAPTERS[2])  # the plan cache must not keep serving the old weights
+    swapped = [ADAPTERS[2], ADAPTERS[1], ADAPTERS[2]]
+    for site in SITES:
+        x, y = site_inputs(site, len(rows))
+        torch.testing.assert_close(apply_planned(slots, rows, 0, site, x, y),
+                                   apply_reference(swapped, rows, 0, site, x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_slots_stay_close_to_the_float64_definition():
+    slots = loaded_slots(ADAPTERS, dtype=torch.bfloat16)
+    for site in SITES:
+        x, y = site_inputs(site, len(MIXED_ROWS))
+        got = apply_planned(slots, MIXED_ROWS, 0, site, x.bfloat16(), y.bfloat16())
+        expected = apply_by_hand(ADAPTERS, MIXED_ROWS, 0, site, x.bfloat16().float(), y.bfloat16().float())
+        torch.testing.assert_close(got.double(), expected, rtol=3e-2, atol=3e-2)
