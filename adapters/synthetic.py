@@ -21,7 +21,7 @@ def llama_base_shapes(num_layers: int, hidden: int, intermediate: int, kv_dim: i
 def random_adapter(name: str, base: BaseShapes, rank: int = 8, alpha: float = 16.0,
                    targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0, b_zero: bool = False,
                    init_std: float = 0.02) -> Adapter:
-    """Every targeted module of `base` gets A ~ N(0, 1/r) (PEFT's "gaussian" init) and B ~ N(0, init_std).
+    """Every targeted module of `base` gets A with std 1/r (PEFT's "gaussian" init) and B with std init_std.
 
     b_zero=True gives the step-0 LoRA state (B = 0), whose output must equal the base model's; the same
     seed gives the same A either way, so the two can be compared.
