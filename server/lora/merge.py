@@ -3,8 +3,9 @@
 Exactness guarantee: after any number of `merge_into_base` / `restore_base` cycles, every base weight is
 bit-identical (`torch.equal`) to the one loaded at start-up. Subtracting the delta again (what PEFT's
 unmerge does) is not exact: (W + d) - d rounds, and tests/integration/test_merge_exactness.py measures
-12-16% of bf16 weights drifted after 1-50 such cycles. So `restore_base` never subtracts: it copies the touched rows back from the read-only, memory-mapped checkpoint
-with the same conversion used at load (`checkpoint_tensor`). Only touched rows are copied, and the packed
+12-16% of bf16 weights drifted after 1-50 such cycles. So `restore_base` never subtracts: it copies the
+touched rows back from the read-only, memory-mapped checkpoint with the same conversion used at load
+(`checkpoint_tensor`). Only touched rows are copied, and the packed
 kernels derived from the untouched base are kept aside during the merge and put back, since they were
 computed from the very bits being restored.
 """
