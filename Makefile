@@ -6,7 +6,7 @@ PORT   ?= 8000
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-unit bench clean browser-deps
+.PHONY: install serve serve-ray test test-unit bench clean browser-deps
 
 install: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 
 serve: install
 	$(BIN)/python -m server --host $(HOST) --port $(PORT) $(ARGS)
+
+# the same API from REPLICAS engine replicas on a local Ray Serve cluster, routed by adapter
+REPLICAS ?= 2
+serve-ray: install
+	$(BIN)/python -c 'import ray.serve' 2>/dev/null || $(BIN)/pip install -q -e '.[ray]'
+	$(BIN)/python -m server.cluster --replicas $(REPLICAS) --host $(HOST) --port $(PORT) \
+		$(if $(wildcard adapters/shipped),--preload-dir adapters/shipped) $(ARGS)
 
 # the browser tests drive the system Chromium through Playwright (no browser downloads)
 browser-deps:

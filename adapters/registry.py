@@ -70,7 +70,7 @@ class AdapterRegistry:
         validate(adapter, self.base, self.limits)
         with self._lock:
             self._check_room(name, replace)
-            self.store.save(name, stored_files, replace=replace and name in self._adapters)
+            self.store.save(name, stored_files, replace=replace)
             self._adapters[name] = adapter
         return adapter
 

@@ -38,8 +38,9 @@ class Runtime:
     OpenMP pool, a model loaded on one thread and run on another decoded 20% slower (two thread teams
     contending for 2 cores)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, registry_type: type[AdapterRegistry] = AdapterRegistry):
         self.settings = settings
+        self.registry_type = registry_type  # a cluster replica passes a registry that caches a shared store
         self.started_at = time.time()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -71,7 +72,7 @@ class Runtime:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
         cfg = self.loaded.config
         self.max_seq_len = min(settings.max_seq_len, cfg.max_position_embeddings)
-        self.registry = AdapterRegistry(
+        self.registry = self.registry_type(
             AdapterStore(settings.store_dir), self.loaded.transformer.lora_target_shapes(),
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
                           max_adapters=settings.max_adapters))
