@@ -107,11 +107,14 @@ class Engine:
         self._inbox.put(("abort", seq, None))
         self._wake.set()
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter) -> AsyncIterator[TokenEvent]:
-        """Submits a request and yields its events; leaving the iterator early aborts the request."""
-        loop = asyncio.get_running_loop()
+    def stream(self, prompt_ids: list[int], params: SamplingParams, adapter) -> AsyncIterator[TokenEvent]:
+        """Submits a request now (so limits raise before any response starts) and returns its events;
+        leaving the iterator early aborts the request."""
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = self.submit(prompt_ids, params, adapter, AsyncSink(loop, events))
+        seq = self.submit(prompt_ids, params, adapter, AsyncSink(asyncio.get_running_loop(), events))
+        return self._events(seq, events)
+
+    async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         try:
             while True:
                 event = await events.get()
