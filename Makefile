@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: install
-	$(BIN)/python -m server --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/python -m server --host $(HOST) --port $(PORT) --preload-dir adapters/shipped $(ARGS)
 
 # the same API from REPLICAS engine replicas on a local Ray Serve cluster, routed by adapter
 REPLICAS ?= 2

@@ -1,6 +1,8 @@
 """Adapters: the weight format (PEFT read/write, validation), the on-disk store and the registry.
 
-Pure Python + torch + safetensors; nothing here knows about HTTP or the engine.
+Those are pure Python + torch + safetensors and know nothing about HTTP or the engine. The tools beside
+them make the shipped adapters: `datasets` (training data), `train` (PEFT), `evaluate` (through the
+engine, via `replies`) and `ship`; `shipped/` holds the weights and their cards.
 """
 
 from adapters.format import (
