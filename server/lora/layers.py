@@ -8,6 +8,7 @@ one LoRA matmul pair whatever subset of projections an adapter targets.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,17 @@ class SiteLayout:
     in_features: int
     out_features: int
     projections: dict[str, tuple[int, int]]  # proj -> (first output row, rows) inside the fused weight
+
+
+# Concatenated operands kept for this many distinct sets of active adapters (each is a copy of their weights).
+_OPERAND_CACHE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class _SiteOperands:
+    A: Linear                        # active adapters' A, concatenated along rank
+    B: Linear                        # their scaled B, same order
+    columns: tuple[tuple[int, int], ...]   # (slot, rank width) of each owner, in column order
 
 
 class LoraStep:
@@ -55,6 +67,7 @@ class LoraSlots:
         self.bt = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
         self._plan_key: tuple | None = None
         self._plan: LoraStep | None = None
+        self._operand_cache: OrderedDict[tuple[int, ...], list] = OrderedDict()
 
     def set_lora(self, slot: int, adapter) -> None:
         """Copies an `adapters.Adapter` into `slot`, replacing what was there."""
@@ -78,19 +91,25 @@ class LoraSlots:
             s = SITES.index(site)
             self.a[layer][s][slot] = a.to(self.device, self.dtype)
             self.bt[layer][s][slot] = bt.to(self.device, self.dtype)
-        self._plan_key = None
+        self._invalidate()
 
     def reset_lora(self, slot: int) -> None:
         for layer in range(self.num_layers):
             for s in range(len(SITES)):
                 self.a[layer][s][slot] = None
                 self.bt[layer][s][slot] = None
+        self._invalidate()
+
+    def _invalidate(self) -> None:
         self._plan_key = None
+        self._operand_cache.clear()
 
     def plan(self, row_slots: list[int]) -> LoraStep | None:
         """The LoRA operands for a step whose rows use `row_slots` (BASE for no adapter).
 
-        Rebuilt only when the rows' slots change; a steady decode batch reuses the last plan.
+        Rebuilt only when the rows' slots change; a steady decode batch reuses the last plan. A rebuild
+        reuses the concatenated, packed weights of the same set of active adapters (they do not depend on
+        which row uses which), so a request joining or leaving costs one mask per site, not a repack.
         """
         key = tuple(row_slots)
         if key != self._plan_key:
@@ -99,24 +118,45 @@ class LoraSlots:
         return self._plan
 
     def _build(self, row_slots: list[int]) -> LoraStep | None:
-        active = sorted({s for s in row_slots if s != BASE})
+        active = tuple(sorted({s for s in row_slots if s != BASE}))
         if not active:
             return None
         rows = torch.tensor(row_slots, device=self.device)
         single = len(active) == 1 and BASE not in row_slots
-        batches = [[self._site_batch(layer, s, active, rows, single) for s in range(len(SITES))]
-                   for layer in range(self.num_layers)]
-        return LoraStep(batches)
+        masks: dict[tuple, torch.Tensor] = {}
+        return LoraStep([[self._batch(op, rows, single, masks) for op in layer_ops]
+                         for layer_ops in self._operands(active)])
 
-    def _site_batch(self, layer: int, s: int, active: list[int], rows: torch.Tensor, single: bool):
+    def _operands(self, active: tuple[int, ...]) -> list[list[_SiteOperands | None]]:
+        operands = self._operand_cache.get(active)
+        if operands is None:
+            operands = [[self._site_operands(layer, s, active) for s in range(len(SITES))]
+                        for layer in range(self.num_layers)]
+            if len(self._operand_cache) >= _OPERAND_CACHE_SIZE:
+                self._operand_cache.popitem(last=False)
+            self._operand_cache[active] = operands
+        else:
+            self._operand_cache.move_to_end(active)
+        return operands
+
+    def _site_operands(self, layer: int, s: int, active: tuple[int, ...]) -> _SiteOperands | None:
         owners = [slot for slot in active if self.a[layer][s][slot] is not None]
         if not owners:
             return None
         a = torch.cat([self.a[layer][s][slot] for slot in owners])
         b = torch.cat([self.bt[layer][s][slot] for slot in owners]).T.contiguous()
-        mask = None
-        if not single:
-            widths = torch.tensor([self.a[layer][s][slot].shape[0] for slot in owners], device=self.device)
-            col_owner = torch.repeat_interleave(torch.tensor(owners, device=self.device), widths)
-            mask = (rows[:, None] == col_owner[None, :]).to(self.dtype)
-        return LoraBatch(Linear(a, None, self.backend), Linear(b, None, self.backend), mask)
+        columns = tuple((slot, self.a[layer][s][slot].shape[0]) for slot in owners)
+        return _SiteOperands(Linear(a, None, self.backend), Linear(b, None, self.backend), columns)
+
+    def _batch(self, op: _SiteOperands | None, rows: torch.Tensor, single: bool, masks: dict) -> LoraBatch | None:
+        if op is None:
+            return None
+        if single:
+            return LoraBatch(op.A, op.B, None)
+        mask = masks.get(op.columns)
+        if mask is None:  # sites with the same column layout (usually every layer) share one mask
+            slots = torch.tensor([slot for slot, _ in op.columns], device=self.device)
+            widths = torch.tensor([width for _, width in op.columns], device=self.device)
+            col_owner = torch.repeat_interleave(slots, widths)
+            mask = masks[op.columns] = (rows[:, None] == col_owner[None, :]).to(self.dtype)
+        return LoraBatch(op.A, op.B, mask)
