@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tests.integration.server_process import ServerProcess
 
@@ -17,3 +18,13 @@ def server(tmp_path_factory, default_model_folder):
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process model tests run on one torch thread: on a shared 2-core machine two OpenMP threads
+    spinning against another process made small forwards and merges 8-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

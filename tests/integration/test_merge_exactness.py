@@ -23,21 +23,11 @@ from server.model.linear import resolve_backend
 from server.model.llama import hf_weight_name
 from server.model.weights import LoadedModel
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROMPT_IDS = torch.tensor([1, 504, 3575, 282, 4649, 314, 253, 1789])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Merges are small memory-bound ops; on this shared 2-core machine two OpenMP threads fighting another
-    # process for the cores made each cycle 8x slower (55 ms vs 7 ms) than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(DTYPES))

@@ -21,7 +21,7 @@ from server.model.config import ModelConfig
 from server.model.weights import LoadedModel
 from server.runtime import site_layouts
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPT = "The capital of France is a city that is"  # the last token is fed to the decode step
 TOL = 1e-4
@@ -34,16 +34,6 @@ ADAPTERS = {
     "qv": dict(rank=8, alpha=16, targets=("q_proj", "v_proj"), seed=1),
     "all": dict(rank=16, alpha=16, targets=PROJECTIONS, seed=2),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A few small forwards: one thread avoids OpenMP threads spinning against other processes on this
-    # shared 2-core machine, which made single forwards up to 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
