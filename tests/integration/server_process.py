@@ -19,6 +19,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float, interval: float = 0.3) -> None:
+    """Polls GET /health until it answers 200; raises with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[2]} exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=3).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"{url} did not become healthy in {timeout}s: {log_path.read_text()[-3000:]}")
+
+
 class ServerProcess:
     def __init__(self, store_dir: Path, *extra_args: str, log_path: Path | None = None, env: dict | None = None):
         self.store_dir = store_dir
@@ -34,18 +49,11 @@ class ServerProcess:
                "--store-dir", str(self.store_dir), "--max-batch", "16", "--max-seq-len", "1024", *self.extra_args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy in {timeout}s")
+        try:
+            wait_healthy(self.proc, self.url, self.log_path, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

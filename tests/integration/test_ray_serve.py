@@ -25,7 +25,7 @@ import torch
 from adapters import AdapterLimits, AdapterStore, llama_base_shapes, peft_folder_files, random_adapter
 from server.cluster.shared_registry import SharedStoreRegistry
 from server.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge
-from tests.integration.server_process import ServerProcess, free_port
+from tests.integration.server_process import ServerProcess, free_port, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -56,18 +56,11 @@ class ClusterProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"cluster exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=3).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"cluster did not become healthy in {timeout}s: {self.log_path.read_text()[-3000:]}")
+        try:
+            wait_healthy(self.proc, self.url, self.log_path, timeout, interval=1)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
