@@ -85,13 +85,34 @@ class DecodeBench:
         self.kv.v.zero_()
         self.kv_len = kv_len
 
-    def step_seconds(self, batch: int, lora_plan, reps: int) -> float:
+    def step(self, batch: int, lora_plan):
+        """A zero-argument callable running one decode step of `batch` rows with `lora_plan`."""
         pos = torch.full((batch,), self.kv_len - 1)
         mask = (torch.arange(self.kv_len)[None, :] <= pos[:, None])[:, None, None, :]
         ctx = StepContext(False, pos, torch.arange(batch), torch.arange(batch), decode_mask=mask,
                           kv_len=self.kv_len, lora=lora_plan)
         ids = torch.randint(0, self.model.cfg.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
-        return _median_seconds(lambda: self.model.forward(ids, ctx, self.kv), reps)
+        return lambda: self.model.forward(ids, ctx, self.kv)
+
+
+def interleaved_medians(steps: dict[str, object], reps: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in turns (a, b, c, a, b, c, ...) so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(reps + 2):
+        for name, fn in steps.items():
+            started = time.perf_counter()
+            fn()
+            if i >= 2:  # the first two turns warm up
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def plan_build_seconds(slots: LoraSlots, row_slots: list[int], reps: int) -> float:
+    """What the engine pays whenever the rows' adapters change (a request joins, leaves or moves slot):
+    plan() rebuilds when its key changes, so alternating two orders of the same rows rebuilds every call."""
+    orders = [row_slots, row_slots[1:] + row_slots[:1]]
+    calls = iter(range(10**9))
+    return _median_seconds(lambda: slots.plan(orders[next(calls) % 2]), reps)
 
 
 def lora_overhead(loaded: LoadedModel, qv: list, wide: list, batches: list[int], prompt_tokens: int,
@@ -104,13 +125,16 @@ def lora_overhead(loaded: LoadedModel, qv: list, wide: list, batches: list[int],
     bench = DecodeBench(loaded, max(batches), kv_len=prompt_tokens + NEW_TOKENS // 2)
     rows = []
     for batch in batches:
-        base = bench.step_seconds(batch, None, reps)
-        row = {"batch": batch, "base_step_s": base}
-        variants = {"qv_single": [0] * batch, "qv_mixed8": [i % len(qv) for i in range(batch)],
+        variants = {"base": None, "qv_single": [0] * batch, "qv_mixed8": [i % len(qv) for i in range(batch)],
                     "all_mixed8": [len(qv) + i % len(wide) for i in range(batch)]}
-        for label, row_slots in variants.items():
-            row[f"{label}_step_s"] = bench.step_seconds(batch, slots.plan(row_slots), reps)
-            row[f"{label}_ratio"] = row[f"{label}_step_s"] / base
+        steps = {label: bench.step(batch, slots.plan(row_slots) if row_slots else None)
+                 for label, row_slots in variants.items()}
+        medians = interleaved_medians(steps, reps)
+        row = {"batch": batch, "base_step_s": medians["base"]}
+        for label in ("qv_single", "qv_mixed8", "all_mixed8"):
+            row[f"{label}_step_s"] = medians[label]
+            row[f"{label}_ratio"] = medians[label] / medians["base"]
+            row[f"{label}_plan_s"] = plan_build_seconds(slots, variants[label], reps)
         rows.append(row)
     return rows
 

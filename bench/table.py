@@ -62,10 +62,13 @@ def _ceiling(results: dict) -> list[str]:
 def _micro(results: dict) -> list[str]:
     m, b, reg = results["micro"], results["baselines"], results["registry"]
     lines = ["Unmerged LoRA decode step vs the bare base (in-process forward, LoraSlots plan):",
-             f"  {'batch':>5}{'base ms':>9}{'q/v r8 single':>15}{'q/v r8 8 mixed':>16}{'7-proj r16 8 mixed':>20}"]
+             f"  {'batch':>5}{'base ms':>9}{'q/v r8 single':>15}{'q/v r8 8 mixed':>16}{'7-proj r16 8 mixed':>20}"
+             f"   plan rebuild ms (single / 8 mixed / 7-proj 8 mixed)"]
     for row in m["lora_overhead"]:
         lines.append(f"  {row['batch']:>5}{row['base_step_s'] * 1e3:>9.1f}{row['qv_single_ratio']:>14.2f}x"
-                     f"{row['qv_mixed8_ratio']:>15.2f}x{row['all_mixed8_ratio']:>19.2f}x")
+                     f"{row['qv_mixed8_ratio']:>15.2f}x{row['all_mixed8_ratio']:>19.2f}x   "
+                     f"{row['qv_single_plan_s'] * 1e3:.1f} / {row['qv_mixed8_plan_s'] * 1e3:.1f} / "
+                     f"{row['all_mixed8_plan_s'] * 1e3:.1f}")
     swap, peft = m["swap"], b["peft_swap"]
     lines.append(f"Swap: merge_into_base + restore_base {swap['seconds'] * 1e3:.1f} ms (exact restore: "
                  f"{swap['restore_exact']}) vs PEFT merge_adapter + unmerge_adapter {peft['seconds'] * 1e3:.1f} ms "
