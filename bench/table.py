@@ -95,7 +95,7 @@ def _micro(results: dict) -> list[str]:
 
 
 def _targets(results: dict) -> list[str]:
-    lines = [f"Targets (fp32, 16 streams, 64 new tokens):", f"  {'target':52}{'ratio':>7}{'goal':>8}  result  detail"]
+    lines = ["Targets (fp32, 16 streams, 64 new tokens):", f"  {'target':52}{'ratio':>7}{'goal':>8}  result  detail"]
     for t in results["targets"]:
         goal = f"{'>=' if t['higher_is_better'] else '<='}{t['goal']:g}"
         lines.append(f"  {t['name']:52}{t['ratio']:>7.2f}{goal:>8}  {'PASS' if t['passed'] else 'MISS':6}  {t['detail']}")
