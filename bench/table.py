@@ -47,15 +47,21 @@ def _baselines(results: dict) -> list[str]:
 
 
 def _ceiling(results: dict) -> list[str]:
-    m = results["micro"]
+    m, meta = results["micro"], results["meta"]
+    # The same GEMM is timed three times (micro, and the contention probes at start and end); the best is the
+    # ceiling, since interference only ever lowers a measurement.
+    ceiling = max(m["matmul_ceiling_gflops"], meta["contention_probe_start"]["all_threads_gflops"],
+                  meta["contention_probe_end"]["all_threads_gflops"])
     best_name, best = max(((f"{mode} {name}", w["tokens_per_s"]) for mode, s in results["servers"].items()
                            for name, w in s["workloads"].items()), key=lambda item: item[1])
     achieved = 2 * m["params_per_token"] * best / 1e9
     return [
         f"Hardware ceiling: fp32 GEMM [64,576]x[576,1536] through server Linear ({m['backend']}, {m['threads']} "
-        f"threads): {m['matmul_ceiling_gflops']:.1f} GFLOP/s.",
+        f"threads): {ceiling:.0f} GFLOP/s (best of 3 timings: {m['matmul_ceiling_gflops']:.0f}, "
+        f"{meta['contention_probe_start']['all_threads_gflops']:.0f}, "
+        f"{meta['contention_probe_end']['all_threads_gflops']:.0f}).",
         f"  best run ({best_name}, {best:.0f} tok/s) x 2 x {m['params_per_token'] / 1e6:.1f}M params/token = "
-        f"{achieved:.1f} GFLOP/s = {100 * achieved / m['matmul_ceiling_gflops']:.0f}% of the ceiling",
+        f"{achieved:.1f} GFLOP/s = {100 * achieved / ceiling:.0f}% of the ceiling",
     ]
 
 
@@ -73,11 +79,11 @@ def _micro(results: dict) -> list[str]:
     lines.append(f"Swap: merge_into_base + restore_base {swap['seconds'] * 1e3:.1f} ms (exact restore: "
                  f"{swap['restore_exact']}) vs PEFT merge_adapter + unmerge_adapter {peft['seconds'] * 1e3:.1f} ms "
                  f"(exact: {peft['restore_exact']}, {100 * peft['changed_fraction']:.1f}% of q_proj weights drifted)"
-                 f" -> {peft['seconds'] / swap['seconds']:.2f}x faster")
+                 f" -> speed-up {peft['seconds'] / swap['seconds']:.2f}x")
     ready = results["servers"]["auto"]["upload_to_ready"]
     lines.append(f"Upload to ready: POST /adapters {_ms(ready['upload_s'])} ms + first token {_ms(ready['first_token_s'])}"
                  f" ms = {_ms(ready['total_s'])} ms vs PEFT load_adapter + first token "
-                 f"{_ms(b['peft_load_to_first_token_s'])} ms -> {b['peft_load_to_first_token_s'] / ready['total_s']:.2f}x faster")
+                 f"{_ms(b['peft_load_to_first_token_s'])} ms -> speed-up {b['peft_load_to_first_token_s'] / ready['total_s']:.2f}x")
     empty, again = results["servers"]["auto"]["start_s"], results["restart"]
     lines.append(f"Cold start: healthy in {again['start_s']:.1f} s with {again['stored_adapters']} stored adapters vs "
                  f"{empty:.1f} s with none -> {again['start_s'] / empty:.2f}x; registry.load_stored of "
