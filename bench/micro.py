@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
 from bench.fixtures import NEW_TOKENS, PROMPT, folder_files
-from server.engine.context import StepContext
+from server.engine.context import build_step
 from server.engine.kv_cache import KVCache
 from server.lora.layers import LoraSlots
 from server.lora.merge import merge_into_base, restore_base
@@ -94,10 +94,8 @@ class DecodeBench:
 
     def step(self, batch: int, lora_plan):
         """A zero-argument callable running one decode step of `batch` rows with `lora_plan`."""
-        pos = torch.full((batch,), self.kv_len - 1)
-        mask = (torch.arange(self.kv_len)[None, :] <= pos[:, None])[:, None, None, :]
-        ctx = StepContext(False, pos, torch.arange(batch), torch.arange(batch), decode_mask=mask,
-                          kv_len=self.kv_len, lora=lora_plan)
+        ctx = build_step([self.kv_len - 1] * batch, [], self.model.device)
+        ctx.lora = lora_plan
         ids = torch.randint(0, self.model.cfg.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
         return lambda: self.model.forward(ids, ctx, self.kv)
 
@@ -125,8 +123,9 @@ def plan_build_seconds(slots: LoraSlots, row_slots: list[int], reps: int) -> flo
 def lora_overhead(loaded: LoadedModel, qv: list, wide: list, batches: list[int], prompt_tokens: int,
                   reps: int) -> list[dict]:
     cfg = loaded.config
-    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), len(qv) + len(wide), loaded.transformer.device,
-                      loaded.transformer.dtype)
+    model = loaded.transformer  # slots use the base's kernels, as the Runtime builds them
+    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), len(qv) + len(wide), model.device, model.dtype,
+                      model.lm_head.backend)
     for slot, adapter in enumerate(qv + wide):
         slots.set_lora(slot, adapter)
     bench = DecodeBench(loaded, max(batches), kv_len=prompt_tokens + NEW_TOKENS // 2)

@@ -2,6 +2,11 @@
 
 Layers get what they need (positions, KV rows, masks, the LoRA plan) from this object instead of having
 it threaded through every call, as in nano-vllm.
+
+One step can mix decode rows and prefill chunks (as in vLLM v1): the first `num_decode` rows are one
+token each of the sequences in KV slots 0..num_decode-1, in slot order; the rows after them are the
+prompt tokens of each `PrefillChunk` in turn. A request that arrives mid-stream therefore rides along
+with the running batch instead of stopping it for a prefill step of its own.
 """
 
 from __future__ import annotations
@@ -11,18 +16,39 @@ from dataclasses import dataclass, field
 import torch
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    slot: int       # KV slot of the sequence
+    start: int      # position of the chunk's first token; positions before it are already in the KV cache
+    length: int     # tokens computed in this step
+
+
 @dataclass
 class StepContext:
-    is_prefill: bool
     positions: torch.Tensor          # [tokens] position of each input row
-    kv_slots: torch.Tensor           # [seqs] KV-cache slot of each sequence
-    logits_rows: torch.Tensor        # [seqs] row whose hidden state predicts the sequence's next token
-    prefill_lens: list[int] = field(default_factory=list)   # tokens of each sequence (prefill only)
-    prefill_slots: list[int] = field(default_factory=list)  # KV slot of each sequence, as ints (prefill only)
-    decode_mask: torch.Tensor | None = None  # [seqs, 1, 1, kv_len]: True where a key is visible (decode only)
-    kv_len: int = 0                  # keys each decode row attends over (max over the batch)
+    logits_rows: torch.Tensor        # [seqs] row whose hidden state predicts each sequence's next token
+    num_decode: int = 0
+    decode_bias: torch.Tensor | None = None  # [num_decode, 1, 1, kv_len] float32: 0 where a key is visible, else -inf
+    kv_len: int = 0                  # keys the decode rows attend over (max over them)
+    prefills: list[PrefillChunk] = field(default_factory=list)
     lora: object | None = None       # server.lora.layers.LoraStep, or None when no row uses an adapter
 
-    def __post_init__(self):
-        if self.is_prefill and not self.prefill_slots:
-            self.prefill_slots = self.kv_slots.tolist()  # once per step, not once per layer
+
+def build_step(decode_positions: list[int], prefills: list[PrefillChunk], device: torch.device) -> StepContext:
+    """The context of a step whose decode rows sit at `decode_positions` (row i = KV slot i), followed by
+    the tokens of `prefills`; logits are taken for every decode row and each chunk's last token."""
+    positions = list(decode_positions)
+    logits_rows = list(range(len(decode_positions)))
+    for chunk in prefills:
+        positions.extend(range(chunk.start, chunk.start + chunk.length))
+        logits_rows.append(len(positions) - 1)
+    ctx = StepContext(torch.tensor(positions, dtype=torch.long, device=device),
+                      torch.tensor(logits_rows, dtype=torch.long, device=device),
+                      num_decode=len(decode_positions), prefills=list(prefills))
+    if decode_positions:
+        ctx.kv_len = max(decode_positions) + 1
+        keys = torch.arange(ctx.kv_len, device=device)
+        hidden = keys[None, :] > ctx.positions[: ctx.num_decode, None]
+        ctx.decode_bias = torch.zeros(hidden.shape, device=device).masked_fill_(
+            hidden, float("-inf"))[:, None, None, :]
+    return ctx

@@ -173,22 +173,25 @@ class Engine:
                 self._finish(seq, "abort")
 
     def step(self) -> None:
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        decode, prefill = self.scheduler.schedule()
+        if not decode and not prefill:
             return
         self._choose_mode()
-        logits = self.runner.run(seqs, is_prefill, use_lora=self._merged is None)
+        logits = self.runner.run(decode, prefill, use_lora=self._merged is None)
+        seqs = decode + prefill
         tokens = sample(logits, seqs)
         logprobs = logprobs_of(logits, seqs, tokens)
         self.stats.steps += 1
-        self.stats.prefill_steps += is_prefill
-        self._record_step(len(seqs), is_prefill)
+        self.stats.prefill_steps += bool(prefill)
+        self._record_step(len(decode), len(prefill))
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             self._postprocess(seq, token, logprob)
 
-    def _record_step(self, batch: int, is_prefill: bool) -> None:
+    def _record_step(self, decoded: int, prefilled: int) -> None:
         m = self.metrics
-        m.batch.labels("prefill" if is_prefill else "decode").observe(batch)
+        for phase, count in (("decode", decoded), ("prefill", prefilled)):
+            if count:
+                m.batch.labels(phase).observe(count)
         m.running.set(len(self.scheduler.running))
         m.waiting.set(len(self.scheduler.waiting))
         slots = self.scheduler.adapter_slots

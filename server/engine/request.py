@@ -45,6 +45,7 @@ class Sequence:
         self.status = Status.WAITING
         self.kv_slot = -1
         self.lora_slot = -1
+        self.cached_tokens = 0            # prompt tokens whose KV came from the prefix cache
         self.finish_reason: str | None = None
         self.arrived = time.monotonic()
         self.deadline = self.arrived + timeout_s if timeout_s else None

@@ -1,7 +1,7 @@
 """Waiting and running sequences; what runs in the next step.
 
-Continuous batching: every step either prefills newly admitted sequences (they join the running batch) or
-decodes one token for every running sequence. Finished sequences leave at once and free their KV slot.
+Continuous batching: every step decodes one token for every running sequence and prefills the sequences
+admitted at that step (they join the running batch), in one forward. Finished sequences leave at once and free their KV slot.
 `running[i]` is the sequence in KV slot i, so the decode batch is in slot order. Waiting sequences queue
 per adapter and are admitted round-robin across adapters (as LoRAX's router does), so a flood of requests
 for one adapter cannot starve the others.
@@ -74,11 +74,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        admitted = self._admit()
-        if admitted:
-            return admitted, True
-        return list(self.running), False
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(decode, prefill): the running sequences in slot order, then the ones admitted now (whose
+        slots follow theirs)."""
+        decoding = list(self.running)
+        return decoding, self._admit()
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from adapters import PROJECTIONS, random_adapter
-from server.engine.context import StepContext
+from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.merge import merge_into_base, restore_base
 from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
@@ -63,7 +63,8 @@ def snapshot(model: LoadedModel) -> Snapshot:
 def logits(model: LoadedModel) -> torch.Tensor:
     T = len(PROMPT_IDS)
     kv = KVCache(model.config, 1, T, CPU, model.transformer.dtype)
-    ctx = StepContext(True, torch.arange(T), torch.tensor([0]), torch.arange(T), prefill_lens=[T])
+    ctx = build_step([], [PrefillChunk(slot=0, start=0, length=T)], CPU)
+    ctx.logits_rows = torch.arange(T)
     return model.transformer.forward(PROMPT_IDS, ctx, kv)
 
 

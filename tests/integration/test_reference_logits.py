@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import PROJECTIONS, llama_base_shapes, random_adapter, write_peft_folder
-from server.engine.context import StepContext
+from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
@@ -85,15 +85,15 @@ def prefill(model: LoadedModel, tokens: torch.Tensor, seqs: int, kv: KVCache, lo
     """`seqs` copies of the prompt prefilled in one step (KV slots 0..seqs-1); logits for every row."""
     T = len(tokens)
     rows = T * seqs
-    ctx = StepContext(True, torch.arange(T).repeat(seqs), torch.arange(seqs), torch.arange(rows),
-                      prefill_lens=[T] * seqs, lora=lora)
+    ctx = build_step([], [PrefillChunk(slot, 0, T) for slot in range(seqs)], torch.device("cpu"))
+    ctx.logits_rows, ctx.lora = torch.arange(rows), lora
     return model.transformer.forward(tokens.repeat(seqs), ctx, kv).view(seqs, T, -1)
 
 
 def decode(model: LoadedModel, token: torch.Tensor, T: int, seqs: int, kv: KVCache, lora=None) -> torch.Tensor:
     """One decode step for KV slots 0..seqs-1, each at position T."""
-    ctx = StepContext(False, torch.full((seqs,), T), torch.arange(seqs), torch.arange(seqs),
-                      decode_mask=torch.ones(seqs, 1, 1, T + 1, dtype=torch.bool), kv_len=T + 1, lora=lora)
+    ctx = build_step([T] * seqs, [], torch.device("cpu"))
+    ctx.lora = lora
     return model.transformer.forward(token.repeat(seqs), ctx, kv)
 
 
