@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import InvalidRequest
@@ -83,7 +84,10 @@ class Runtime:
                               backend)
         self.adapter_slots = AdapterSlots(self.lora)
         kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
-        scheduler = Scheduler(kv, self.adapter_slots, settings.max_prefill_tokens, policy.admits_mixed(settings.lora_mode))
+        prefix_cache = PrefixCache(kv, settings.prefix_block_tokens, settings.prefix_cache_mb * 2**20) \
+            if settings.prefix_cache_mb else None
+        scheduler = Scheduler(kv, self.adapter_slots, settings.max_prefill_tokens, policy.admits_mixed(settings.lora_mode),
+                              prefix_cache)
         self.metrics = Metrics()
         self.engine = Engine(self.loaded, ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
                              self.tokenizer, settings.lora_mode, eos_ids(self.folder.config, self.tokenizer),

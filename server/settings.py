@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
     max_prefill_tokens: int = Field(4096, ge=16)
     max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
+    prefix_cache_mb: int = Field(256, ge=0, description="memory for KV of prompt prefixes reused across "
+                                                         "requests (0: off)")
+    prefix_block_tokens: int = Field(16, ge=1, description="tokens per prefix-cache block")
     lora_slots: int = Field(32, ge=1, description="adapters resident on the compute device at once")
     max_lora_rank: int = Field(64, ge=1)
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1)

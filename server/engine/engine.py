@@ -77,6 +77,7 @@ class Engine:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._slot_loads_seen = 0
+        self._prefix_hits_seen = 0
         self._merged: MergedAdapter | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -178,6 +179,7 @@ class Engine:
             return
         self._choose_mode()
         logits = self.runner.run(decode, prefill, use_lora=self._merged is None)
+        self.scheduler.prefilled(prefill)
         seqs = decode + prefill
         tokens = sample(logits, seqs)
         logprobs = logprobs_of(logits, seqs, tokens)
@@ -198,6 +200,11 @@ class Engine:
         m.adapter_loads.inc(slots.loads - self._slot_loads_seen)
         self._slot_loads_seen = slots.loads
         m.resident.set(len(slots.resident()))
+        cache = self.scheduler.prefix_cache
+        if cache is not None:
+            m.prefix_hit_tokens.inc(cache.hit_tokens - self._prefix_hits_seen)
+            self._prefix_hits_seen = cache.hit_tokens
+            m.prefix_bytes.set(cache.bytes)
 
     def _choose_mode(self) -> None:
         target = policy.merge_target(self.lora_mode, [s.adapter for s in self.scheduler.running])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import NO_HIT, PrefixCache
 from server.engine.request import Sequence, Status
 from server.lora.manager import AdapterSlots
 
@@ -60,8 +61,10 @@ class AdapterQueues:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, adapter_slots: AdapterSlots, max_prefill_tokens: int, admits_mixed: bool):
+    def __init__(self, kv: KVCache, adapter_slots: AdapterSlots, max_prefill_tokens: int, admits_mixed: bool,
+                 prefix_cache: PrefixCache | None = None):
         self.kv = kv
+        self.prefix_cache = prefix_cache
         self.adapter_slots = adapter_slots
         self.max_prefill_tokens = max_prefill_tokens
         self.admits_mixed = admits_mixed
@@ -89,7 +92,9 @@ class Scheduler:
             if not candidates:
                 break
             key, seq = candidates[0]
-            if admitted and tokens + len(seq.prompt_ids) > self.max_prefill_tokens:
+            hit = self.prefix_cache.match(seq.adapter, seq.prompt_ids) if self.prefix_cache is not None else NO_HIT
+            to_compute = len(seq.prompt_ids) - hit.tokens
+            if admitted and tokens + to_compute > self.max_prefill_tokens:
                 break
             if not self.admits_mixed and not self._same_group(seq, admitted):
                 blocked.add(key)
@@ -102,15 +107,23 @@ class Scheduler:
                 seq.lora_slot = slot
             self.waiting.pop(key)
             seq.kv_slot = self.kv.allocate()
+            if hit.tokens:
+                seq.cached_tokens = self.prefix_cache.load(hit, seq.kv_slot)
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            tokens += len(seq.prompt_ids)
+            tokens += to_compute
         return admitted
 
     def _same_group(self, seq: Sequence, admitted: list[Sequence]) -> bool:
         group = self.running or admitted
         return not group or group[0].adapter is seq.adapter
+
+    def prefilled(self, seqs: list[Sequence]) -> None:
+        """Called after a step that computed these sequences' prompts: their KV may serve later requests."""
+        if self.prefix_cache is not None:
+            for seq in seqs:
+                self.prefix_cache.store(seq.adapter, seq.prompt_ids, seq.kv_slot)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
@@ -120,6 +133,8 @@ class Scheduler:
             return
         if seq.kv_slot < 0:
             return
+        if self.prefix_cache is not None and reason != "error":  # the next message of a chat resends all of this
+            self.prefix_cache.store(seq.adapter, (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1], seq.kv_slot)
         last = self.running[-1]
         moved_from = self.kv.free(seq.kv_slot, last.num_tokens)
         if moved_from is not None:
