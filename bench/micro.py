@@ -27,6 +27,7 @@ from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_fol
 from bench.fixtures import NEW_TOKENS, PROMPT, folder_files
 from server.engine.context import build_step
 from server.engine.kv_cache import KVCache
+from server.heap import keep_freed_memory
 from server.lora.layers import LoraSlots
 from server.lora.merge import merge_into_base, restore_base
 from server.model.linear import Linear, resolve_backend
@@ -160,6 +161,7 @@ def swap(loaded: LoadedModel, adapter, reps: int) -> dict:
 
 
 def run_model_micro(qv_folders: dict[str, Path], wide_folders: dict[str, Path], quick: bool) -> dict:
+    keep_freed_memory()  # as the server's Runtime does
     device, dtype = torch.device("cpu"), torch.float32
     backend = resolve_backend("auto", device, dtype)
     folder = resolve_model(None)

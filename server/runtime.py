@@ -21,6 +21,7 @@ from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import InvalidRequest
+from server.heap import keep_freed_memory
 from server.lora import policy
 from server.lora.layers import LoraSlots, SiteLayout
 from server.lora.manager import AdapterSlots
@@ -62,6 +63,7 @@ class Runtime:
         self.engine.run()
 
     def _build(self, settings: Settings) -> None:
+        keep_freed_memory()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.device = settings.torch_device()

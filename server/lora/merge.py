@@ -5,7 +5,7 @@ bit-identical (`torch.equal`) to the one loaded at start-up. Subtracting the del
 unmerge does) is not exact: (W + d) - d rounds, and tests/integration/test_merge_exactness.py measures
 12-16% of bf16 weights drifted after 1-50 such cycles. So `restore_base` never subtracts: it copies the
 touched rows back from the read-only, memory-mapped checkpoint with the same conversion used at load
-(`checkpoint_tensor`). Only touched rows are copied, and the packed
+(`copy_checkpoint_tensor`). Only touched rows are copied, and the packed
 kernels derived from the untouched base are kept aside during the merge and put back, since they were
 computed from the very bits being restored.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
+from server.model.checkpoint import MappedCheckpoint, copy_checkpoint_tensor
 from server.model.linear import Linear
 from server.model.llama import Transformer, hf_weight_name, projection_rows
 
@@ -37,9 +37,12 @@ def merge_into_base(model: Transformer, adapter) -> MergedAdapter:
         layer = int(layer)
         site, start, size = projection_rows(cfg, proj)
         linear = model.linear(layer, site)
-        delta = (w.B.to(model.device, torch.float32) @ w.A.to(model.device, torch.float32)) * w.scale
         rows = linear.weight[start : start + size]
-        rows.copy_((rows.float() + delta).to(rows.dtype))
+        B, A = w.B.to(model.device, torch.float32), w.A.to(model.device, torch.float32)
+        if rows.dtype == torch.float32:  # one fused kernel, no delta-sized temporaries
+            rows.addmm_(B, A, alpha=w.scale)
+        else:  # sum in float32, round once into the narrow dtype
+            rows.copy_((rows.float() + (B @ A) * w.scale).to(rows.dtype))
         merged.touched.append((layer, proj))
         merged.base_kernels.setdefault(id(linear), (linear, linear.kernel))
     for linear, _ in merged.base_kernels.values():
@@ -52,6 +55,6 @@ def restore_base(model: Transformer, ckpt: MappedCheckpoint, merged: MergedAdapt
     for layer, proj in merged.touched:
         site, start, size = projection_rows(cfg, proj)
         weight = model.linear(layer, site).weight
-        weight[start : start + size].copy_(checkpoint_tensor(ckpt, hf_weight_name(layer, proj), weight.device, weight.dtype))
+        copy_checkpoint_tensor(ckpt, hf_weight_name(layer, proj), weight[start : start + size])
     for linear, kernel in merged.base_kernels.values():
         linear.kernel = kernel

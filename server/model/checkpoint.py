@@ -64,9 +64,15 @@ class MappedCheckpoint:
 
 
 def checkpoint_tensor(ckpt: MappedCheckpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A checkpoint tensor converted to the serving device and dtype: the one conversion that load and
-    hot-swap restore share, so restored weights are bit-identical to loaded ones."""
+    """A checkpoint tensor converted to the serving device and dtype, as loaded at start-up."""
     return ckpt[name].to(device=device, dtype=dtype, copy=True)
+
+
+def copy_checkpoint_tensor(ckpt: MappedCheckpoint, name: str, out: torch.Tensor) -> None:
+    """Writes a checkpoint tensor into `out` (its device and dtype) with no temporary: `Tensor.to` is
+    itself an empty tensor plus `copy_`, so this converts exactly as `checkpoint_tensor` does and restored
+    weights are bit-identical to loaded ones."""
+    out.copy_(ckpt[name])
 
 
 class _quiet_nonwritable_warning:
