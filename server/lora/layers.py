@@ -8,7 +8,6 @@ one LoRA matmul pair whatever subset of projections an adapter targets.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,20 @@ class SiteLayout:
     projections: dict[str, tuple[int, int]]  # proj -> (first output row, rows) inside the fused weight
 
 
-# Concatenated operands kept for this many distinct sets of active adapters (each is a copy of their weights).
-_OPERAND_CACHE_SIZE = 4
+# Device slots are split into groups of this many; the active slots of a group are concatenated into one
+# set of operands, so a step's rows for adapters in one group cost one masked matmul pair per site.
+# Operands are kept while the group's active slots stay a subset of those they cover (requests leaving,
+# or adapters coming back, cost nothing): building them for 8 adapters took 30 ms (q/v r8) to over
+# 250 ms (all seven projections, r16), and closed-loop traffic changes the set of adapters in the batch
+# every few steps. They are rebuilt when an uncovered slot becomes active, or when fewer than half of
+# the covered slots are active (each covered slot costs its multiply-adds whether used or not).
+GROUP_SLOTS = 8
+
+
+@dataclass(frozen=True)
+class _CoveredOperands:
+    slots: frozenset[int]
+    operands: list                   # operands[layer][site]: _SiteOperands or None
 
 
 @dataclass(frozen=True)
@@ -39,17 +50,17 @@ class _SiteOperands:
 
 
 class LoraStep:
-    """Per-step plan: batches[layer][site_index] is a LoraBatch, or None where no active adapter touches it."""
+    """Per-step plan: batches[layer][site_index] holds one LoraBatch per slot group with rows in the step
+    (empty where no active adapter touches the site)."""
 
-    def __init__(self, batches: list[list[LoraBatch | None]]):
+    def __init__(self, batches: list[list[tuple[LoraBatch, ...]]]):
         self.batches = batches
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int, site: str) -> None:
     if step is None:
         return
-    batch = step.batches[layer][SITES.index(site)]
-    if batch is not None:
+    for batch in step.batches[layer][SITES.index(site)]:
         lora_apply(y, x, batch)
 
 
@@ -67,7 +78,9 @@ class LoraSlots:
         self.bt = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
         self._plan_key: tuple | None = None
         self._plan: LoraStep | None = None
-        self._operand_cache: OrderedDict[tuple[int, ...], list] = OrderedDict()
+        # operands of each slot group, and of single slots (a step with one adapter), built on use
+        self._group_operands: dict[int, _CoveredOperands] = {}
+        self._slot_operands: dict[int, _CoveredOperands] = {}
 
     def set_lora(self, slot: int, adapter) -> None:
         """Copies an `adapters.Adapter` into `slot`, replacing what was there."""
@@ -91,25 +104,28 @@ class LoraSlots:
             s = SITES.index(site)
             self.a[layer][s][slot] = a.to(self.device, self.dtype)
             self.bt[layer][s][slot] = bt.to(self.device, self.dtype)
-        self._invalidate()
+        self._invalidate(slot)
 
     def reset_lora(self, slot: int) -> None:
         for layer in range(self.num_layers):
             for s in range(len(SITES)):
                 self.a[layer][s][slot] = None
                 self.bt[layer][s][slot] = None
-        self._invalidate()
+        self._invalidate(slot)
 
-    def _invalidate(self) -> None:
+    def _invalidate(self, slot: int) -> None:
         self._plan_key = None
-        self._operand_cache.clear()
+        group = self._group_operands.get(slot // GROUP_SLOTS)
+        if group is not None and slot in group.slots:
+            del self._group_operands[slot // GROUP_SLOTS]
+        self._slot_operands.pop(slot, None)
 
     def plan(self, row_slots: list[int]) -> LoraStep | None:
         """The LoRA operands for a step whose rows use `row_slots` (BASE for no adapter).
 
         Rebuilt only when the rows' slots change; a steady decode batch reuses the last plan. A rebuild
-        reuses the concatenated, packed weights of the same set of active adapters (they do not depend on
-        which row uses which), so a request joining or leaving costs one mask per site, not a repack.
+        reuses the concatenated, packed weights (they do not depend on which row uses which), so a request
+        joining or leaving costs one mask per site, not a repack.
         """
         key = tuple(row_slots)
         if key != self._plan_key:
@@ -118,29 +134,37 @@ class LoraSlots:
         return self._plan
 
     def _build(self, row_slots: list[int]) -> LoraStep | None:
-        active = tuple(sorted({s for s in row_slots if s != BASE}))
+        active = sorted({s for s in row_slots if s != BASE})
         if not active:
             return None
-        rows = torch.tensor(row_slots, device=self.device)
-        single = len(active) == 1 and BASE not in row_slots
-        masks: dict[tuple, torch.Tensor] = {}
-        return LoraStep([[self._batch(op, rows, single, masks) for op in layer_ops]
-                         for layer_ops in self._operands(active)])
-
-    def _operands(self, active: tuple[int, ...]) -> list[list[_SiteOperands | None]]:
-        operands = self._operand_cache.get(active)
-        if operands is None:
-            operands = [[self._site_operands(layer, s, active) for s in range(len(SITES))]
-                        for layer in range(self.num_layers)]
-            if len(self._operand_cache) >= _OPERAND_CACHE_SIZE:
-                self._operand_cache.popitem(last=False)
-            self._operand_cache[active] = operands
+        if len(active) == 1:  # one adapter: its own operands, masked only if bare-base rows share the step
+            owners = [self._operands(self._slot_operands, active[0], frozenset(active))]
+            masked = BASE in row_slots
         else:
-            self._operand_cache.move_to_end(active)
+            by_group: dict[int, set[int]] = {}
+            for slot in active:
+                by_group.setdefault(slot // GROUP_SLOTS, set()).add(slot)
+            owners = [self._operands(self._group_operands, g, frozenset(slots)) for g, slots in sorted(by_group.items())]
+            masked = True
+        rows = torch.tensor(row_slots, device=self.device)
+        masks: dict[tuple, torch.Tensor] = {}
+        return LoraStep([[tuple(self._batch(ops[layer][s], rows, masked, masks) for ops in owners
+                                if ops[layer][s] is not None)
+                          for s in range(len(SITES))] for layer in range(self.num_layers)])
+
+    def _operands(self, cache: dict[int, _CoveredOperands], key: int, active: frozenset[int]) -> list:
+        """Operands covering `active`: the cached ones under `key` if they still fit, else new ones."""
+        cached = cache.get(key)
+        if cached is not None and active <= cached.slots and len(cached.slots) <= 2 * len(active):
+            return cached.operands
+        slots = sorted(active)
+        operands = [[self._site_operands(layer, s, slots) for s in range(len(SITES))]
+                    for layer in range(self.num_layers)]
+        cache[key] = _CoveredOperands(active, operands)
         return operands
 
-    def _site_operands(self, layer: int, s: int, active: tuple[int, ...]) -> _SiteOperands | None:
-        owners = [slot for slot in active if self.a[layer][s][slot] is not None]
+    def _site_operands(self, layer: int, s: int, slots: list[int]) -> _SiteOperands | None:
+        owners = [slot for slot in slots if self.a[layer][s][slot] is not None]
         if not owners:
             return None
         a = torch.cat([self.a[layer][s][slot] for slot in owners])
@@ -148,10 +172,8 @@ class LoraSlots:
         columns = tuple((slot, self.a[layer][s][slot].shape[0]) for slot in owners)
         return _SiteOperands(Linear(a, None, self.backend), Linear(b, None, self.backend), columns)
 
-    def _batch(self, op: _SiteOperands | None, rows: torch.Tensor, single: bool, masks: dict) -> LoraBatch | None:
-        if op is None:
-            return None
-        if single:
+    def _batch(self, op: _SiteOperands, rows: torch.Tensor, masked: bool, masks: dict) -> LoraBatch:
+        if not masked:
             return LoraBatch(op.A, op.B, None)
         mask = masks.get(op.columns)
         if mask is None:  # sites with the same column layout (usually every layer) share one mask

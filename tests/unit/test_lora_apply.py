@@ -6,7 +6,7 @@ import torch
 
 from adapters import llama_base_shapes, random_adapter
 from server.lora.apply import lora_apply, lora_apply_reference
-from server.lora.layers import BASE, SITES, LoraSlots, SiteLayout
+from server.lora.layers import BASE, GROUP_SLOTS, SITES, LoraSlots, SiteLayout
 from server.model.linear import resolve_backend
 
 LAYERS, HIDDEN, INTER, KV = 2, 16, 32, 8
@@ -48,8 +48,7 @@ def site_inputs(site: str, rows: int, seed: int = 0):
 
 def apply_planned(slots: LoraSlots, row_slots: list[int], layer: int, site: str, x, y) -> torch.Tensor:
     out = y.clone()
-    batch = slots.plan(row_slots).batches[layer][SITES.index(site)]
-    if batch is not None:
+    for batch in slots.plan(row_slots).batches[layer][SITES.index(site)]:
         lora_apply(out, x, batch)
     return out
 
@@ -124,7 +123,7 @@ def test_untouched_projection_rows_inside_a_fused_site_are_untouched():
 def test_single_adapter_batch_equals_reference(slot):
     slots = loaded_slots(ADAPTERS)
     rows = [slot] * 5
-    assert all(b.mask is None for layer in slots.plan(rows).batches for b in layer if b is not None)
+    assert all(b.mask is None for layer in slots.plan(rows).batches for site in layer for b in site)
     for site in SITES:
         x, y = site_inputs(site, len(rows))
         torch.testing.assert_close(apply_planned(slots, rows, 0, site, x, y),
@@ -134,7 +133,7 @@ def test_single_adapter_batch_equals_reference(slot):
 def test_site_no_active_adapter_targets_has_no_batch():
     slots = loaded_slots(ADAPTERS)
     plan = slots.plan([0, BASE, 0])  # "qv" touches only qkv
-    assert [b is None for b in plan.batches[0]] == [False, True, True, True]
+    assert [len(site) for site in plan.batches[0]] == [1, 0, 0, 0]
 
 
 def test_all_base_rows_plan_nothing():
@@ -177,3 +176,43 @@ def test_bf16_slots_stay_close_to_the_float64_definition():
         got = apply_planned(slots, MIXED_ROWS, 0, site, x.bfloat16(), y.bfloat16())
         expected = apply_by_hand(ADAPTERS, MIXED_ROWS, 0, site, x.bfloat16().float(), y.bfloat16().float())
         torch.testing.assert_close(got.double(), expected, rtol=3e-2, atol=3e-2)
+
+
+def slots_across_groups() -> tuple[LoraSlots, dict[int, object]]:
+    """Adapters in slots of two different slot groups, plus one loaded but idle in the first group."""
+    placement = {0: ADAPTERS[0], 3: ADAPTERS[2], GROUP_SLOTS + 1: ADAPTERS[1]}
+    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=2 * GROUP_SLOTS, device=torch.device("cpu"), dtype=torch.float32)
+    for slot, adapter in placement.items():
+        slots.set_lora(slot, adapter)
+    return slots, placement
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_rows_spread_over_slot_groups_equal_the_definition(site):
+    slots, placement = slots_across_groups()
+    slots.plan([0, 3, GROUP_SLOTS + 1])  # slot 3 is covered by the operands the next plan reuses...
+    rows = [0, BASE, GROUP_SLOTS + 1, 0, GROUP_SLOTS + 1]  # ...but has no row here: it must add nothing
+    by_slot = [placement.get(i) for i in range(2 * GROUP_SLOTS)]
+    x, y = site_inputs(site, len(rows))
+    expected = y.double().clone()
+    for i, slot in enumerate(rows):
+        if slot != BASE:
+            expected[i] = apply_by_hand([by_slot[slot]], [0], 0, site, x[i : i + 1], y[i : i + 1])[0]
+    torch.testing.assert_close(apply_planned(slots, rows, 0, site, x, y).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_request_leaving_the_batch_reuses_the_packed_operands():
+    slots, _ = slots_across_groups()
+    before = slots.plan([0, 3, GROUP_SLOTS + 1]).batches[0][0]
+    after = slots.plan([0, GROUP_SLOTS + 1]).batches[0][0]
+    assert [b.A for b in after] == [b.A for b in before]
+
+
+def test_reloading_a_slot_rebuilds_only_the_operands_that_cover_it():
+    slots, _ = slots_across_groups()
+    rows = [0, 3, GROUP_SLOTS + 1]
+    before = slots.plan(rows).batches[0][SITES.index("gate_up")]
+    slots.set_lora(GROUP_SLOTS + 1, ADAPTERS[2])
+    after = slots.plan(rows).batches[0][SITES.index("gate_up")]
+    assert after[0].A is before[0].A, "the first group's operands were rebuilt"
+    assert after[1].A is not before[1].A
