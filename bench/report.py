@@ -26,7 +26,7 @@ def _throughput_bars(results: dict) -> list[tuple[str, float, str]]:
     bars.append(("transformers b16 (base)", b["hf_batch16_tokens_per_s"], "tab:gray"))
     bars.append(("PEFT naive (set_adapter, b1)", b["peft_naive"]["tokens_per_s"], "tab:gray"))
     bars.append(("PEFT mixed b16 (8 adapters)", b["peft_mixed16_tokens_per_s"], "tab:gray"))
-    colors = {"auto": "tab:blue", "merged": "tab:orange", "unmerged": "tab:green"}
+    colors = {"auto": "tab:blue", "merged": "tab:orange", "unmerged": "tab:green", "nocache": "tab:purple"}
     for mode, server in results["servers"].items():
         for name, w in server.get("workloads", {}).items():
             if name != "lone":

@@ -85,7 +85,7 @@ def run_workloads(server: BenchServer, workloads: list[Workload], rounds: int) -
         r = asyncio.run(run_streams(server.url, w.name, w.streams, rounds if w.streams > 1 else rounds + 1,
                                     w.pick, NEW_TOKENS, PROMPT, server.pid))
         results[w.name] = r.as_dict()
-        log(f"  {server.lora_mode:8s} {w.name:12s} {r.tokens_per_s:7.1f} tok/s  TTFT p99 {r.ttft_p99 * 1e3:6.0f} ms"
+        log(f"  {server.label:8s} {w.name:12s} {r.tokens_per_s:7.1f} tok/s  TTFT p99 {r.ttft_p99 * 1e3:6.0f} ms"
             f"  ({time.perf_counter() - started:.0f}s)")
     return results
 
@@ -124,9 +124,10 @@ def serve_auto(store: Path, folders: dict[str, dict[str, Path]], stream_counts: 
                 "uploaded_adapters": len(everything), "uploaded_file_bytes": uploaded}
 
 
-def serve_mode(store: Path, mode: str, qv: dict[str, Path], rounds: int) -> dict:
-    with BenchServer(store, mode) as server:
-        log(f"{mode} server healthy in {server.start_s:.1f}s")
+def serve_mode(store: Path, mode: str, qv: dict[str, Path], rounds: int, label: str | None = None,
+               extra_args: tuple[str, ...] = ()) -> dict:
+    with BenchServer(store, mode, extra_args=extra_args, label=label) as server:
+        log(f"{server.label} server healthy in {server.start_s:.1f}s")
         for name, folder in qv.items():
             server.upload(name, folder)
         asyncio.run(_one_request(server.url, None, 4))
@@ -189,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["servers"] = {"auto": serve_auto(stores / "store-auto", folders, stream_counts, rounds)}
         for mode in ("merged", "unmerged"):
             results["servers"][mode] = serve_mode(stores / f"store-{mode}", mode, qv8, rounds)
+        # every bench request sends the same prompt, so the prefix cache computes it once per adapter: this
+        # server shows what the same traffic costs when each prompt is computed in full
+        results["servers"]["nocache"] = serve_mode(stores / "store-nocache", "auto", qv8, rounds, label="nocache",
+                                                   extra_args=("--prefix-cache-mb", "0"))
         results["restart"] = restart(stores / "store-auto")
         log("baselines: transformers and PEFT (in-process)")
         fresh = write_adapters(QV_R8, 101, work / "adapters")["qv-0100"]

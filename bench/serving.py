@@ -16,11 +16,13 @@ from tests.integration.server_process import ServerProcess
 
 
 class BenchServer:
-    def __init__(self, store_dir: Path, lora_mode: str, max_batch: int = 64, log_dir: Path | None = None):
+    def __init__(self, store_dir: Path, lora_mode: str, max_batch: int = 64, log_dir: Path | None = None,
+                 extra_args: tuple[str, ...] = (), label: str | None = None):
         self.lora_mode = lora_mode
-        log_path = (log_dir or store_dir.parent) / f"server-{lora_mode}-{store_dir.name}.log"
+        self.label = label or lora_mode
+        log_path = (log_dir or store_dir.parent) / f"server-{self.label}-{store_dir.name}.log"
         self.process = ServerProcess(store_dir, "--lora-mode", lora_mode, "--max-batch", str(max_batch),
-                                     log_path=log_path)
+                                     *extra_args, log_path=log_path)
         self.start_s = float("nan")
 
     @property

@@ -25,6 +25,13 @@ def _tps(results: dict, server: str, workload: str) -> float:
     return results["servers"][server]["workloads"][workload]["tokens_per_s"]
 
 
+def _without_prefix_cache(results: dict, workload: str, baseline: float) -> str:
+    if "nocache" not in results["servers"]:
+        return ""
+    tps = _tps(results, "nocache", workload)
+    return f"; {tps / baseline:.2f}x ({tps:.0f} tok/s) with --prefix-cache-mb 0"
+
+
 def evaluate(results: dict) -> list[Target]:
     auto = results["servers"]["auto"]["workloads"]
     base = auto["base-16"]["tokens_per_s"]
@@ -37,13 +44,14 @@ def evaluate(results: dict) -> list[Target]:
     loaded_ttft = auto["base-16"]["ttft_p99"]
     return [
         Target("base-only, 16 streams vs transformers generate b16", base / hf, 3.0, True,
-               f"{base:.0f} vs {hf:.0f} tok/s"),
+               f"{base:.0f} vs {hf:.0f} tok/s{_without_prefix_cache(results, 'base-16', hf)}"),
         Target("8 adapters mixed (q/v r8) vs own base-only", _tps(results, "auto", "mixed8-16") / base, 0.95, True,
                f"{_tps(results, 'auto', 'mixed8-16'):.0f} vs {base:.0f} tok/s"),
         Target("8 adapters mixed (7 proj r16) vs own base-only", _tps(results, "auto", "all8-16") / base, 0.8, True,
                f"{_tps(results, 'auto', 'all8-16'):.0f} vs {base:.0f} tok/s"),
         Target("8 adapters mixed (q/v r8) vs PEFT mixed-batch b16", _tps(results, "auto", "mixed8-16") / peft_mixed,
-               4.0, True, f"{_tps(results, 'auto', 'mixed8-16'):.0f} vs {peft_mixed:.0f} tok/s"),
+               4.0, True, f"{_tps(results, 'auto', 'mixed8-16'):.0f} vs {peft_mixed:.0f} tok/s"
+               f"{_without_prefix_cache(results, 'mixed8-16', peft_mixed)}"),
         Target("single adapter, merged mode vs base-only", merged_single / merged_base, 0.97, True,
                f"{merged_single:.0f} vs {merged_base:.0f} tok/s (--lora-mode merged)"),
         Target("swap speed-up vs PEFT merge+unmerge", peft_swap / swap, 4.0, True,
