@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     prefix_cache_mb: int = Field(256, ge=0, description="memory for KV of prompt prefixes reused across "
                                                          "requests (0: off)")
     prefix_block_tokens: int = Field(16, ge=1, description="tokens per prefix-cache block")
-    lora_slots: int = Field(32, ge=1, description="adapters resident on the compute device at once")
+    lora_slots: int = Field(64, ge=1, description="adapters resident on the compute device at once (as many as "
+                                                  "the default --max-batch: distinct adapters never wait for a slot)")
     max_lora_rank: int = Field(64, ge=1)
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_adapters: int = Field(1000, ge=1)
