@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from server.lora.apply import LoraBatch, lora_apply
+from server.lora.covers import CoverCache
 from server.model.linear import Linear
 
 SITES = ("qkv", "o", "gate_up", "down")
@@ -26,22 +27,6 @@ class SiteLayout:
     projections: dict[str, tuple[int, int]]  # proj -> (first output row, rows) inside the fused weight
 
 
-# Device slots are split into groups of this many; the active slots of a group are concatenated into one
-# set of operands, so a step's rows for adapters in one group cost one masked matmul pair per site.
-# Operands are kept while the group's active slots stay a subset of those they cover (requests leaving,
-# or adapters coming back, cost nothing): building them for 8 adapters took 30 ms (q/v r8) to over
-# 250 ms (all seven projections, r16), and closed-loop traffic changes the set of adapters in the batch
-# every few steps. They are rebuilt when an uncovered slot becomes active, or when fewer than half of
-# the covered slots are active (each covered slot costs its multiply-adds whether used or not).
-GROUP_SLOTS = 8
-
-
-@dataclass(frozen=True)
-class _CoveredOperands:
-    slots: frozenset[int]
-    operands: list                   # operands[layer][site]: _SiteOperands or None
-
-
 @dataclass(frozen=True)
 class _SiteOperands:
     A: Linear                        # active adapters' A, concatenated along rank
@@ -50,8 +35,8 @@ class _SiteOperands:
 
 
 class LoraStep:
-    """Per-step plan: batches[layer][site_index] holds one LoraBatch per slot group with rows in the step
-    (empty where no active adapter touches the site)."""
+    """Per-step plan: batches[layer][site_index] holds one LoraBatch per cover serving the step (see
+    server.lora.covers; empty where no active adapter touches the site)."""
 
     def __init__(self, batches: list[list[tuple[LoraBatch, ...]]]):
         self.batches = batches
@@ -78,9 +63,7 @@ class LoraSlots:
         self.bt = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
         self._plan_key: tuple | None = None
         self._plan: LoraStep | None = None
-        # operands of each slot group, and of single slots (a step with one adapter), built on use
-        self._group_operands: dict[int, _CoveredOperands] = {}
-        self._slot_operands: dict[int, _CoveredOperands] = {}
+        self.covers: CoverCache[list] = CoverCache(self._cover_operands)
 
     def set_lora(self, slot: int, adapter) -> None:
         """Copies an `adapters.Adapter` into `slot`, replacing what was there."""
@@ -115,10 +98,7 @@ class LoraSlots:
 
     def _invalidate(self, slot: int) -> None:
         self._plan_key = None
-        group = self._group_operands.get(slot // GROUP_SLOTS)
-        if group is not None and slot in group.slots:
-            del self._group_operands[slot // GROUP_SLOTS]
-        self._slot_operands.pop(slot, None)
+        self.covers.forget(slot)
 
     def plan(self, row_slots: list[int]) -> LoraStep | None:
         """The LoRA operands for a step whose rows use `row_slots` (BASE for no adapter).
@@ -134,34 +114,21 @@ class LoraSlots:
         return self._plan
 
     def _build(self, row_slots: list[int]) -> LoraStep | None:
-        active = sorted({s for s in row_slots if s != BASE})
+        active = frozenset(s for s in row_slots if s != BASE)
         if not active:
             return None
-        if len(active) == 1:  # one adapter: its own operands, masked only if bare-base rows share the step
-            owners = [self._operands(self._slot_operands, active[0], frozenset(active))]
-            masked = BASE in row_slots
-        else:
-            by_group: dict[int, set[int]] = {}
-            for slot in active:
-                by_group.setdefault(slot // GROUP_SLOTS, set()).add(slot)
-            owners = [self._operands(self._group_operands, g, frozenset(slots)) for g, slots in sorted(by_group.items())]
-            masked = True
+        covers = self.covers.select(active)
+        # every row uses the one adapter of the one cover: nothing to mask
+        masked = not (len(active) == 1 and covers[0][0] == active and BASE not in row_slots)
         rows = torch.tensor(row_slots, device=self.device)
         masks: dict[tuple, torch.Tensor] = {}
-        return LoraStep([[tuple(self._batch(ops[layer][s], rows, masked, masks) for ops in owners
+        return LoraStep([[tuple(self._batch(ops[layer][s], rows, masked, masks) for _, ops in covers
                                 if ops[layer][s] is not None)
                           for s in range(len(SITES))] for layer in range(self.num_layers)])
 
-    def _operands(self, cache: dict[int, _CoveredOperands], key: int, active: frozenset[int]) -> list:
-        """Operands covering `active`: the cached ones under `key` if they still fit, else new ones."""
-        cached = cache.get(key)
-        if cached is not None and active <= cached.slots and len(cached.slots) <= 2 * len(active):
-            return cached.operands
-        slots = sorted(active)
-        operands = [[self._site_operands(layer, s, slots) for s in range(len(SITES))]
-                    for layer in range(self.num_layers)]
-        cache[key] = _CoveredOperands(active, operands)
-        return operands
+    def _cover_operands(self, slots: frozenset[int]) -> list[list[_SiteOperands | None]]:
+        ordered = sorted(slots)
+        return [[self._site_operands(layer, s, ordered) for s in range(len(SITES))] for layer in range(self.num_layers)]
 
     def _site_operands(self, layer: int, s: int, slots: list[int]) -> _SiteOperands | None:
         owners = [slot for slot in slots if self.a[layer][s][slot] is not None]

@@ -6,7 +6,7 @@ import torch
 
 from adapters import llama_base_shapes, random_adapter
 from server.lora.apply import lora_apply, lora_apply_reference
-from server.lora.layers import BASE, GROUP_SLOTS, SITES, LoraSlots, SiteLayout
+from server.lora.layers import BASE, SITES, LoraSlots, SiteLayout
 from server.model.linear import resolve_backend
 
 LAYERS, HIDDEN, INTER, KV = 2, 16, 32, 8
@@ -178,41 +178,59 @@ def test_bf16_slots_stay_close_to_the_float64_definition():
         torch.testing.assert_close(got.double(), expected, rtol=3e-2, atol=3e-2)
 
 
-def slots_across_groups() -> tuple[LoraSlots, dict[int, object]]:
-    """Adapters in slots of two different slot groups, plus one loaded but idle in the first group."""
-    placement = {0: ADAPTERS[0], 3: ADAPTERS[2], GROUP_SLOTS + 1: ADAPTERS[1]}
-    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=2 * GROUP_SLOTS, device=torch.device("cpu"), dtype=torch.float32)
+def spread_slots() -> tuple[LoraSlots, dict[int, object]]:
+    """Three adapters in scattered device slots, as LRU eviction leaves them."""
+    placement = {0: ADAPTERS[0], 3: ADAPTERS[2], 9: ADAPTERS[1], 5: ADAPTERS[2]}
+    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=16, device=torch.device("cpu"), dtype=torch.float32)
     for slot, adapter in placement.items():
         slots.set_lora(slot, adapter)
     return slots, placement
 
 
-@pytest.mark.parametrize("site", SITES)
-def test_rows_spread_over_slot_groups_equal_the_definition(site):
-    slots, placement = slots_across_groups()
-    slots.plan([0, 3, GROUP_SLOTS + 1])  # slot 3 is covered by the operands the next plan reuses...
-    rows = [0, BASE, GROUP_SLOTS + 1, 0, GROUP_SLOTS + 1]  # ...but has no row here: it must add nothing
-    by_slot = [placement.get(i) for i in range(2 * GROUP_SLOTS)]
-    x, y = site_inputs(site, len(rows))
+def expected_rows(placement, rows, site, x, y) -> torch.Tensor:
     expected = y.double().clone()
     for i, slot in enumerate(rows):
         if slot != BASE:
-            expected[i] = apply_by_hand([by_slot[slot]], [0], 0, site, x[i : i + 1], y[i : i + 1])[0]
-    torch.testing.assert_close(apply_planned(slots, rows, 0, site, x, y).double(), expected, rtol=1e-5, atol=1e-5)
+            expected[i] = apply_by_hand([placement[slot]], [0], 0, site, x[i : i + 1], y[i : i + 1])[0]
+    return expected
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_a_reused_cover_with_an_idle_adapter_equals_the_definition(site):
+    slots, placement = spread_slots()
+    slots.plan([0, 3, 9])  # slot 3 is in the cover the next plan reuses...
+    rows = [0, BASE, 9, 0, 9]  # ...but has no row here: it must add nothing
+    x, y = site_inputs(site, len(rows))
+    torch.testing.assert_close(apply_planned(slots, rows, 0, site, x, y).double(),
+                               expected_rows(placement, rows, site, x, y), rtol=1e-5, atol=1e-5)
+    assert slots.covers.builds == 1
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_a_new_adapter_joining_gets_a_small_second_cover_and_the_sum_equals_the_definition(site):
+    slots, placement = spread_slots()
+    slots.plan([0, 3, 9])
+    rows = [0, 5, 3, BASE, 9]
+    x, y = site_inputs(site, len(rows))
+    got = apply_planned(slots, rows, 0, site, x, y)
+    torch.testing.assert_close(got.double(), expected_rows(placement, rows, site, x, y), rtol=1e-5, atol=1e-5)
+    assert slots.covers.builds == 2
 
 
 def test_a_request_leaving_the_batch_reuses_the_packed_operands():
-    slots, _ = slots_across_groups()
-    before = slots.plan([0, 3, GROUP_SLOTS + 1]).batches[0][0]
-    after = slots.plan([0, GROUP_SLOTS + 1]).batches[0][0]
+    slots, _ = spread_slots()
+    before = slots.plan([0, 3, 9]).batches[0][0]
+    after = slots.plan([0, 9]).batches[0][0]
     assert [b.A for b in after] == [b.A for b in before]
 
 
-def test_reloading_a_slot_rebuilds_only_the_operands_that_cover_it():
-    slots, _ = slots_across_groups()
-    rows = [0, 3, GROUP_SLOTS + 1]
-    before = slots.plan(rows).batches[0][SITES.index("gate_up")]
-    slots.set_lora(GROUP_SLOTS + 1, ADAPTERS[2])
-    after = slots.plan(rows).batches[0][SITES.index("gate_up")]
-    assert after[0].A is before[0].A, "the first group's operands were rebuilt"
-    assert after[1].A is not before[1].A
+def test_reloading_a_slot_drops_the_operands_that_hold_it():
+    slots, placement = spread_slots()
+    rows = [0, 9]
+    before = slots.plan(rows).batches[0][0]
+    slots.set_lora(9, ADAPTERS[0])
+    after = slots.plan(rows).batches[0][0]
+    assert after[0].A is not before[0].A
+    x, y = site_inputs("qkv", len(rows))
+    torch.testing.assert_close(apply_planned(slots, rows, 0, "qkv", x, y).double(),
+                               expected_rows({**placement, 9: ADAPTERS[0]}, rows, "qkv", x, y), rtol=1e-5, atol=1e-5)

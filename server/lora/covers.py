@@ -1,0 +1,70 @@
+"""Which sets of concatenated adapter weights ("covers") serve a step's active adapters.
+
+A cover is the weights of some device slots concatenated and packed once, so every row of those slots costs
+one masked matmul pair per site, however many adapters the cover holds. Building one is the expensive part:
+for 8 adapters it took 30 ms (q/v r8) to over 250 ms (all seven projections, r16). Closed-loop traffic
+changes the set of adapters in the batch every few steps (a request ends and its adapter has no other row
+for a while; a new adapter arrives), so a cover is built per set only when reuse fails:
+
+- a cached cover holding every active slot serves the step alone, if no more than half its slots idle
+  (an idle slot still costs its multiply-adds);
+- else the cached cover holding the most active slots serves them, and a second cover the rest, when the
+  rest is the smaller part: one new adapter costs a cover of a few slots, not of all of them;
+- else one new cover of exactly the active slots.
+
+At most two covers serve a step, so a step costs at most two matmul pairs per site. Covers are evicted
+least recently used, and dropped when one of their slots is loaded with another adapter.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class CoverCache(Generic[T]):
+    def __init__(self, build: Callable[[frozenset[int]], T], max_covers: int = 8):
+        self._build = build
+        self._max_covers = max_covers
+        self._covers: OrderedDict[frozenset[int], T] = OrderedDict()
+        self.builds = 0
+
+    def select(self, active: frozenset[int]) -> list[tuple[frozenset[int], T]]:
+        """(cover's slots, its operands) for the covers that serve `active`; each active slot is in exactly
+        one of them."""
+        whole = self._fitting(active, frozenset())
+        if whole is not None:
+            return [self._use(whole)]
+        partial = [c for c in self._covers if 2 * len(c & active) >= len(c)]
+        if partial:
+            best = max(partial, key=lambda c: (len(c & active), -len(c)))
+            rest = active - best
+            if len(rest) < len(best & active):
+                taken = best & active
+                return [self._use(best), self._use(self._fitting(rest, taken) or self._new(rest))]
+        return [self._use(self._new(active))]
+
+    def forget(self, slot: int) -> None:
+        for cover in [c for c in self._covers if slot in c]:
+            del self._covers[cover]
+
+    def __len__(self) -> int:
+        return len(self._covers)
+
+    def _fitting(self, active: frozenset[int], taken: frozenset[int]) -> frozenset[int] | None:
+        fits = [c for c in self._covers if active <= c and len(c) <= 2 * len(active) and not c & taken]
+        return min(fits, key=len) if fits else None
+
+    def _new(self, slots: frozenset[int]) -> frozenset[int]:
+        self._covers[slots] = self._build(slots)
+        self.builds += 1
+        while len(self._covers) > self._max_covers:
+            self._covers.popitem(last=False)
+        return slots
+
+    def _use(self, cover: frozenset[int]) -> tuple[frozenset[int], T]:
+        self._covers.move_to_end(cover)
+        return cover, self._covers[cover]
