@@ -1,7 +1,8 @@
 """Waiting and running sequences; what runs in the next step.
 
 Continuous batching: every step decodes one token for every running sequence and prefills the sequences
-admitted at that step (they join the running batch), in one forward. Finished sequences leave at once and free their KV slot.
+admitted at that step (they join the running batch), in one forward. Finished sequences leave at once and
+free their KV slot.
 `running[i]` is the sequence in KV slot i, so the decode batch is in slot order. Waiting sequences queue
 per adapter and are admitted round-robin across adapters (as LoRAX's router does), so a flood of requests
 for one adapter cannot starve the others.
