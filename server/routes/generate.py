@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -30,6 +31,34 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
     return rt.engine.stream(prompt_ids, params, adapter)
 
 
+async def until_disconnected(events: AsyncIterator[TokenEvent], request: Request) -> AsyncIterator[TokenEvent]:
+    """The events of a non-streaming request, ending early if its client goes away (closing `events` then
+    aborts the request in the engine). A streaming response learns of a disconnect when its next write
+    fails; a non-streaming one writes only at the end, so without this a client that gave up would keep
+    its batch slot until the last token."""
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(client_gone())
+    iterator = aiter(events)
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                return
+            try:
+                yield nxt.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        watcher.cancel()
+        await iterator.aclose()
+
+
 def raise_if_timed_out(event: TokenEvent) -> None:
     if event.finish_reason == "timeout":
         raise DeadlineExceeded("the request ran past its deadline (request_timeout_s) and was stopped")
@@ -46,13 +75,14 @@ async def generate(req: GenerateRequest, request: Request, principal: Principal 
         return StreamingResponse(_sse(events, req.adapter), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     text = []
-    async for event in events:
+    async for event in until_disconnected(events, request):
         text.append(event.text)
         if event.finished:
             raise_if_timed_out(event)
             return GenerateResponse(text="".join(text), adapter=req.adapter, finish_reason=event.finish_reason,
                                     usage=Usage(prompt_tokens=event.prompt_tokens,
                                                 completion_tokens=event.completion_tokens))
+    return Response(status_code=499)  # the client went away; nobody reads this
 
 
 async def _sse(events: AsyncIterator[TokenEvent], adapter: str | None) -> AsyncIterator[str]:

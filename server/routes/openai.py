@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -19,7 +19,7 @@ from server.engine.engine import TokenEvent
 from server.engine.request import SamplingParams
 from server.errors import AdapterInvalid
 from server.auth import Principal
-from server.routes.generate import raise_if_timed_out, start_generation
+from server.routes.generate import raise_if_timed_out, start_generation, until_disconnected
 from server.routes.security import admin, caller
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
@@ -100,7 +100,7 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
     if req.stream:
         return _streaming(_completion_chunks(events, head, lp, req.stream_options))
     text, lps = [], []
-    async for event in events:
+    async for event in until_disconnected(events, request):
         text.append(event.text)
         if event.logprob is not None:
             lps.append(event.logprob)
@@ -109,6 +109,7 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
             choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason,
                       "logprobs": lp.completion_block(lps) if lp else None}
             return {**head, "choices": [choice], "usage": _usage(event)}
+    return Response(status_code=499)  # the client went away; nobody reads this
 
 
 async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options) -> AsyncIterator[str]:
@@ -142,7 +143,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     if req.stream:
         return _streaming(_chat_chunks(events, {**head, "object": "chat.completion.chunk"}, lp, req.stream_options))
     text, entries = [], []
-    async for event in events:
+    async for event in until_disconnected(events, request):
         text.append(event.text)
         if lp and event.logprob is not None:
             entries.append(lp.chat_entry(event.logprob))
@@ -151,6 +152,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                       "finish_reason": event.finish_reason, "logprobs": {"content": entries} if lp else None}
             return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(event)}
+    return Response(status_code=499)  # the client went away; nobody reads this
 
 
 async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options) -> AsyncIterator[str]:

@@ -131,6 +131,31 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         assert 'finish_reason="abort"' in c.get("/metrics").text
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/generate", {"prompt": "Tell a very long story", "max_new_tokens": 400, "ignore_eos": True}),
+    ("/v1/chat/completions", {"max_tokens": 400, "ignore_eos": True,
+                              "messages": [{"role": "user", "content": "Tell a very long story"}]}),
+])
+def test_a_client_giving_up_on_a_non_streaming_request_frees_the_slot(server, path, body):
+    with server.client() as c:
+        if path.startswith("/v1/"):
+            body = {**body, "model": c.get("/v1/models").json()["data"][0]["id"]}  # the base model
+        aborted_before = aborted_requests(c)
+        with pytest.raises(httpx.ReadTimeout):  # 400 tokens take seconds; the client stops waiting at once
+            httpx.post(server.url + path, json=body, timeout=httpx.Timeout(10, read=0.5))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and c.get("/health").json()["running"]:
+            time.sleep(0.1)
+        assert c.get("/health").json()["running"] == 0, "the engine kept generating for nobody"
+        assert aborted_requests(c) == aborted_before + 1
+
+
+def aborted_requests(client) -> float:
+    prefix = 'loraplex_requests_total{adapter="__base__",finish_reason="abort"} '
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
 def test_deadline_answers_408(tmp_path):
     proc = ServerProcess(tmp_path / "store", env={"LORAPLEX_REQUEST_TIMEOUT_S": "0.5"})
     proc.start()
