@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -48,7 +49,9 @@ async def until_disconnected(events: AsyncIterator[TokenEvent], request: Request
             nxt = asyncio.ensure_future(anext(iterator))
             await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not nxt.done():
-                nxt.cancel()
+                nxt.cancel()  # let the cancellation land before closing the generator it runs in
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await nxt
                 return
             try:
                 yield nxt.result()
