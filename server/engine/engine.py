@@ -92,14 +92,16 @@ class Engine:
         self._wake.set()
 
     # ---- submission (any thread)
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, sink: AsyncSink) -> Sequence:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, sink: AsyncSink,
+               cache_scope: str = "") -> Sequence:
         with self._pending_lock:
             if self._pending >= self.max_pending:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise Overloaded(f"{self._pending} requests are queued or running (max_pending="
                                  f"{self.max_pending}); retry shortly")
             self._pending += 1
-        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device, timeout_s=self.timeout_s)
+        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device, timeout_s=self.timeout_s,
+                       cache_scope=cache_scope)
         self._inbox.put(("add", seq, sink))
         self._wake.set()
         return seq
@@ -108,11 +110,12 @@ class Engine:
         self._inbox.put(("abort", seq, None))
         self._wake.set()
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams, adapter) -> AsyncIterator[TokenEvent]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams, adapter,
+               cache_scope: str = "") -> AsyncIterator[TokenEvent]:
         """Submits a request now (so limits raise before any response starts) and returns its events;
         leaving the iterator early aborts the request."""
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = self.submit(prompt_ids, params, adapter, AsyncSink(asyncio.get_running_loop(), events))
+        seq = self.submit(prompt_ids, params, adapter, AsyncSink(asyncio.get_running_loop(), events), cache_scope)
         return self._events(seq, events)
 
     async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[TokenEvent]:

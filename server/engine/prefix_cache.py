@@ -7,7 +7,9 @@ two decode steps of 16 rows). Like vLLM's automatic prefix caching, KV is kept i
 whole blocks they have in common.
 
 A block's key also names the adapter that computed it: LoRA changes the hidden states, so the same tokens
-have different keys and values under different adapters. Keys are SHA-256 chains, not Python's `hash`,
+have different keys and values under different adapters. And it names a scope (the server passes the API
+key's id): a hit shows as a faster first token, which would tell one tenant what another has asked (the
+side channel vLLM's `cache_salt` closes), so only requests of one scope share blocks. Keys are SHA-256 chains, not Python's `hash`,
 so one client cannot craft a prompt whose key collides with another client's prefix. An entry holds a
 reference to its adapter, which keeps that object's `id` from being reused while the entry lives.
 Blocks live on the compute device, evicted least recently used first beyond `max_bytes`.
@@ -51,9 +53,10 @@ class PrefixCache:
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()
         self.hit_tokens = 0
 
-    def _chain(self, adapter, tokens: list[int], count: int) -> list[bytes]:
-        """Keys of the first `count` whole blocks of `tokens` under `adapter`."""
-        key = hashlib.sha256(b"adapter:%d" % (id(adapter) if adapter is not None else 0)).digest()
+    def _chain(self, scope: str, adapter, tokens: list[int], count: int) -> list[bytes]:
+        """Keys of the first `count` whole blocks of `tokens` under `adapter` in `scope`."""
+        root = b"adapter:%d scope:%s" % (id(adapter) if adapter is not None else 0, scope.encode())
+        key = hashlib.sha256(root).digest()
         keys = []
         for i in range(count):
             block = tokens[i * self.block_tokens : (i + 1) * self.block_tokens]
@@ -61,11 +64,11 @@ class PrefixCache:
             keys.append(key)
         return keys
 
-    def match(self, adapter, prompt: list[int]) -> PrefixHit:
+    def match(self, scope: str, adapter, prompt: list[int]) -> PrefixHit:
         """The cached blocks that begin `prompt`, leaving at least its last token to compute (its hidden
         state gives the first sampled token)."""
         hit = []
-        for key in self._chain(adapter, prompt, (len(prompt) - 1) // self.block_tokens):
+        for key in self._chain(scope, adapter, prompt, (len(prompt) - 1) // self.block_tokens):
             block = self._blocks.get(key)
             if block is None or block.adapter is not adapter:
                 break
@@ -83,12 +86,12 @@ class PrefixCache:
         self.hit_tokens += hit.tokens
         return hit.tokens
 
-    def store(self, adapter, tokens: list[int], slot: int) -> None:
+    def store(self, scope: str, adapter, tokens: list[int], slot: int) -> None:
         """Keeps the whole blocks of `tokens`, whose KV `slot` holds from position 0, that are not yet kept."""
         if self.max_blocks == 0:
             return
         n = self.block_tokens
-        for i, key in enumerate(self._chain(adapter, tokens, len(tokens) // n)):
+        for i, key in enumerate(self._chain(scope, adapter, tokens, len(tokens) // n)):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 continue

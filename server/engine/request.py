@@ -36,7 +36,7 @@ class Status(Enum):
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter=None, device="cpu",
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, cache_scope: str = ""):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -46,6 +46,7 @@ class Sequence:
         self.kv_slot = -1
         self.lora_slot = -1
         self.cached_tokens = 0            # prompt tokens whose KV came from the prefix cache
+        self.cache_scope = cache_scope    # prefix-cache entries are shared only within one scope (API key)
         self.finish_reason: str | None = None
         self.arrived = time.monotonic()
         self.deadline = self.arrived + timeout_s if timeout_s else None

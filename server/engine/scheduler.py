@@ -93,7 +93,8 @@ class Scheduler:
             if not candidates:
                 break
             key, seq = candidates[0]
-            hit = self.prefix_cache.match(seq.adapter, seq.prompt_ids) if self.prefix_cache is not None else NO_HIT
+            hit = NO_HIT if self.prefix_cache is None else \
+                self.prefix_cache.match(seq.cache_scope, seq.adapter, seq.prompt_ids)
             to_compute = len(seq.prompt_ids) - hit.tokens
             if admitted and tokens + to_compute > self.max_prefill_tokens:
                 break
@@ -124,7 +125,7 @@ class Scheduler:
         """Called after a step that computed these sequences' prompts: their KV may serve later requests."""
         if self.prefix_cache is not None:
             for seq in seqs:
-                self.prefix_cache.store(seq.adapter, seq.prompt_ids, seq.kv_slot)
+                self.prefix_cache.store(seq.cache_scope, seq.adapter, seq.prompt_ids, seq.kv_slot)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
@@ -135,7 +136,8 @@ class Scheduler:
         if seq.kv_slot < 0:
             return
         if self.prefix_cache is not None and reason != "error":  # the next message of a chat resends all of this
-            self.prefix_cache.store(seq.adapter, (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1], seq.kv_slot)
+            written = (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1]
+            self.prefix_cache.store(seq.cache_scope, seq.adapter, written, seq.kv_slot)
         last = self.running[-1]
         moved_from = self.kv.free(seq.kv_slot, last.num_tokens)
         if moved_from is not None:

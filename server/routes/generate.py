@@ -29,7 +29,8 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
     adapter = rt.registry.get(adapter_name) if adapter_name else None
     prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
     rt.check_length(len(prompt_ids), params.max_new_tokens)
-    return rt.engine.stream(prompt_ids, params, adapter)
+    # prefix-cache hits are visible as a faster first token, so prompts are shared only within one API key
+    return rt.engine.stream(prompt_ids, params, adapter, cache_scope=principal.key_id)
 
 
 async def until_disconnected(events: AsyncIterator[TokenEvent], request: Request) -> AsyncIterator[TokenEvent]:

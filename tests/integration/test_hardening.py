@@ -55,6 +55,25 @@ def test_keys_and_roles(secured):
         assert c.get("/health").status_code == 200  # liveness needs no key
 
 
+def prefix_hit_tokens(client) -> float:
+    prefix = "loraplex_prefix_cache_hit_tokens_total "
+    return float(next(line for line in client.get("/metrics").text.splitlines()
+                      if line.startswith(prefix)).removeprefix(prefix))
+
+
+def test_keys_never_share_prefix_cache_entries(secured):
+    """A cache hit shows as a faster first token: one key must not learn what another key asked."""
+    body = {"prompt": "The lighthouse keeper wrote in her log every night about the ships she had seen "
+                      "and the storms", "max_new_tokens": 2}
+    with secured.client() as c:
+        assert c.post("/generate", json=body, headers=bearer(USER)).status_code == 200
+        before = prefix_hit_tokens(c)
+        assert c.post("/generate", json=body, headers=bearer(TENANT)).status_code == 200
+        assert prefix_hit_tokens(c) == before
+        assert c.post("/generate", json=body, headers=bearer(USER)).status_code == 200
+        assert prefix_hit_tokens(c) > before, "the same key's repeated prompt should hit"
+
+
 def test_tenant_sees_and_uses_only_its_adapters(secured):
     with secured.client() as c:
         names = [a["name"] for a in c.get("/adapters", headers=bearer(TENANT)).json()["adapters"]]
