@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     lora_mode: Literal["auto", "merged", "unmerged"] = "auto"
     max_batch: int = Field(64, ge=1, description="sequences decoded together (KV-cache slots)")
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
-    max_prefill_tokens: int = Field(4096, ge=16)
+    max_prefill_tokens: int = Field(512, ge=16, description="prompt tokens computed per step; a longer prompt "
+                                    "is split over steps so running streams keep getting tokens")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
     prefix_cache_mb: int = Field(256, ge=0, description="memory for KV of prompt prefixes reused across "
                                                          "requests (0: off)")

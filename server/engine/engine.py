@@ -184,6 +184,9 @@ class Engine:
         logits = self.runner.run(decode, prefill, use_lora=self._merged is None)
         self.scheduler.prefilled(prefill)
         seqs = decode + prefill
+        if not all(seq.prompt_done for seq in prefill):  # a prompt's middle chunk samples nothing yet
+            ready = [i for i, seq in enumerate(seqs) if seq.prompt_done]
+            logits, seqs = logits[ready], [seqs[i] for i in ready]
         tokens = sample(logits, seqs)
         logprobs = logprobs_of(logits, seqs, tokens)
         self.stats.steps += 1

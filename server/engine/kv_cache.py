@@ -29,16 +29,14 @@ class KVCache:
         self.used += 1
         return self.used - 1
 
-    def free(self, slot: int, length: int) -> int | None:
-        """Frees `slot`; returns the slot whose sequence was moved into it (or None). `length` is the
-        number of positions the moved sequence has written."""
-        last = self.used - 1
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copies the first `length` positions of slot `src` into slot `dst`."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def release(self) -> None:
+        """Frees the highest slot in use (callers first move what they keep out of it)."""
         self.used -= 1
-        if slot == last:
-            return None
-        self.k[:, slot, :, :length] = self.k[:, last, :, :length]
-        self.v[:, slot, :, :length] = self.v[:, last, :, :length]
-        return last
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Stores k, v and returns [tokens, heads, d]."""

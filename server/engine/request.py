@@ -45,7 +45,8 @@ class Sequence:
         self.status = Status.WAITING
         self.kv_slot = -1
         self.lora_slot = -1
-        self.cached_tokens = 0            # prompt tokens whose KV came from the prefix cache
+        self.cached_tokens = 0            # prompt tokens in the KV cache (from the prefix cache or earlier chunks)
+        self.chunk_tokens = 0             # prompt tokens computed in the current step
         self.cache_scope = cache_scope    # prefix-cache entries are shared only within one scope (API key)
         self.finish_reason: str | None = None
         self.arrived = time.monotonic()
@@ -63,6 +64,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.cached_tokens >= len(self.prompt_ids)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions whose keys and values are in the KV cache (the newest token is not, until it is fed)."""
+        return self.num_tokens - 1 if self.prompt_done else self.cached_tokens
 
     @property
     def last_token(self) -> int:

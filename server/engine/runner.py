@@ -21,12 +21,12 @@ class ModelRunner:
     def run(self, decode: list[Sequence], prefill: list[Sequence], use_lora: bool) -> torch.Tensor:
         """Logits [len(decode) + len(prefill), vocab], in that order. `decode` must be the sequences in KV
         slots 0..len(decode)-1 in slot order (Scheduler.running), which KVCache.attend relies on; each
-        prefill sequence computes its prompt from `cached_tokens` on."""
+        prefill sequence computes `chunk_tokens` of its prompt from `cached_tokens` on."""
         ids = [s.last_token for s in decode]
         row_slots = [_lora_slot(s) for s in decode]
         chunks = []
         for seq in prefill:
-            new = seq.prompt_ids[seq.cached_tokens:]
+            new = seq.prompt_ids[seq.cached_tokens : seq.cached_tokens + seq.chunk_tokens]
             ids.extend(new)
             row_slots.extend([_lora_slot(seq)] * len(new))
             chunks.append(PrefillChunk(seq.kv_slot, seq.cached_tokens, len(new)))

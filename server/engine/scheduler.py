@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from server.engine.kv_cache import KVCache
-from server.engine.prefix_cache import NO_HIT, PrefixCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Sequence, Status
 from server.lora.manager import AdapterSlots
 
@@ -79,25 +79,30 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        """(decode, prefill): the running sequences in slot order, then the ones admitted now (whose
-        slots follow theirs)."""
-        decoding = list(self.running)
-        return decoding, self._admit()
+        """(decode, prefill): the running sequences whose prompts are done, in slot order, then the ones
+        computing a prompt chunk in this step (whose slots follow theirs); each has `chunk_tokens` set.
 
-    def _admit(self) -> list[Sequence]:
+        At most `max_prefill_tokens` prompt tokens run per step, so a long prompt is split over several
+        steps and the running streams keep getting tokens meanwhile. A partly computed prompt is always
+        the last running sequence, and nothing is admitted behind it until it is done."""
+        budget = self.max_prefill_tokens
+        if self.running and not self.running[-1].prompt_done:
+            partial = self.running[-1]
+            partial.chunk_tokens = min(len(partial.prompt_ids) - partial.cached_tokens, budget)
+            if partial.cached_tokens + partial.chunk_tokens < len(partial.prompt_ids):
+                return self.running[:-1], [partial]
+            return self.running[:-1], [partial, *self._admit(budget - partial.chunk_tokens)]
+        decoding = list(self.running)
+        return decoding, self._admit(budget)
+
+    def _admit(self, budget: int) -> list[Sequence]:
         admitted: list[Sequence] = []
-        tokens = 0
         blocked: set[int] = set()  # adapters that cannot be admitted in this step
-        while self.kv.used < self.kv.max_seqs:
+        while budget > 0 and self.kv.used < self.kv.max_seqs:
             candidates = [(key, seq) for key, seq in self.waiting.heads() if key not in blocked]
             if not candidates:
                 break
             key, seq = candidates[0]
-            hit = NO_HIT if self.prefix_cache is None else \
-                self.prefix_cache.match(seq.cache_scope, seq.adapter, seq.prompt_ids)
-            to_compute = len(seq.prompt_ids) - hit.tokens
-            if admitted and tokens + to_compute > self.max_prefill_tokens:
-                break
             if not self.admits_mixed and not self._same_group(seq, admitted):
                 blocked.add(key)
                 continue
@@ -109,12 +114,16 @@ class Scheduler:
                 seq.lora_slot = slot
             self.waiting.pop(key)
             seq.kv_slot = self.kv.allocate()
-            if hit.tokens:
-                seq.cached_tokens = self.prefix_cache.load(hit, seq.kv_slot)
+            if self.prefix_cache is not None:
+                hit = self.prefix_cache.match(seq.cache_scope, seq.adapter, seq.prompt_ids)
+                seq.cached_tokens = self.prefix_cache.load(hit, seq.kv_slot) if hit.tokens else 0
+            seq.chunk_tokens = min(len(seq.prompt_ids) - seq.cached_tokens, budget)
+            budget -= seq.chunk_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            tokens += to_compute
+            if seq.cached_tokens + seq.chunk_tokens < len(seq.prompt_ids):
+                break  # a partly computed prompt must stay the last running sequence
         return admitted
 
     def _same_group(self, seq: Sequence, admitted: list[Sequence]) -> bool:
@@ -122,10 +131,14 @@ class Scheduler:
         return not group or group[0].adapter is seq.adapter
 
     def prefilled(self, seqs: list[Sequence]) -> None:
-        """Called after a step that computed these sequences' prompts: their KV may serve later requests."""
-        if self.prefix_cache is not None:
-            for seq in seqs:
-                self.prefix_cache.store(seq.cache_scope, seq.adapter, seq.prompt_ids, seq.kv_slot)
+        """Called after a step that computed these sequences' prompt chunks: advances them, and offers the
+        keys and values now in their slots to the prefix cache."""
+        for seq in seqs:
+            seq.cached_tokens += seq.chunk_tokens
+            seq.chunk_tokens = 0
+            if self.prefix_cache is not None:
+                computed = seq.prompt_ids[: seq.cached_tokens]
+                self.prefix_cache.store(seq.cache_scope, seq.adapter, computed, seq.kv_slot)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
@@ -136,14 +149,32 @@ class Scheduler:
         if seq.kv_slot < 0:
             return
         if self.prefix_cache is not None and reason != "error":  # the next message of a chat resends all of this
-            written = (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1]
+            written = (seq.prompt_ids + seq.output_ids)[: seq.kv_tokens]
             self.prefix_cache.store(seq.cache_scope, seq.adapter, written, seq.kv_slot)
-        last = self.running[-1]
-        moved_from = self.kv.free(seq.kv_slot, last.num_tokens)
-        if moved_from is not None:
-            last.kv_slot = seq.kv_slot
-            self.running[seq.kv_slot] = last
-        self.running.pop()
+        self._vacate(seq.kv_slot)
         seq.kv_slot = -1
         if seq.adapter is not None:
             self.adapter_slots.release(seq.adapter)
+
+    def _vacate(self, slot: int) -> None:
+        """Frees `slot`, keeping the running sequences in slots 0..n-1 with a partly computed prompt last."""
+        last = len(self.running) - 1
+        partial = self.running[last] if slot != last and not self.running[last].prompt_done else None
+        if partial is None:
+            if slot != last:
+                self._move(last, slot)
+        else:  # the last decoding sequence fills the hole, the partial one moves down behind it
+            if slot != last - 1:
+                self._move(last - 1, slot)
+            self._move(last, last - 1)
+        self.running.pop()
+        self.kv.release()
+
+    def _move(self, src: int, dst: int) -> None:
+        seq = self.running[src]
+        # mid-step a sequence may not have been handed this step's token yet, and then kv_tokens is one
+        # short of what the step wrote: copy one position more (an unwritten one at worst)
+        length = min(seq.kv_tokens + 1, self.kv.max_len) if seq.prompt_done else seq.cached_tokens
+        self.kv.move(src, dst, length)
+        seq.kv_slot = dst
+        self.running[dst] = seq

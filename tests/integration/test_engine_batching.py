@@ -203,6 +203,43 @@ def test_short_request_joins_a_running_long_one_and_finishes_first(rt, prompts):
     assert rt.engine.stats.steps - steps == 200
 
 
+def test_finishing_requests_never_leave_others_reading_unwritten_keys(tmp_path, prompts, solo):
+    """Requests of different lengths finish mid-batch in every slot order, so running sequences are moved
+    between KV slots mid-step; with the cache's memory poisoned with huge keys and values, any position
+    left behind would dominate attention and turn the output to garbage. (Finite poison: positions past a
+    row's length are masked, and a masked finite key weighs exactly zero.)"""
+    runtime = start_runtime(tmp_path, prefix_cache_mb=0)
+    try:
+        runtime.engine.runner.kv.k.fill_(1e4)
+        runtime.engine.runner.kv.v.fill_(1e4)
+        lengths = [3, MAX_NEW, 7, 12, 5, MAX_NEW]
+        requests = [(prompts[i % 2], SamplingParams(max_new_tokens=n, temperature=0.0), None)
+                    for i, n in enumerate(lengths)]
+        for (prompt_index, n), got in zip(((i % 2, n) for i, n in enumerate(lengths)), run_together(runtime, requests)):
+            assert got.token_ids == solo[prompt_index, None].token_ids[:n]
+    finally:
+        runtime.stop()
+
+
+def test_long_prompt_is_computed_in_chunks_and_answers_as_in_one_go(tmp_path, prompts, solo):
+    runtime = start_runtime(tmp_path, prefix_cache_mb=0, max_prefill_tokens=16)
+    try:
+        steps = runtime.engine.stats.steps
+        got = run_alone(runtime, prompts[1])
+        assert got.token_ids == solo[1, None].token_ids
+        chunks = -(-len(prompts[1]) // 16)
+        assert runtime.engine.stats.steps - steps == chunks - 1 + MAX_NEW
+        assert runtime.engine.stats.prefill_steps == chunks
+        # a request finishing while another's prompt is half computed moves that one down a slot
+        runtime.engine.runner.kv.k.fill_(1e4)
+        runtime.engine.runner.kv.v.fill_(1e4)
+        short, long = run_together(runtime, [(prompts[0], SamplingParams(max_new_tokens=3, temperature=0.0), None),
+                                            (prompts[1], GREEDY, None)])
+        assert short.token_ids == solo[0, None].token_ids[:3] and long.token_ids == solo[1, None].token_ids
+    finally:
+        runtime.stop()
+
+
 def test_stop_string_ends_the_text_before_it(rt, prompts, solo):
     full = solo[1, None]
     words = full.text.split()
