@@ -2,7 +2,10 @@
 
 Running sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by moving the last
 one into it), so decode attention reads `k[:n, :, :len]` as a view instead of gathering rows every step.
-The buffers are allocated with `torch.empty`: on CPU only the pages actually written become resident.
+Positions past a sequence's length are read and masked, so they must hold finite numbers (a masked NaN
+still turns the softmax into NaN). On CPU the buffers come from `torch.empty`: an allocation this large is a
+fresh mmap whose pages read as zeros and become resident only when written. GPU memory from the caching
+allocator may hold anything, so there the buffers are zeroed once.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from server.model.config import ModelConfig
 class KVCache:
     def __init__(self, cfg: ModelConfig, max_seqs: int, max_len: int, device: torch.device, dtype: torch.dtype):
         shape = (cfg.num_layers, max_seqs, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        alloc = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+        self.k = alloc(shape, device=device, dtype=dtype)
+        self.v = alloc(shape, device=device, dtype=dtype)
         self.max_seqs = max_seqs
         self.max_len = max_len
         self.used = 0
