@@ -3,12 +3,15 @@
 Running sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by moving the last
 one into it), so decode attention reads `k[:n, :, :len]` as a view instead of gathering rows every step.
 Positions past a sequence's length are read and masked, so they must hold finite numbers (a masked NaN
-still turns the softmax into NaN). On CPU the buffers come from `torch.empty`: an allocation this large is a
-fresh mmap whose pages read as zeros and become resident only when written. GPU memory from the caching
-allocator may hold anything, so there the buffers are zeroed once.
+still turns the softmax into NaN). A large CPU buffer comes from `torch.empty`: glibc serves it with a
+fresh mmap (above 32 MB always, see server.heap), whose pages read as zeros and become resident only when
+written. Anything else (GPU memory from the caching allocator, small buffers from the heap) may hold old
+bytes, so it is zeroed once.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,8 @@ from server.model.config import ModelConfig
 class KVCache:
     def __init__(self, cfg: ModelConfig, max_seqs: int, max_len: int, device: torch.device, dtype: torch.dtype):
         shape = (cfg.num_layers, max_seqs, cfg.num_kv_heads, max_len, cfg.head_dim)
-        alloc = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+        fresh_pages = torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize > 64 * 2**20
+        alloc = torch.empty if fresh_pages else torch.zeros
         self.k = alloc(shape, device=device, dtype=dtype)
         self.v = alloc(shape, device=device, dtype=dtype)
         self.max_seqs = max_seqs
