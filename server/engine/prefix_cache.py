@@ -40,9 +40,6 @@ class PrefixHit:
     tokens: int = 0                # prompt tokens they cover
 
 
-NO_HIT = PrefixHit()
-
-
 class PrefixCache:
     def __init__(self, kv: KVCache, block_tokens: int, max_bytes: int):
         self.kv = kv

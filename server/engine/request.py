@@ -69,6 +69,11 @@ class Sequence:
     def prompt_done(self) -> bool:
         return self.cached_tokens >= len(self.prompt_ids)
 
+    def plan_chunk(self, budget: int) -> bool:
+        """Sets the prompt tokens to compute in the next step (at most `budget`); True if they finish it."""
+        self.chunk_tokens = min(len(self.prompt_ids) - self.cached_tokens, budget)
+        return self.cached_tokens + self.chunk_tokens == len(self.prompt_ids)
+
     @property
     def kv_tokens(self) -> int:
         """Positions whose keys and values are in the KV cache (the newest token is not, until it is fed)."""

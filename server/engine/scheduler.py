@@ -88,12 +88,9 @@ class Scheduler:
         budget = self.max_prefill_tokens
         if self.running and not self.running[-1].prompt_done:
             partial = self.running[-1]
-            partial.chunk_tokens = min(len(partial.prompt_ids) - partial.cached_tokens, budget)
-            if partial.cached_tokens + partial.chunk_tokens < len(partial.prompt_ids):
-                return self.running[:-1], [partial]
-            return self.running[:-1], [partial, *self._admit(budget - partial.chunk_tokens)]
-        decoding = list(self.running)
-        return decoding, self._admit(budget)
+            done = partial.plan_chunk(budget)
+            return self.running[:-1], [partial, *(self._admit(budget - partial.chunk_tokens) if done else [])]
+        return list(self.running), self._admit(budget)
 
     def _admit(self, budget: int) -> list[Sequence]:
         admitted: list[Sequence] = []
@@ -116,13 +113,13 @@ class Scheduler:
             seq.kv_slot = self.kv.allocate()
             if self.prefix_cache is not None:
                 hit = self.prefix_cache.match(seq.cache_scope, seq.adapter, seq.prompt_ids)
-                seq.cached_tokens = self.prefix_cache.load(hit, seq.kv_slot) if hit.tokens else 0
-            seq.chunk_tokens = min(len(seq.prompt_ids) - seq.cached_tokens, budget)
+                seq.cached_tokens = self.prefix_cache.load(hit, seq.kv_slot)
+            done = seq.plan_chunk(budget)
             budget -= seq.chunk_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            if seq.cached_tokens + seq.chunk_tokens < len(seq.prompt_ids):
+            if not done:
                 break  # a partly computed prompt must stay the last running sequence
         return admitted
 
