@@ -30,6 +30,10 @@ class Metrics:
         self.resident = Gauge("loraplex_resident_adapters", "adapters resident on the compute device", registry=r)
         self.adapter_loads = Counter("loraplex_adapter_slot_misses", "adapter loads into a device slot", registry=r)
         self.adapter_hits = Counter("loraplex_adapter_slot_hits", "requests whose adapter was already resident", registry=r)
+        self.cover_builds = Counter("loraplex_lora_cover_builds", "concatenated adapter sets built (a step "
+                                    "waits for each)", registry=r)
+        self.cover_build_seconds = Counter("loraplex_lora_cover_build_seconds", "time spent building them",
+                                           registry=r)
         self.prefix_hit_tokens = Counter("loraplex_prefix_cache_hit_tokens",
                                          "prompt tokens whose KV came from the prefix cache", registry=r)
         self.prefix_bytes = Gauge("loraplex_prefix_cache_bytes", "KV held by the prefix cache", registry=r)

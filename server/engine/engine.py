@@ -78,6 +78,7 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._slot_loads_seen = 0
         self._prefix_hits_seen = 0
+        self._covers_seen = (0, 0.0)
         self._merged: MergedAdapter | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -206,6 +207,10 @@ class Engine:
         m.adapter_loads.inc(slots.loads - self._slot_loads_seen)
         self._slot_loads_seen = slots.loads
         m.resident.set(len(slots.resident()))
+        covers = self.runner.lora.covers
+        m.cover_builds.inc(covers.builds - self._covers_seen[0])
+        m.cover_build_seconds.inc(covers.build_seconds - self._covers_seen[1])
+        self._covers_seen = (covers.builds, covers.build_seconds)
         cache = self.scheduler.prefix_cache
         if cache is not None:
             m.prefix_hit_tokens.inc(cache.hit_tokens - self._prefix_hits_seen)

@@ -18,6 +18,7 @@ least recently used, and dropped when one of their slots is loaded with another 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -31,6 +32,7 @@ class CoverCache(Generic[T]):
         self._max_covers = max_covers
         self._covers: OrderedDict[frozenset[int], T] = OrderedDict()
         self.builds = 0
+        self.build_seconds = 0.0
 
     def select(self, active: frozenset[int]) -> list[tuple[frozenset[int], T]]:
         """(cover's slots, its operands) for the covers that serve `active`; each active slot is in exactly
@@ -59,8 +61,10 @@ class CoverCache(Generic[T]):
         return min(fits, key=len) if fits else None
 
     def _new(self, slots: frozenset[int]) -> frozenset[int]:
+        started = time.perf_counter()
         self._covers[slots] = self._build(slots)
         self.builds += 1
+        self.build_seconds += time.perf_counter() - started
         while len(self._covers) > self._max_covers:
             self._covers.popitem(last=False)
         return slots

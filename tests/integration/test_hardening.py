@@ -133,6 +133,7 @@ def test_request_id_header_and_metrics(server):
     assert 'loraplex_requests_total{adapter="__base__",finish_reason="length"}' in text
     assert "loraplex_ttft_seconds_bucket" in text and "loraplex_batch_size_bucket" in text
     assert "loraplex_queue_waiting" in text and "loraplex_merges_total" in text
+    assert "loraplex_lora_cover_builds_total" in text and "loraplex_prefix_cache_hit_tokens_total" in text
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):
