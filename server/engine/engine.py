@@ -76,9 +76,7 @@ class Engine:
         self.timeout_s = timeout_s
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._slot_loads_seen = 0
-        self._prefix_hits_seen = 0
-        self._covers_seen = (0, 0.0)
+        self._totals_seen: dict[object, float] = {}  # counter -> the running total it last advanced to
         self._merged: MergedAdapter | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -204,18 +202,20 @@ class Engine:
         m.running.set(len(self.scheduler.running))
         m.waiting.set(len(self.scheduler.waiting))
         slots = self.scheduler.adapter_slots
-        m.adapter_loads.inc(slots.loads - self._slot_loads_seen)
-        self._slot_loads_seen = slots.loads
+        self._count_up(m.adapter_loads, slots.loads)
         m.resident.set(len(slots.resident()))
         covers = self.runner.lora.covers
-        m.cover_builds.inc(covers.builds - self._covers_seen[0])
-        m.cover_build_seconds.inc(covers.build_seconds - self._covers_seen[1])
-        self._covers_seen = (covers.builds, covers.build_seconds)
+        self._count_up(m.cover_builds, covers.builds)
+        self._count_up(m.cover_build_seconds, covers.build_seconds)
         cache = self.scheduler.prefix_cache
         if cache is not None:
-            m.prefix_hit_tokens.inc(cache.hit_tokens - self._prefix_hits_seen)
-            self._prefix_hits_seen = cache.hit_tokens
+            self._count_up(m.prefix_hit_tokens, cache.hit_tokens)
             m.prefix_bytes.set(cache.bytes)
+
+    def _count_up(self, counter, total: float) -> None:
+        """Advances a Prometheus counter (which only takes increments) to a running total kept elsewhere."""
+        counter.inc(total - self._totals_seen.get(counter, 0))
+        self._totals_seen[counter] = total
 
     def _choose_mode(self) -> None:
         target = policy.merge_target(self.lora_mode, [s.adapter for s in self.scheduler.running])

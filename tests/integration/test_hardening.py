@@ -55,10 +55,14 @@ def test_keys_and_roles(secured):
         assert c.get("/health").status_code == 200  # liveness needs no key
 
 
+def metric(client, series: str) -> float:
+    """The value of one series on /metrics, 0 while it has not appeared."""
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(series + " ")]
+    return float(lines[0].removeprefix(series + " ")) if lines else 0.0
+
+
 def prefix_hit_tokens(client) -> float:
-    prefix = "loraplex_prefix_cache_hit_tokens_total "
-    return float(next(line for line in client.get("/metrics").text.splitlines()
-                      if line.startswith(prefix)).removeprefix(prefix))
+    return metric(client, "loraplex_prefix_cache_hit_tokens_total")
 
 
 def test_keys_never_share_prefix_cache_entries(secured):
@@ -171,9 +175,7 @@ def test_a_client_giving_up_on_a_non_streaming_request_frees_the_slot(server, pa
 
 
 def aborted_requests(client) -> float:
-    prefix = 'loraplex_requests_total{adapter="__base__",finish_reason="abort"} '
-    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
-    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+    return metric(client, 'loraplex_requests_total{adapter="__base__",finish_reason="abort"}')
 
 
 def test_deadline_answers_408(tmp_path):
