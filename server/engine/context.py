@@ -28,6 +28,7 @@ class StepContext:
     positions: torch.Tensor          # [tokens] position of each input row
     logits_rows: torch.Tensor        # [seqs] row whose hidden state predicts each sequence's next token
     num_decode: int = 0
+    decode_slots: torch.Tensor | None = None  # [num_decode] 0..num_decode-1: the KV slot of each decode row
     decode_bias: torch.Tensor | None = None  # [num_decode, 1, 1, kv_len] float32: 0 where a key is visible, else -inf
     kv_len: int = 0                  # keys the decode rows attend over (max over them)
     prefills: list[PrefillChunk] = field(default_factory=list)
@@ -47,6 +48,7 @@ def build_step(decode_positions: list[int], prefills: list[PrefillChunk], device
                       num_decode=len(decode_positions), prefills=list(prefills))
     if decode_positions:
         ctx.kv_len = max(decode_positions) + 1
+        ctx.decode_slots = torch.arange(ctx.num_decode, device=device)
         keys = torch.arange(ctx.kv_len, device=device)
         hidden = keys[None, :] > ctx.positions[: ctx.num_decode, None]
         ctx.decode_bias = torch.zeros(hidden.shape, device=device).masked_fill_(

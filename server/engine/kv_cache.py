@@ -66,10 +66,9 @@ class KVCache:
         # per sequence this ran 1.6x faster on CPU (16 rows, 90 keys: 82 vs 137 us per layer).
         n, heads, d = q.shape
         kv_heads = k.shape[1]
-        slots = torch.arange(n, device=q.device)
         positions = ctx.positions[:n]
-        kc[slots, :, positions] = k
-        vc[slots, :, positions] = v
+        kc[ctx.decode_slots, :, positions] = k
+        vc[ctx.decode_slots, :, positions] = v
         keys, values = kc[:n, :, : ctx.kv_len], vc[:n, :, : ctx.kv_len]
         grouped = q.view(n, kv_heads, heads // kv_heads, d)  # query head h reads KV head h // group
         scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()
