@@ -24,12 +24,13 @@ from server.runtime import site_layouts
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPT = "The capital of France is a city that is"  # the last token is fed to the decode step
-TOL = 1e-4
-# Adapter logits go through 30 layers of fp32 rounding in two different orders. Measured max |ours - PEFT|:
-# 3.6e-5..1.4e-4 (mkldnn unmerged highest), while PEFT fp32 itself is 7e-5 off a float64 run of the same
-# model; an adapter bug moves logits by ~10 (see test_adapters_change_the_logits). So: 1e-4 plus 1e-5 of
-# the logit's size (<3.8e-4 for the largest logits here).
-ADAPTER_RTOL = 1e-5
+TOL = 3e-4
+# Logits go through 30 layers of fp32 rounding in two different orders. Measured max |ours - PEFT|:
+# on an AVX-512 EPYC 3.6e-5..1.4e-4 (mkldnn unmerged highest); on an AVX2-only EPYC, whose oneDNN kernels
+# accumulate in another order, 1.0e-4 for the bare base and 1.75e-4 with the q/v adapter (prefill). PEFT
+# fp32 itself is 7e-5 off a float64 run of the same model; an adapter bug moves logits by ~10 (see
+# test_adapters_change_the_logits). So: 3e-4 plus 1e-5 of the logit's size (<3.8e-4 for the largest here).
+RTOL = 1e-5
 ADAPTERS = {
     "qv": dict(rank=8, alpha=16, targets=("q_proj", "v_proj"), seed=1),
     "all": dict(rank=16, alpha=16, targets=PROJECTIONS, seed=2),
@@ -120,7 +121,7 @@ def report(model: LoadedModel, what: str, **diffs: float) -> None:
 
 
 def assert_adapter_close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(got, expected, atol=TOL, rtol=ADAPTER_RTOL)
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=RTOL)
 
 
 def test_base_prefill_and_decode_match_transformers(model, tokens, next_token, reference):
@@ -129,8 +130,8 @@ def test_base_prefill_and_decode_match_transformers(model, tokens, next_token, r
     logits = prefill(model, tokens, 1, kv)[0]
     step = decode(model, next_token, T, 1, kv)[0]
     report(model, "base", prefill=max_diff(logits, reference[None][:T]), decode=max_diff(step, reference[None][T]))
-    assert max_diff(logits, reference[None][:T]) <= TOL
-    assert max_diff(step, reference[None][T]) <= TOL
+    torch.testing.assert_close(logits, reference[None][:T], atol=TOL, rtol=RTOL)
+    torch.testing.assert_close(step, reference[None][T], atol=TOL, rtol=RTOL)
 
 
 def test_adapters_change_the_logits(reference):
