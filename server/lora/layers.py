@@ -1,9 +1,9 @@
 """Adapter weights resident on the compute device, stacked per layer and site, and the per-step LoRA plan.
 
 Like vLLM's LoRA layers, each device slot holds one adapter (`set_lora` / `reset_lora`). A site is one
-fused base projection (qkv, o, gate_up, down); an adapter's weights for the projections inside a site are
-stored as one A [w, in] and one block-structured B^T [w, out_site], with alpha/r folded in, so a site costs
-one LoRA matmul pair whatever subset of projections an adapter targets.
+fused base projection (qkv, o, gate_up, down); a slot holds, per site, each targeted projection's A [r, in]
+and B [rows, r] with alpha/r folded in. A cover concatenates the A of every projection of a site into one
+shrink matmul and keeps one expand matmul per projection (see server.lora.apply).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.lora.apply import LoraBatch, lora_apply
+from server.lora.apply import Expand, LoraBatch, lora_apply
 from server.lora.covers import CoverCache
 from server.model.linear import Linear
 
@@ -29,8 +29,8 @@ class SiteLayout:
 
 @dataclass(frozen=True)
 class _SiteOperands:
-    A: Linear                        # active adapters' A, concatenated along rank
-    B: Linear                        # their scaled B, same order
+    A: Linear                        # the cover's A for every projection of the site, projection-major
+    expands: tuple[Expand, ...]
     columns: tuple[tuple[int, int], ...]   # (slot, rank width) of each owner, in column order
 
 
@@ -58,9 +58,8 @@ class LoraSlots:
         self.max_slots = max_slots
         self.device = device
         self.dtype = dtype
-        # a[layer][site][slot] -> [w, in] or None; bt likewise -> [w, out]
-        self.a = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
-        self.bt = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
+        # lora[layer][site][slot] -> {proj: (A [r, in], B [rows, r] scaled)} or None
+        self.lora = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
         self._plan_key: tuple | None = None
         self._plan: LoraStep | None = None
         self.covers: CoverCache[list] = CoverCache(self._cover_operands)
@@ -68,32 +67,19 @@ class LoraSlots:
     def set_lora(self, slot: int, adapter) -> None:
         """Copies an `adapters.Adapter` into `slot`, replacing what was there."""
         self.reset_lora(slot)
-        by_site: dict[tuple[int, str], list] = {}
         for key, w in adapter.weights.items():
             _, layer, proj = key.split(".")
-            site = next(s for s, lay in self.layouts.items() if proj in lay.projections)
-            by_site.setdefault((int(layer), site), []).append((proj, w))
-        for (layer, site), items in by_site.items():
-            layout = self.layouts[site]
-            items.sort(key=lambda item: layout.projections[item[0]][0])
-            a = torch.cat([w.A for _, w in items], dim=0)
-            bt = torch.zeros(a.shape[0], layout.out_features, dtype=torch.float32)
-            rank_start = 0
-            for proj, w in items:
-                first, rows = layout.projections[proj]
-                r = w.A.shape[0]
-                bt[rank_start : rank_start + r, first : first + rows] = (w.B * w.scale).T
-                rank_start += r
-            s = SITES.index(site)
-            self.a[layer][s][slot] = a.to(self.device, self.dtype)
-            self.bt[layer][s][slot] = bt.to(self.device, self.dtype)
+            s = next(i for i, site in enumerate(SITES) if proj in self.layouts[site].projections)
+            held = self.lora[int(layer)][s][slot]
+            if held is None:
+                held = self.lora[int(layer)][s][slot] = {}
+            held[proj] = (w.A.to(self.device, self.dtype), (w.B * w.scale).to(self.device, self.dtype))
         self._invalidate(slot)
 
     def reset_lora(self, slot: int) -> None:
         for layer in range(self.num_layers):
             for s in range(len(SITES)):
-                self.a[layer][s][slot] = None
-                self.bt[layer][s][slot] = None
+                self.lora[layer][s][slot] = None
         self._invalidate(slot)
 
     def _invalidate(self, slot: int) -> None:
@@ -131,21 +117,30 @@ class LoraSlots:
         return [[self._site_operands(layer, s, ordered) for s in range(len(SITES))] for layer in range(self.num_layers)]
 
     def _site_operands(self, layer: int, s: int, slots: list[int]) -> _SiteOperands | None:
-        owners = [slot for slot in slots if self.a[layer][s][slot] is not None]
-        if not owners:
+        held = self.lora[layer][s]
+        a_parts, expands, columns = [], [], []
+        width = 0
+        for proj, (first, rows) in sorted(self.layouts[SITES[s]].projections.items(), key=lambda kv: kv[1][0]):
+            owners = [slot for slot in slots if held[slot] is not None and proj in held[slot]]
+            if not owners:
+                continue
+            a_parts += [held[slot][proj][0] for slot in owners]
+            b = torch.cat([held[slot][proj][1] for slot in owners], dim=1)
+            expands.append(Expand(Linear(b, None, self.backend), slice(width, width + b.shape[1]),
+                                  slice(first, first + rows)))
+            columns += [(slot, held[slot][proj][0].shape[0]) for slot in owners]
+            width += b.shape[1]
+        if not expands:
             return None
-        a = torch.cat([self.a[layer][s][slot] for slot in owners])
-        b = torch.cat([self.bt[layer][s][slot] for slot in owners]).T.contiguous()
-        columns = tuple((slot, self.a[layer][s][slot].shape[0]) for slot in owners)
-        return _SiteOperands(Linear(a, None, self.backend), Linear(b, None, self.backend), columns)
+        return _SiteOperands(Linear(torch.cat(a_parts), None, self.backend), tuple(expands), tuple(columns))
 
     def _batch(self, op: _SiteOperands, rows: torch.Tensor, masked: bool, masks: dict) -> LoraBatch:
         if not masked:
-            return LoraBatch(op.A, op.B, None)
+            return LoraBatch(op.A, op.expands, None)
         mask = masks.get(op.columns)
         if mask is None:  # sites with the same column layout (usually every layer) share one mask
             slots = torch.tensor([slot for slot, _ in op.columns], device=self.device)
             widths = torch.tensor([width for _, width in op.columns], device=self.device)
             col_owner = torch.repeat_interleave(slots, widths)
             mask = masks[op.columns] = (rows[:, None] == col_owner[None, :]).to(self.dtype)
-        return LoraBatch(op.A, op.B, mask)
+        return LoraBatch(op.A, op.expands, mask)
