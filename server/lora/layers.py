@@ -126,13 +126,14 @@ class LoraSlots:
                 continue
             a_parts += [held[slot][proj][0] for slot in owners]
             b = torch.cat([held[slot][proj][1] for slot in owners], dim=1)
-            expands.append(Expand(Linear(b, None, self.backend), slice(width, width + b.shape[1]),
+            expands.append(Expand(Linear(b, None, self.backend, editable=False), slice(width, width + b.shape[1]),
                                   slice(first, first + rows)))
             columns += [(slot, held[slot][proj][0].shape[0]) for slot in owners]
             width += b.shape[1]
         if not expands:
             return None
-        return _SiteOperands(Linear(torch.cat(a_parts), None, self.backend), tuple(expands), tuple(columns))
+        A = Linear(torch.cat(a_parts), None, self.backend, editable=False)
+        return _SiteOperands(A, tuple(expands), tuple(columns))
 
     def _batch(self, op: _SiteOperands, rows: torch.Tensor, masked: bool, masks: dict) -> LoraBatch:
         if not masked:
