@@ -124,9 +124,8 @@ def plan_build_seconds(slots: LoraSlots, row_slots: list[int], reps: int) -> flo
 def lora_overhead(loaded: LoadedModel, qv: list, wide: list, batches: list[int], prompt_tokens: int,
                   reps: int) -> list[dict]:
     cfg = loaded.config
-    model = loaded.transformer  # slots use the base's kernels, as the Runtime builds them
-    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), len(qv) + len(wide), model.device, model.dtype,
-                      model.lm_head.backend)
+    model = loaded.transformer
+    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), len(qv) + len(wide), model.device, model.dtype)
     for slot, adapter in enumerate(qv + wide):
         slots.set_lora(slot, adapter)
     bench = DecodeBench(loaded, max(batches), kv_len=prompt_tokens + NEW_TOKENS // 2)

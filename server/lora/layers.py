@@ -2,8 +2,8 @@
 
 Like vLLM's LoRA layers, each device slot holds one adapter (`set_lora` / `reset_lora`). A site is one
 fused base projection (qkv, o, gate_up, down); a slot holds, per site, each targeted projection's A [r, in]
-and B [rows, r] with alpha/r folded in. A cover concatenates the A of every projection of a site into one
-shrink matmul and keeps one expand matmul per projection (see server.lora.apply).
+and B [rows, r] with alpha/r folded in. A cover stacks its slots' weights per site along a batch axis, and a
+step's plan groups the rows by the position of their adapter in the cover (see server.lora.apply).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.lora.apply import Expand, LoraBatch, lora_apply
+from server.lora.apply import LoraBatch, SiteStack, lora_apply
 from server.lora.covers import CoverCache
-from server.model.linear import Linear
 
 SITES = ("qkv", "o", "gate_up", "down")
 BASE = -1  # row_slots value of a row served by the bare base model
@@ -29,9 +28,8 @@ class SiteLayout:
 
 @dataclass(frozen=True)
 class _SiteOperands:
-    A: Linear                        # the cover's A for every projection of the site, projection-major
-    expands: tuple[Expand, ...]
-    columns: tuple[tuple[int, int], ...]   # (slot, rank width) of each owner, in column order
+    stack: SiteStack
+    owners: frozenset[int]           # the cover positions whose adapter targets the site
 
 
 class LoraStep:
@@ -51,9 +49,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int
 
 class LoraSlots:
     def __init__(self, num_layers: int, layouts: dict[str, SiteLayout], max_slots: int,
-                 device: torch.device, dtype: torch.dtype, backend: str = "torch"):
+                 device: torch.device, dtype: torch.dtype):
         self.layouts = layouts
-        self.backend = backend
         self.num_layers = num_layers
         self.max_slots = max_slots
         self.device = device
@@ -90,8 +87,8 @@ class LoraSlots:
         """The LoRA operands for a step whose rows use `row_slots` (BASE for no adapter).
 
         Rebuilt only when the rows' slots change; a steady decode batch reuses the last plan. A rebuild
-        reuses the concatenated, packed weights (they do not depend on which row uses which), so a request
-        joining or leaving costs one mask per site, not a repack.
+        reuses the covers' stacked weights (they do not depend on which row uses which), so a request
+        joining or leaving costs a few small index tensors, not a copy of weights.
         """
         key = tuple(row_slots)
         if key != self._plan_key:
@@ -100,48 +97,75 @@ class LoraSlots:
         return self._plan
 
     def _build(self, row_slots: list[int]) -> LoraStep | None:
-        active = frozenset(s for s in row_slots if s != BASE)
-        if not active:
+        groups: dict[int, list[int]] = {}
+        for row, slot in enumerate(row_slots):
+            if slot != BASE:
+                groups.setdefault(slot, []).append(row)
+        if not groups:
             return None
-        covers = self.covers.select(active)
-        # every row uses the one adapter of the one cover: nothing to mask
-        masked = not (len(active) == 1 and covers[0][0] == active and BASE not in row_slots)
-        rows = torch.tensor(row_slots, device=self.device)
-        masks: dict[tuple, torch.Tensor] = {}
-        return LoraStep([[tuple(self._batch(ops[layer][s], rows, masked, masks) for _, ops in covers
-                                if ops[layer][s] is not None)
+        covers = self.covers.select(frozenset(groups))
+        # A group far above the typical size (a prompt chunk) runs as its own batch, or every other group
+        # would be padded to its size.
+        large = max(4, 2 * -(-sum(map(len, groups.values())) // len(groups)))
+        specs = []
+        for slots, ops in covers:
+            order = sorted(slots)  # positions, as _cover_operands stacks them
+            mine = [j for j, slot in enumerate(order) if slot in groups]
+            big = [j for j in mine if len(groups[order[j]]) > large]
+            small = [j for j in mine if j not in big]
+            runs = [([j], [order[j]]) for j in big]
+            if small:  # positions between them idle in this run (padding only): slicing the stack copies nothing
+                span = list(range(small[0], small[-1] + 1))
+                runs.append((span, [order[j] if j in small else None for j in span]))
+            for run, members in runs:
+                serving = frozenset(j for j, slot in zip(run, members) if slot is not None)
+                specs.append((ops, serving, self._gather(run, members, groups, len(row_slots))))
+        return LoraStep([[tuple(LoraBatch.of(ops[layer][s].stack, *gather) for ops, serving, gather in specs
+                                if ops[layer][s] is not None and ops[layer][s].owners & serving)
                           for s in range(len(SITES))] for layer in range(self.num_layers)])
+
+    def _gather(self, run: list[int], members: list[int | None], groups: dict[int, list[int]], rows: int):
+        """(positions, rows, pad) of a LoraBatch for cover positions `run`; members[i] is the slot whose
+        rows position run[i] serves (None: it idles, padded)."""
+        positions = slice(run[0], run[-1] + 1)
+        if len(run) == 1 and groups[members[0]] == list(range(rows)):
+            return positions, None, None
+        width = max(len(groups[slot]) for slot in members if slot is not None)
+        index, pad = [], []
+        for slot in members:
+            mine = groups[slot] if slot is not None else []
+            index += mine + [0] * (width - len(mine))
+            pad += [1] * len(mine) + [0] * (width - len(mine))
+        index_t = torch.tensor(index, device=self.device)
+        if all(pad):
+            return positions, index_t, None
+        return positions, index_t, torch.tensor(pad, device=self.device, dtype=self.dtype).view(len(run), width, 1)
 
     def _cover_operands(self, slots: frozenset[int]) -> list[list[_SiteOperands | None]]:
         ordered = sorted(slots)
         return [[self._site_operands(layer, s, ordered) for s in range(len(SITES))] for layer in range(self.num_layers)]
 
     def _site_operands(self, layer: int, s: int, slots: list[int]) -> _SiteOperands | None:
-        held = self.lora[layer][s]
-        a_parts, expands, columns = [], [], []
-        width = 0
-        for proj, (first, rows) in sorted(self.layouts[SITES[s]].projections.items(), key=lambda kv: kv[1][0]):
-            owners = [slot for slot in slots if held[slot] is not None and proj in held[slot]]
-            if not owners:
-                continue
-            a_parts += [held[slot][proj][0] for slot in owners]
-            b = torch.cat([held[slot][proj][1] for slot in owners], dim=1)
-            expands.append(Expand(Linear(b, None, self.backend, editable=False), slice(width, width + b.shape[1]),
-                                  slice(first, first + rows)))
-            columns += [(slot, held[slot][proj][0].shape[0]) for slot in owners]
-            width += b.shape[1]
-        if not expands:
+        """Stacks the slots' weights for one site; a slot without some projection (or with a smaller rank)
+        holds zeros there, which add nothing."""
+        held = [self.lora[layer][s][slot] or {} for slot in slots]
+        layout = self.layouts[SITES[s]]
+        projections = sorted((p for p in layout.projections if any(p in h for h in held)),
+                             key=lambda p: layout.projections[p][0])
+        if not projections:
             return None
-        A = Linear(torch.cat(a_parts), None, self.backend, editable=False)
-        return _SiteOperands(A, tuple(expands), tuple(columns))
-
-    def _batch(self, op: _SiteOperands, rows: torch.Tensor, masked: bool, masks: dict) -> LoraBatch:
-        if not masked:
-            return LoraBatch(op.A, op.expands, None)
-        mask = masks.get(op.columns)
-        if mask is None:  # sites with the same column layout (usually every layer) share one mask
-            slots = torch.tensor([slot for slot, _ in op.columns], device=self.device)
-            widths = torch.tensor([width for _, width in op.columns], device=self.device)
-            col_owner = torch.repeat_interleave(slots, widths)
-            mask = masks[op.columns] = (rows[:, None] == col_owner[None, :]).to(self.dtype)
-        return LoraBatch(op.A, op.expands, mask)
+        widths = [max(h[p][0].shape[0] for h in held if p in h) for p in projections]
+        A = torch.zeros(len(slots), layout.in_features, sum(widths), device=self.device, dtype=self.dtype)
+        expands, column = [], 0
+        for proj, width in zip(projections, widths):
+            first, rows = layout.projections[proj]
+            Bt = torch.zeros(len(slots), width, rows, device=self.device, dtype=self.dtype)
+            for j, h in enumerate(held):
+                if proj in h:
+                    a, b = h[proj]
+                    A[j, :, column : column + a.shape[0]] = a.T
+                    Bt[j, : a.shape[0]] = b.T
+            expands.append((Bt, slice(column, column + width), slice(first, first + rows)))
+            column += width
+        owners = frozenset(j for j, h in enumerate(held) if h)
+        return _SiteOperands(SiteStack(A, tuple(expands)), owners)

@@ -46,27 +46,25 @@ def _mkldnn_apply(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | No
 
 
 class Linear:
-    """y = x W^T (+ b) for a frozen W of shape [out, in].
+    """y = x W^T (+ b) for a frozen W of shape [out, in]."""
 
-    `editable=False` keeps only the kernel: operands that are never merged into (the LoRA covers) would
-    otherwise hold a plain copy beside the packed one, twice the memory and twice the fresh pages to fault in
-    while a step waits for them.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, editable: bool = True):
-        self.out_features, self.in_features = weight.shape
-        self.weight: torch.Tensor | None = weight
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str):
+        self.weight = weight
         self.bias = bias
         self.backend = backend
         self.kernel = weight
         self.refresh()
-        if not editable:
-            self.weight = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
 
     def refresh(self) -> None:
         """Re-derives the kernel after `weight` was edited in place."""
-        if self.weight is None:
-            raise RuntimeError("this Linear was built with editable=False: it has no plain weight to re-derive from")
         self.kernel = _mkldnn_pack(self.weight) if self.backend == "mkldnn" else self.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -103,8 +103,7 @@ def new_kv(model: LoadedModel) -> KVCache:
 
 
 def lora_slots(model: LoadedModel, adapters: list) -> LoraSlots:
-    slots = LoraSlots(model.config.num_layers, site_layouts(model.config), 4, torch.device("cpu"), torch.float32,
-                      model.transformer.lm_head.backend)  # as the Runtime builds them: the base's kernels
+    slots = LoraSlots(model.config.num_layers, site_layouts(model.config), 4, torch.device("cpu"), torch.float32)
     for slot, adapter in enumerate(adapters):
         slots.set_lora(slot, adapter)
     return slots
