@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench import baselines, micro, report, targets
+from bench.targets import AGAIN
 from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
                             write_adapters)
 from bench.load import request_body, run_streams, stream_request
@@ -69,7 +70,9 @@ def auto_workloads(qv: list[str], wide: list[str], zipf: list[str], stream_count
                   Workload(f"mixed8-{n}", n, lambda i, r: qv[(i + r) % 8]),
                   Workload(f"zipf100-{n}", n, zipf_picker(zipf, n, rounds))]
     loads += [Workload("single-16", 16, lambda i, r: qv[0]),
-              Workload("all8-16", 16, lambda i, r: wide[(i + r) % 8])]
+              Workload("all8-16", 16, lambda i, r: wide[(i + r) % 8]),
+              # the base again, minutes later: ratios to the base use both runs, so drift does not fall on them
+              Workload(f"base-16{AGAIN}", 16, lambda i, r: None)]
     return loads
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bench.targets import AGAIN, base_tokens_per_s
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.0f}"
@@ -13,7 +15,8 @@ def _workloads(results: dict) -> list[str]:
     lone = results["servers"]["auto"]["workloads"]["lone"]
     lines = [
         "Workloads: closed-loop SSE streams, 64 new tokens each (ignore_eos, greedy). x base: tok/s over the same",
-        "server's base-only run at the same streams; x HF: over transformers generate b16; TTFT x lone: p99 over a",
+        f"server's base-only runs at the same streams (mean of base-N and base-N{AGAIN}, run first and last where",
+        "both exist); x HF: over transformers generate b16; TTFT x lone: p99 over a",
         f"lone request's p50 ({_ms(lone['ttft_p50'])} ms); RSS x HF: server peak RSS over the transformers process "
         f"peak ({hf_rss:.0f} MiB).",
         f"{'mode':9}{'workload':13}{'streams':>7}{'tok/s':>8}{'x base':>8}{'x HF':>7}{'TTFT p50/p99 ms':>17}"
@@ -21,8 +24,8 @@ def _workloads(results: dict) -> list[str]:
     ]
     for mode, server in results["servers"].items():
         for name, w in server["workloads"].items():
-            base = server["workloads"].get(f"base-{w['streams']}", w if w["streams"] == 1 else None)
-            x_base = f"{w['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+            base = w["tokens_per_s"] if w["streams"] == 1 else base_tokens_per_s(server["workloads"], w["streams"])
+            x_base = f"{w['tokens_per_s'] / base:.2f}" if base else "-"
             lines.append(
                 f"{mode:9}{name:13}{w['streams']:>7}{w['tokens_per_s']:>8.0f}{x_base:>8}"
                 f"{w['tokens_per_s'] / hf:>7.2f}{_ms(w['ttft_p50']) + '/' + _ms(w['ttft_p99']):>17}"
