@@ -8,6 +8,7 @@ step's plan groups the rows by the position of their adapter in the cover (see s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,7 @@ class LoraSlots:
         covers = self.covers.select(frozenset(groups))
         # A group far above the typical size (a prompt chunk) runs as its own batch, or every other group
         # would be padded to its size.
-        large = max(4, 2 * -(-sum(map(len, groups.values())) // len(groups)))
+        large = max(4, 2 * math.ceil(sum(map(len, groups.values())) / len(groups)))
         specs = []
         for slots, ops in covers:
             order = sorted(slots)  # positions, as _cover_operands stacks them
