@@ -68,7 +68,6 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self.lora_mode = lora_mode
         self.eos_ids = eos_ids
         self.stats = EngineStats()
         self.metrics = metrics or Metrics()
@@ -78,6 +77,7 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._totals_seen: dict[object, float] = {}  # counter -> the running total it last advanced to
         self._merged: MergedAdapter | None = None
+        self._merge_choice = policy.MergeChoice(lora_mode)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -218,8 +218,8 @@ class Engine:
         self._totals_seen[counter] = total
 
     def _choose_mode(self) -> None:
-        target = policy.merge_target(self.lora_mode, [s.adapter for s in self.scheduler.running])
         current = self._merged.adapter if self._merged else None
+        target = self._merge_choice.next([s.adapter for s in self.scheduler.running], current)
         if target is current:
             return
         started = time.perf_counter()

@@ -5,6 +5,7 @@ runs alone or in a batch with other adapters, and whether its adapter is merged 
 """
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -144,24 +145,26 @@ def test_auto_mode_merges_a_homogeneous_batch_and_unmerges_a_mixed_one(rt, promp
     assert stats_delta(rt, lambda: run_together(rt, homogeneous)) == (1, 0)
     assert stats_delta(rt, lambda: run_alone(rt, prompts[0])) == (0, 1)
 
-    # a long "all" request runs merged; a base request joining it forces unmerged; when it leaves, re-merge
+    # a long "all" request runs merged (after auto's settle steps); a base request joining it forces
+    # unmerged; when it leaves, re-merge
     long = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
     short = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     results = {}
 
     async def overlap():
-        started = asyncio.Event()
+        merges = rt.engine.stats.merges
 
         async def long_request():
             tokens = []
             async for event in rt.engine.stream(prompts[1], long, adapter):
-                started.set()
                 tokens += event.token_ids
                 if event.finished:
                     results["long"] = tokens
 
         async def base_request():
-            await started.wait()
+            deadline = time.monotonic() + 60  # bounded: a merge that never comes fails the count below
+            while rt.engine.stats.merges == merges and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             results["short"] = await complete(rt, prompts[0], short)
 
         await asyncio.gather(long_request(), base_request())
