@@ -6,12 +6,13 @@ that tests hold it to. Both compute B(Ax), never (BA)x.
 Fast form (grouped, like Punica's and vLLM's BGMV/SGMV kernels, here from batched matmuls): a cover's
 adapters are stacked along a batch axis, each row is gathered to its adapter's position (padded to the
 largest group), and one `torch.bmm` per site gives every row its own A x, one more per projection its own
-B (A x), added back to the row with an accumulating `index_put_`. The op count per site does not grow with the number of
-adapters, and each row is multiplied only through its own adapter. The form before it, one matmul over all
-active adapters' concatenated A and a 0/1 mask, multiplied every row through every adapter: on a 2-core
-EPYC (AVX2), the LoRA of one decode step at 16 rows took 70 ms masked and 39 ms grouped for 8
-all-projection r16 adapters, 15 and 6 ms for 8 q/v r8 ones (in-process, all 30 layers of SmolLM2). Each
-projection keeps its own B, so no zeros sit in a fused site's B (2/3 of it for an adapter on q, k and v).
+B (A x), added back to the row with an accumulating `index_put_`. The op count per site does not grow
+with the number of adapters, and each row is multiplied only through its own adapter. The form before it,
+one matmul over all active adapters' concatenated A and a 0/1 mask, multiplied every row through every
+adapter: on a 2-core EPYC (AVX2), the LoRA of one decode step at 16 rows took 70 ms masked and 27 ms
+grouped for 8 all-projection r16 adapters, 15 and 6 ms for 8 q/v r8 ones (in-process, all 30 layers of
+SmolLM2). Each projection keeps its own B, so no zeros sit in a fused site's B (2/3 of it for an adapter
+on q, k and v).
 """
 
 from __future__ import annotations
