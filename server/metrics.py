@@ -24,6 +24,8 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.waiting = Gauge("loraplex_queue_waiting", "requests waiting for a batch slot", registry=r)
         self.running = Gauge("loraplex_queue_running", "requests in the running batch", registry=r)
+        self.admission_wait_seconds = Counter("loraplex_admission_wait_seconds", "time spent after steps that "
+                                              "finished requests, waiting for their clients' next ones", registry=r)
         self.merges = Counter("loraplex_merges", "hot-swap merges into the base weights", registry=r)
         self.restores = Counter("loraplex_restores", "exact restores of the base weights", registry=r)
         self.merge_seconds = Counter("loraplex_merge_seconds", "time spent merging and restoring", registry=r)

@@ -93,7 +93,8 @@ class Runtime:
         self.engine = Engine(self.loaded, ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
                              self.tokenizer, settings.lora_mode, eos_ids(self.folder.config, self.tokenizer),
                              metrics=self.metrics, max_pending=settings.max_pending,
-                             timeout_s=settings.request_timeout_s)
+                             timeout_s=settings.request_timeout_s,
+                             admission_wait_s=settings.admission_wait_ms / 1e3)
         log.info("model %s on %s/%s (linear: %s), %d stored adapters loaded", self.model_id, self.device,
                  str(self.dtype).removeprefix("torch."), backend, len(loaded_names))
 

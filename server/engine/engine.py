@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from server.engine.admission import AdmissionWait
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import SamplingParams, Sequence
 from server.engine.runner import ModelRunner
@@ -63,7 +64,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, loaded, runner: ModelRunner, scheduler: Scheduler, tokenizer, lora_mode: str, eos_ids: set[int],
-                 metrics: Metrics | None = None, max_pending: int = 256, timeout_s: float | None = None):
+                 metrics: Metrics | None = None, max_pending: int = 256, timeout_s: float | None = None,
+                 admission_wait_s: float = 0.0):
         self.loaded = loaded
         self.runner = runner
         self.scheduler = scheduler
@@ -73,6 +75,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.max_pending = max_pending
         self.timeout_s = timeout_s
+        self._admission = AdmissionWait(admission_wait_s)
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._totals_seen: dict[object, float] = {}  # counter -> the running total it last advanced to
@@ -83,6 +86,7 @@ class Engine:
         self._stop = threading.Event()
         self._sinks: dict[int, tuple[AsyncSink, Detokenizer]] = {}
         self._outbox: list[tuple[AsyncSink, TokenEvent]] = []
+        self._finished_in_step = 0
 
     # ---- lifecycle
     def stop(self) -> None:
@@ -138,6 +142,8 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            self._finished_in_step = 0
+            started = time.perf_counter()
             try:
                 self.step()
             except Exception:  # a bug in one step must not kill the server: fail the batch, keep serving
@@ -145,6 +151,26 @@ class Engine:
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(seq, "error")
             self._flush_outbox()
+            self._await_next_requests(time.perf_counter() - started)
+
+    def _await_next_requests(self, step_s: float) -> None:
+        """After a step that finished requests, lets their clients' next requests join the next step
+        (see server.engine.admission)."""
+        room = self.scheduler.kv.max_seqs - self.scheduler.kv.used - len(self.scheduler.waiting)
+        awaited = min(self._finished_in_step, room)
+        budget = self._admission.budget(step_s) if awaited > 0 else 0.0
+        if budget <= 0:
+            return
+        started = time.perf_counter()
+        deadline = started + budget
+        while self._inbox.qsize() < awaited and not self._stop.is_set():
+            self._wake.clear()
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or self._inbox.qsize() >= awaited:
+                break
+            self._wake.wait(remaining)
+        self._admission.record(awaited, self._inbox.qsize())
+        self.metrics.admission_wait_seconds.inc(time.perf_counter() - started)
 
     def _flush_outbox(self) -> None:
         # One wake-up per event loop per step, not one per token: per-token cross-thread calls made the
@@ -264,6 +290,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
+        self._finished_in_step += 1
         with self._pending_lock:
             self._pending -= 1
         label = adapter_label(seq.adapter_name)
