@@ -177,7 +177,7 @@ def test_auto_mode_merges_a_homogeneous_batch_and_unmerges_a_mixed_one(rt, promp
 
 
 def test_short_request_joins_a_running_long_one_and_finishes_first(rt, prompts):
-    long = SamplingParams(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
     short = SamplingParams(max_new_tokens=5, temperature=0.0)
     finished = []
 
@@ -199,11 +199,43 @@ def test_short_request_joins_a_running_long_one_and_finishes_first(rt, prompts):
 
     steps, prefills = rt.engine.stats.steps, rt.engine.stats.prefill_steps
     asyncio.run(scenario())
-    assert finished == [("short", 5), ("long", 200)]
-    # alone they need 200 + 5 steps; together the short one's prefill and decodes ride along in the long
+    assert finished == [("short", 5), ("long", 40)]
+    # alone they need 40 + 5 steps; together the short one's prefill and decodes ride along in the long
     # one's steps (a prefill no longer stops the running batch for a step of its own)
     assert rt.engine.stats.prefill_steps - prefills == 2
-    assert rt.engine.stats.steps - steps == 200
+    assert rt.engine.stats.steps - steps == 40
+
+
+def test_a_request_sent_as_the_last_one_ends_joins_the_very_next_step(tmp_path, prompts):
+    """Closed-loop clients (agents, batch jobs) send their next request the moment the last one ends. The
+    engine waits a little after a step that finished requests, so that request is computed in the next
+    step instead of sitting that step out (server.engine.admission)."""
+    runtime = start_runtime(tmp_path)
+    background = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    steps = {}
+
+    async def scenario():
+        started = asyncio.Event()
+
+        async def keep_the_batch_busy():
+            async for _ in runtime.engine.stream(prompts[1], background, None):
+                started.set()
+
+        async def closed_loop_client():
+            await started.wait()
+            await complete(runtime, prompts[0], short)
+            steps["ended"] = runtime.engine.stats.steps
+            async for _ in runtime.engine.stream(prompts[0], short, None):
+                steps.setdefault("next_first_token", runtime.engine.stats.steps)
+
+        await asyncio.gather(keep_the_batch_busy(), closed_loop_client())
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        runtime.stop()
+    assert steps["next_first_token"] == steps["ended"] + 1
 
 
 def test_finishing_requests_never_leave_others_reading_unwritten_keys(tmp_path, prompts, solo):
