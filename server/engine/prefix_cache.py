@@ -10,16 +10,21 @@ A block's key also names the adapter that computed it: LoRA changes the hidden s
 have different keys and values under different adapters. And it names a scope (the server passes the API
 key's id): a hit shows as a faster first token, which would tell one tenant what another has asked (the
 side channel vLLM's `cache_salt` closes), so only requests of one scope share blocks. Keys are SHA-256 chains, not Python's `hash`,
-so one client cannot craft a prompt whose key collides with another client's prefix. An entry holds a
-reference to its adapter, which keeps that object's `id` from being reused while the entry lives.
+so one client cannot craft a prompt whose key collides with another client's prefix. The adapter part of
+a key is the object's `id`, which Python may hand to a new adapter once the old one is gone (deleted, or
+replaced under its name), so an entry also holds a weak reference to its adapter and matches only while
+that is the very adapter asked for. Weak, because a strong one kept every deleted adapter's weights in
+memory for as long as any of its blocks stayed cached (up to `max_bytes / block bytes` adapters).
 Blocks live on the compute device, evicted least recently used first beyond `max_bytes`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +36,10 @@ from server.engine.kv_cache import KVCache
 class _Block:
     k: torch.Tensor      # [layers, kv_heads, block_tokens, head_dim]
     v: torch.Tensor
-    adapter: object      # keeps id(adapter) unique while this block is cached
+    adapter: Callable[[], object]   # a weak reference: the adapter whose id is in the key, or None once gone
+
+    def computed_by(self, adapter) -> bool:
+        return self.adapter() is adapter
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class PrefixCache:
         hit = []
         for key in self._chain(scope, adapter, prompt, (len(prompt) - 1) // self.block_tokens):
             block = self._blocks.get(key)
-            if block is None or block.adapter is not adapter:
+            if block is None or not block.computed_by(adapter):
                 break
             hit.append(key)
         return PrefixHit(tuple(hit), len(hit) * self.block_tokens)
@@ -89,11 +97,12 @@ class PrefixCache:
             return
         n = self.block_tokens
         for i, key in enumerate(self._chain(scope, adapter, tokens, len(tokens) // n)):
-            if key in self._blocks:
+            if key in self._blocks and self._blocks[key].computed_by(adapter):
                 self._blocks.move_to_end(key)
                 continue
+            self._blocks.pop(key, None)  # a block of a gone adapter whose id this one now has
             self._blocks[key] = _Block(self.kv.k[:, slot, :, i * n : (i + 1) * n].clone(),
-                                       self.kv.v[:, slot, :, i * n : (i + 1) * n].clone(), adapter)
+                                       self.kv.v[:, slot, :, i * n : (i + 1) * n].clone(), _weak(adapter))
             if len(self._blocks) > self.max_blocks:
                 self._blocks.popitem(last=False)
 
@@ -103,3 +112,7 @@ class PrefixCache:
     @property
     def bytes(self) -> int:
         return len(self._blocks) * self.block_bytes
+
+
+def _weak(adapter) -> Callable[[], object]:
+    return (lambda: None) if adapter is None else weakref.ref(adapter)

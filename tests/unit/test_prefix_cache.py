@@ -1,0 +1,73 @@
+"""The prefix cache's bookkeeping on a tiny KV cache: what matches, and what it keeps alive."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import PrefixCache
+from server.model.config import ModelConfig
+
+BLOCK = 4
+TINY = ModelConfig(model_type="llama", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2,
+                   num_heads=2, num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling=None,
+                   tie_word_embeddings=True, attention_bias=False, max_position_embeddings=64)
+
+
+class Adapter:  # the cache only needs identity and weak references
+    pass
+
+
+def cache_with_written_slot(tokens: int) -> PrefixCache:
+    kv = KVCache(TINY, max_seqs=2, max_len=32, device=torch.device("cpu"), dtype=torch.float32)
+    kv.k[:, 0, :, :tokens] = torch.arange(tokens, dtype=torch.float32).view(1, 1, tokens, 1)
+    kv.v[:, 0, :, :tokens] = -kv.k[:, 0, :, :tokens]
+    return PrefixCache(kv, BLOCK, max_bytes=1 << 20)
+
+
+def test_blocks_match_only_the_adapter_and_scope_that_computed_them():
+    cache, prompt, adapter = cache_with_written_slot(12), list(range(12)), Adapter()
+    cache.store("key-a", adapter, prompt, slot=0)
+    assert cache.match("key-a", adapter, prompt + [99]).tokens == 12
+    assert cache.match("key-a", adapter, prompt).tokens == 8  # the last token is always computed
+    assert cache.match("key-a", Adapter(), prompt + [99]).tokens == 0
+    assert cache.match("key-a", None, prompt + [99]).tokens == 0
+    assert cache.match("key-b", adapter, prompt + [99]).tokens == 0
+
+
+def test_loading_a_hit_copies_its_keys_and_values_into_the_slot():
+    cache, prompt = cache_with_written_slot(8), list(range(8))
+    cache.store("", None, prompt, slot=0)
+    hit = cache.match("", None, prompt + [1])
+    assert cache.load(hit, slot=1) == 8
+    assert torch.equal(cache.kv.k[:, 1, :, :8], cache.kv.k[:, 0, :, :8])
+    assert torch.equal(cache.kv.v[:, 1, :, :8], cache.kv.v[:, 0, :, :8])
+
+
+def test_cached_blocks_do_not_keep_a_deleted_adapter_alive():
+    cache, prompt, adapter = cache_with_written_slot(8), list(range(8)), Adapter()
+    cache.store("", adapter, prompt, slot=0)
+    gone = weakref.ref(adapter)
+    del adapter
+    gc.collect()
+    assert gone() is None
+    assert len(cache) == 2  # its blocks wait for eviction, matching nothing
+
+
+def test_an_adapter_that_inherits_a_gone_adapters_id_gets_no_stale_hit():
+    cache, prompt = cache_with_written_slot(8), list(range(8))
+    first = Adapter()
+    cache.store("", first, prompt, slot=0)
+    old_id = id(first)
+    del first
+    gc.collect()
+    others = []  # CPython soon hands the freed memory, and with it the id, to a new object of that size
+    while len(others) < 10_000 and id(second := Adapter()) != old_id:
+        others.append(second)
+    if id(second) != old_id:
+        pytest.skip("this interpreter did not reuse the id")
+    assert cache.match("", second, prompt + [1]).tokens == 0
+    cache.store("", second, prompt, slot=0)
+    assert cache.match("", second, prompt + [1]).tokens == 8
