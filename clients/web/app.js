@@ -7,7 +7,10 @@ const els = {
   form: $("composer"), select: $("adapter-select"), input: $("message-input"), send: $("send-button"),
   conversation: $("conversation"), hint: $("empty-hint"), status: $("status"), model: $("model-info"),
   maxTokens: $("max-tokens"), temperature: $("temperature"), clear: $("clear-button"), refresh: $("refresh-button"),
+  settings: $("settings"), apiKey: $("api-key"),
 };
+// Kept for this tab only (sessionStorage): a reload keeps it, closing the tab forgets it.
+const KEY_STORAGE = "loraplex-api-key";
 const history = [];
 let busy = false;
 
@@ -18,7 +21,17 @@ function option(value, text) {
   return el;
 }
 
+function authHeaders() {
+  const key = els.apiKey.value.trim();
+  return key ? { authorization: `Bearer ${key}` } : {};
+}
+
 async function errorMessage(response) {
+  if (response.status === 401) {
+    els.settings.open = true;
+    return els.apiKey.value.trim() ? "the server refused this API key (Settings)"
+      : "this server wants an API key: enter it under Settings";
+  }
   try {
     const body = await response.json();
     return `${body.error.message} (${body.error.code})`;
@@ -28,7 +41,7 @@ async function errorMessage(response) {
 }
 
 async function getJSON(path) {
-  const response = await fetch(path);
+  const response = await fetch(path, { headers: authHeaders() });
   if (!response.ok) throw new Error(await errorMessage(response));
   return response.json();
 }
@@ -112,7 +125,7 @@ function finishReply(item, state, meta) {
 async function streamReply(body, onText) {
   const response = await fetch("/generate", {
     method: "POST",
-    headers: { "content-type": "application/json", accept: "text/event-stream" },
+    headers: { "content-type": "application/json", accept: "text/event-stream", ...authHeaders() },
     body: JSON.stringify({ ...body, stream: true }),
   });
   if (!response.ok) throw new Error(await errorMessage(response));
@@ -196,7 +209,13 @@ els.input.addEventListener("keydown", (event) => {
   }
 });
 els.clear.addEventListener("click", clearConversation);
+els.apiKey.addEventListener("change", () => {
+  sessionStorage.setItem(KEY_STORAGE, els.apiKey.value.trim());
+  setStatus("");
+  loadAdapters();
+});
 els.refresh.addEventListener("click", () => { loadAdapters(); loadHealth(); });
 document.addEventListener("visibilitychange", () => { if (!document.hidden) loadAdapters(); });
+els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? "";
 loadAdapters();
 loadHealth();

@@ -1,5 +1,6 @@
 """The persona chat page at `/` in headless Chromium, against a real server with two uploaded adapters."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,17 +22,35 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "test-output" / "chat_page.png"
 SMOLLM2_SHAPES = llama_base_shapes(30, 576, 1536, 192)
 REPLY_TIMEOUT_MS = 120_000
+ADMIN_KEY, TENANT_KEY = "admin-key-0123456789abcdef", "tenant-key-0123456789abcdef"
+
+
+def upload_personas(url: str, names: tuple[str, ...], root, api_key: str | None = None) -> None:
+    with LoraplexClient(url, api_key=api_key) as client:
+        for seed, name in enumerate(names, start=1):
+            folder = root.mktemp(name)
+            write_peft_folder(random_adapter(name, SMOLLM2_SHAPES, seed=seed, init_std=0.05), folder)
+            client.upload_adapter(folder, name)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     proc = ServerProcess(tmp_path_factory.mktemp("store"))
     proc.start()
-    with LoraplexClient(proc.url) as client:
-        for seed, name in enumerate(("pirate", "butler", "ghost"), start=1):
-            folder = tmp_path_factory.mktemp(name)
-            write_peft_folder(random_adapter(name, SMOLLM2_SHAPES, seed=seed, init_std=0.05), folder)
-            client.upload_adapter(folder, name)
+    upload_personas(proc.url, ("pirate", "butler", "ghost"), tmp_path_factory)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    """A server with API keys: an admin, and a tenant who may use the pirate only."""
+    root = tmp_path_factory.mktemp("keyed")
+    keys = root / "keys.json"
+    keys.write_text(json.dumps([{"key": TENANT_KEY, "role": "user", "adapters": ["pirate"]}]))
+    proc = ServerProcess(root / "store", env={"LORAPLEX_ADMIN_KEYS": ADMIN_KEY, "LORAPLEX_KEYS_FILE": str(keys)})
+    proc.start()
+    upload_personas(proc.url, ("pirate", "butler"), tmp_path_factory, api_key=ADMIN_KEY)
     yield proc
     proc.stop()
 
@@ -104,3 +123,31 @@ def test_a_deleted_persona_shows_the_error_and_is_left_out_of_history(page, serv
     expect(reply.nth(1).locator(".reply-label")).to_have_text("base")
     assert bodies[0]["adapter"] is None
     assert bodies[0]["messages"] == [{"role": "user", "content": "Hello?"}]
+
+
+def test_a_server_with_keys_gets_the_key_from_settings_on_every_call(keyed_server, browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 760})
+    try:
+        page.goto(keyed_server.url + "/")
+        expect(page.get_by_role("status")).to_contain_text("wants an API key")
+        expect(page.get_by_label("Persona").locator("option")).to_have_count(1)  # the base model only
+
+        page.get_by_label("API key").fill("wrong-key-0123456789")
+        page.get_by_label("API key").blur()
+        expect(page.get_by_role("status")).to_contain_text("refused this API key")
+
+        page.get_by_label("API key").fill(TENANT_KEY)
+        page.get_by_label("API key").blur()
+        expect(page.get_by_label("Persona").locator("option")).to_have_count(2)  # the tenant's adapter only
+        page.get_by_label("Max new tokens").fill("8")
+        page.get_by_label("Temperature").fill("0")
+        sent = []
+        page.on("request", lambda r: sent.append(r.headers.get("authorization")) if r.url.endswith("/generate") else None)
+        send(page, "pirate", "Ahoy?", replies_after=1)
+        expect(page.locator(".reply")).to_have_attribute("data-state", "done")
+        assert sent == [f"Bearer {TENANT_KEY}"]
+
+        page.reload()  # the key stays with the tab
+        expect(page.get_by_label("Persona").locator("option")).to_have_count(2)
+    finally:
+        page.close()
