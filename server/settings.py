@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
     max_prefill_tokens: int = Field(512, ge=16, description="prompt tokens computed per step; a longer prompt "
                                     "is split over steps so running streams keep getting tokens")
-    admission_wait_ms: float = Field(25.0, ge=0, description="after a step that finished requests, wait up to "
-                                     "this long (and at most 10% of that step) for their clients' next requests, "
+    admission_wait_ms: float = Field(30.0, ge=0, description="after a step that finished requests, wait up to "
+                                     "this long (and at most 15% of that step) for their clients' next requests, "
                                      "so those join the next step instead of waiting a whole one; skipped while "
                                      "such waits do not pay (0: off)")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
