@@ -78,7 +78,8 @@ def auto_workloads(qv: list[str], wide: list[str], zipf: list[str], stream_count
 
 def mode_workloads(qv: list[str]) -> list[Workload]:
     return [Workload("base-16", 16, lambda i, r: None), Workload("single-16", 16, lambda i, r: qv[0]),
-            Workload("mixed8-16", 16, lambda i, r: qv[(i + r) % 8])]
+            Workload("mixed8-16", 16, lambda i, r: qv[(i + r) % 8]),
+            Workload(f"base-16{AGAIN}", 16, lambda i, r: None)]
 
 
 def run_workloads(server: BenchServer, workloads: list[Workload], rounds: int) -> dict[str, dict]:
