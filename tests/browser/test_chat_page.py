@@ -1,4 +1,5 @@
-"""The persona chat page at `/` in headless Chromium, against a real server with two uploaded adapters."""
+"""The persona chat page at `/` in headless Chromium, against real servers: an open one with three uploaded
+adapters, and one with API keys."""
 
 import json
 import shutil
