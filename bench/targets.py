@@ -56,7 +56,7 @@ def evaluate(results: dict) -> list[Target]:
     hf = results["baselines"]["hf_batch16_tokens_per_s"]
     peft_mixed = results["baselines"]["peft_mixed16_tokens_per_s"]
     merged = results["servers"]["merged"]["workloads"]
-    merged_single, merged_base = merged["single-16"]["tokens_per_s"], base_tokens_per_s(merged, 16)
+    merged_single, merged_base = _tps(results, "merged", "single-16"), base_tokens_per_s(merged, 16)
     swap, peft_swap = results["micro"]["swap"]["seconds"], results["baselines"]["peft_swap"]["seconds"]
     memory = results["registry"]["counts"][-1]
     lone_ttft = auto["lone"]["ttft_p50"]
