@@ -79,8 +79,8 @@ def contention_probe() -> dict:
 def params_per_token(loaded: LoadedModel) -> int:
     """Weights each generated token is multiplied through: every projection plus the (tied) lm_head."""
     model = loaded.transformer
-    return sum(lin.weight.numel() for layer in model.layers for lin in layer.linears.values()) + \
-        model.lm_head.weight.numel()
+    return sum(lin.out_features * lin.in_features for layer in model.layers for lin in layer.linears.values()) + \
+        model.lm_head.out_features * model.lm_head.in_features
 
 
 class DecodeBench:
@@ -152,10 +152,10 @@ def swap(loaded: LoadedModel, adapter, reps: int) -> dict:
         _, layer, proj = key.split(".")
         linear = model.linear(int(layer), projection_rows(model.cfg, proj)[0])
         touched[id(linear)] = linear
-    before = {key: lin.weight.clone() for key, lin in touched.items()}
-    seconds = _median_seconds(lambda: restore_base(model, loaded.checkpoint, merge_into_base(model, adapter)),
+    before = {key: lin.effective_weight().clone() for key, lin in touched.items()}
+    seconds = _median_seconds(lambda: restore_base(merge_into_base(model, adapter, loaded.checkpoint)),
                               reps, warmup=1)
-    exact = all(torch.equal(lin.weight, before[key]) for key, lin in touched.items())
+    exact = all(torch.equal(lin.effective_weight(), before[key]) for key, lin in touched.items())
     return {"seconds": seconds, "restore_exact": exact}
 
 

@@ -1,10 +1,11 @@
 """glibc heap settings for a process that frees and reallocates the same multi-megabyte buffers.
 
 By default glibc serves blocks above a (dynamic) threshold with fresh mmap()s and returns free memory at
-the top of the heap to the OS once it exceeds a trim threshold. A hot-swap frees about 70 MB of packed
-kernels and allocates them again on the next merge; with the defaults every such buffer came back as new
-pages, and the page faults doubled the swap's time (38 vs 20 ms for merge_into_base + restore_base of a
-q/v r8 adapter on SmolLM2, in-process, median of 15). Keeping up to `trim_mb` of freed memory in the heap costs
+the top of the heap to the OS once it exceeds a trim threshold. A hot-swap that re-packs its kernels frees
+about 70 MB of them and allocates them again on the next merge; with the defaults every such buffer came
+back as new pages, and the page faults doubled the swap's time (38 vs 20 ms for merge_into_base +
+restore_base of a q/v r8 adapter on SmolLM2, in-process, median of 15, when fp32 kernels were still
+re-packed; they are now edited in place, bf16 ones still re-pack). Keeping up to `trim_mb` of freed memory in the heap costs
 at most that much resident memory. Other C libraries (musl, macOS) have no mallopt: nothing to do there.
 """
 

@@ -250,12 +250,12 @@ class Engine:
             return
         started = time.perf_counter()
         if self._merged is not None:
-            restore_base(self.loaded.transformer, self.loaded.checkpoint, self._merged)
+            restore_base(self._merged)
             self._merged = None
             self.stats.restores += 1
             self.metrics.restores.inc()
         if target is not None:
-            self._merged = merge_into_base(self.loaded.transformer, target)
+            self._merged = merge_into_base(self.loaded.transformer, target, self.loaded.checkpoint)
             self.stats.merges += 1
             self.metrics.merges.inc()
         elapsed = time.perf_counter() - started

@@ -49,6 +49,6 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.de
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else "lm_head.weight"
     # The tied head shares the embedding's storage on the plain path; the packed kernel is a separate layout.
     head = Linear(embed if head_name == "model.embed_tokens.weight" else _tensor(ckpt, head_name, device, dtype),
-                  None, backend)
+                  None, backend, editable=False)
     norm = _tensor(ckpt, "model.norm.weight", device, dtype)
     return Transformer(cfg, embed, layers, norm, head, device)

@@ -172,11 +172,11 @@ def test_mixed_batch_matches_each_sequence_reference(model, tokens, next_token, 
 def test_merged_adapter_matches_peft_and_restore_is_exact(model, tokens, reference, adapters, name):
     T = len(tokens)
     before = prefill(model, tokens, 1, new_kv(model))[0]
-    merged = merge_into_base(model.transformer, adapters[name])
+    merged = merge_into_base(model.transformer, adapters[name], model.checkpoint)
     try:
         logits = prefill(model, tokens, 1, new_kv(model))[0]
     finally:
-        restore_base(model.transformer, model.checkpoint, merged)
+        restore_base(merged)
     report(model, f"{name} merged", prefill=max_diff(logits, reference[name][:T]))
     assert_adapter_close(logits, reference[name][:T])
     assert torch.equal(prefill(model, tokens, 1, new_kv(model))[0], before)
@@ -187,10 +187,10 @@ def test_zero_b_adapter_equals_base(model, tokens, adapters):
     base = prefill(model, tokens, 1, new_kv(model))[0]
     slots = lora_slots(model, [adapters["zero"]])
     unmerged = prefill(model, tokens, 1, new_kv(model), slots.plan([0] * T))[0]
-    merged_state = merge_into_base(model.transformer, adapters["zero"])
+    merged_state = merge_into_base(model.transformer, adapters["zero"], model.checkpoint)
     try:
         merged = prefill(model, tokens, 1, new_kv(model))[0]
     finally:
-        restore_base(model.transformer, model.checkpoint, merged_state)
+        restore_base(merged_state)
     assert max_diff(unmerged, base) <= 1e-6
     assert max_diff(merged, base) <= 1e-6

@@ -1,0 +1,82 @@
+"""Linear's hot-swap edits on tiny weights: every kernel computes with W + scale*B@A after `merge` and with
+the exact base bits after `restore`, whatever the rows' alignment to the packed layout's blocks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.model.linear import Linear, RowEdit, resolve_backend
+
+CPU = torch.device("cpu")
+BACKENDS = sorted({"torch", resolve_backend("auto", CPU, torch.float32)})
+
+
+def edit(base: torch.Tensor, rows: slice, rank: int, seed: int) -> RowEdit:
+    g = torch.Generator().manual_seed(seed)
+    size = rows.stop - rows.start
+    return RowEdit(rows, torch.randn(size, rank, generator=g), torch.randn(rank, base.shape[1], generator=g),
+                   0.5, refill=lambda out: out.copy_(base[rows]))
+
+
+def expected(base: torch.Tensor, edits: list[RowEdit]) -> torch.Tensor:
+    w = base.clone()
+    for e in edits:
+        w[e.rows] += e.scale * (e.B @ e.A)
+    return w
+
+
+# (out, in) and row ranges: whole 64-row blocks, ranges starting or ending inside a block, one range inside a
+# single block, and a weight whose row count is no multiple of any block (the packed buffer is padded)
+CASES = [
+    ((192, 40), [slice(0, 64), slice(128, 192)]),
+    ((256, 24), [slice(10, 150)]),
+    ((256, 24), [slice(70, 90), slice(200, 256)]),
+    ((100, 72), [slice(0, 100)]),
+    ((100, 72), [slice(3, 97), slice(40, 41)]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,ranges", CASES)
+def test_merge_computes_with_the_delta_and_restore_is_bit_exact(backend, shape, ranges):
+    base = torch.randn(*shape)
+    linear = Linear(base.clone(), None, backend)
+    x = torch.randn(5, shape[1])
+    before = linear(x)
+    edits = [edit(base, rows, rank=4, seed=i) for i, rows in enumerate(ranges)]
+
+    linear.merge(edits)
+    want = expected(base, edits)
+    torch.testing.assert_close(linear.effective_weight(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(x), F.linear(x, want), atol=1e-4, rtol=1e-4)
+
+    linear.restore()
+    assert torch.equal(linear.effective_weight(), base)
+    assert torch.equal(linear(x), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merges_stack_until_one_restore(backend):
+    base = torch.randn(128, 32)
+    linear = Linear(base.clone(), None, backend)
+    first, second = edit(base, slice(0, 128), 2, seed=1), edit(base, slice(64, 96), 8, seed=2)
+    linear.merge([first])
+    linear.merge([second])
+    torch.testing.assert_close(linear.effective_weight(), expected(base, [first, second]), atol=1e-5, rtol=1e-5)
+    linear.restore()
+    assert torch.equal(linear.effective_weight(), base)
+    linear.restore()  # nothing merged: a no-op
+    assert torch.equal(linear.effective_weight(), base)
+
+
+def test_a_packed_kernel_is_edited_in_place_and_keeps_no_row_major_copy():
+    if resolve_backend("auto", CPU, torch.float32) != "mkldnn":
+        pytest.skip("no oneDNN fp32 kernel on this machine")
+    base = torch.randn(192, 40)
+    linear = Linear(base.clone(), None, "mkldnn")
+    kernel = linear.kernel
+    linear.merge([edit(base, slice(0, 64), 4, seed=0)])
+    assert linear.kernel is kernel  # no re-pack
+    assert linear.weight is None    # the base lives once, in the packed order
+    linear.restore()
+    assert linear.kernel is kernel and torch.equal(linear.effective_weight(), base)
