@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.auth import KeyRing
+from server.heap import freeze_startup_objects
 from server.request_log import RequestLogMiddleware
 from server.routes import adapters, errors, generate, health, metrics, openai
 from server.runtime import Runtime
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.runtime = await asyncio.to_thread(Runtime, settings)
+        freeze_startup_objects()
         try:
             yield
         finally:

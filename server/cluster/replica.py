@@ -17,6 +17,7 @@ from ray import serve
 from server.app import create_app
 from server.cluster.forwarding import BASE_MODEL_ID, ForwardedRequest, Head, call_app
 from server.cluster.shared_registry import SharedStoreRegistry
+from server.heap import freeze_startup_objects
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -44,6 +45,7 @@ class EngineReplica:
         self.app = create_app(settings)
         self.runtime = Runtime(settings, registry_type=SharedStoreRegistry)
         self.app.state.runtime = self.runtime  # the app's lifespan does not run here: the replica owns the runtime
+        freeze_startup_objects()
         self.replica_id = serve.get_replica_context().replica_id.unique_id.encode()
         registry = self.runtime.registry
 
