@@ -46,6 +46,7 @@ class LoadResult:
     peak_rss_mb: float
     window_s: float
     steady: bool                     # False: never were all streams busy at once; tok/s is over the whole run
+    ttfts: list[float] = field(default_factory=list)  # each measured request's, to pool runs for a tail percentile
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -146,4 +147,4 @@ def summarize(name: str, streams: int, per_stream: list[tuple[RequestResult, lis
         ttft_p50=percentile([r.ttft for r in measured], 50), ttft_p99=percentile([r.ttft for r in measured], 99),
         latency_p50=percentile([r.latency for r in measured], 50),
         latency_p99=percentile([r.latency for r in measured], 99),
-        peak_rss_mb=peak_rss / 2**20, window_s=window)
+        peak_rss_mb=peak_rss / 2**20, window_s=window, ttfts=[r.ttft for r in measured])
