@@ -4,9 +4,9 @@ Exactness guarantee: after any number of `merge_into_base` / `restore_base` cycl
 model computes with is bit-identical (`torch.equal`) to the one loaded at start-up. Subtracting the delta
 again (what PEFT's unmerge does) is not exact: (W + d) - d rounds, and tests/integration/test_merge_exactness.py
 measures 12-16% of bf16 weights drifted after 1-50 such cycles. So `restore_base` never subtracts: each
-`Linear` puts back the touched rows' original bits, from the copy of the base it keeps in its packed
-layout, or else from the read-only, memory-mapped checkpoint with the same conversion used at load
-(`copy_checkpoint_tensor`). See server.model.linear for which kernel does which.
+`Linear` puts back the original bits: by computing with its untouched packed base kernel again, or else
+by copying the touched rows from the read-only, memory-mapped checkpoint with the same conversion used at
+load (`copy_checkpoint_tensor`). See server.model.linear for which kernel does which.
 """
 
 from __future__ import annotations

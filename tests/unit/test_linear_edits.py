@@ -69,14 +69,30 @@ def test_merges_stack_until_one_restore(backend):
     assert torch.equal(linear.effective_weight(), base)
 
 
-def test_a_packed_kernel_is_edited_in_place_and_keeps_no_row_major_copy():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_merge_after_a_restore_carries_nothing_of_the_one_before(backend):
+    base = torch.randn(256, 48)
+    linear = Linear(base.clone(), None, backend)
+    first, second = edit(base, slice(0, 100), 4, seed=1), edit(base, slice(128, 256), 4, seed=2)
+    linear.merge([first])
+    linear.restore()
+    linear.merge([second])
+    torch.testing.assert_close(linear.effective_weight(), expected(base, [second]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(linear.effective_weight()[:128], base[:128])
+    linear.restore()
+    assert torch.equal(linear.effective_weight(), base)
+
+
+def test_a_packed_kernel_is_never_repacked_and_keeps_no_row_major_copy():
     if resolve_backend("auto", CPU, torch.float32) != "mkldnn":
         pytest.skip("no oneDNN fp32 kernel on this machine")
     base = torch.randn(192, 40)
     linear = Linear(base.clone(), None, "mkldnn")
-    kernel = linear.kernel
+    loaded = linear.kernel
+    assert linear.weight is None  # the base lives in its packed kernel only
     linear.merge([edit(base, slice(0, 64), 4, seed=0)])
-    assert linear.kernel is kernel  # no re-pack
-    assert linear.weight is None    # the base lives once, in the packed order
+    merged = linear.kernel
     linear.restore()
-    assert linear.kernel is kernel and torch.equal(linear.effective_weight(), base)
+    assert linear.kernel is loaded and torch.equal(linear.effective_weight(), base)
+    linear.merge([edit(base, slice(64, 128), 4, seed=1)])
+    assert linear.kernel is merged  # the same two kernels, written in place, whatever is merged
