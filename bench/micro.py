@@ -4,7 +4,8 @@
   `Linear` (oneDNN when available), the yardstick for the model's achieved FLOP/s;
 - decode-step time of the serving model, bare vs with a LoraSlots plan (one adapter, 8 mixed), at batch
   1, 16 and 64;
-- one hot-swap: merge_into_base + restore_base, with a bit-exactness check;
+- a decode step with one adapter merged vs the bare base (the hot-swap itself is timed in turns with
+  PEFT's, by bench.baselines);
 - the registry: resident memory added per registered adapter, and load_stored time.
 
 Run each of `run_model_micro` and `run_registry_micro` in a fresh process (bench.run does), so RSS deltas
@@ -145,18 +146,43 @@ def lora_overhead(loaded: LoadedModel, qv: list, wide: list, batches: list[int],
     return rows
 
 
-def swap(loaded: LoadedModel, adapter, reps: int) -> dict:
-    model = loaded.transformer
-    touched = {}
-    for key in adapter.weights:
-        _, layer, proj = key.split(".")
-        linear = model.linear(int(layer), projection_rows(model.cfg, proj)[0])
-        touched[id(linear)] = linear
-    before = {key: lin.effective_weight().clone() for key, lin in touched.items()}
-    seconds = _median_seconds(lambda: restore_base(merge_into_base(model, adapter, loaded.checkpoint)),
-                              reps, warmup=1)
-    exact = all(torch.equal(lin.effective_weight(), before[key]) for key, lin in touched.items())
-    return {"seconds": seconds, "restore_exact": exact}
+class SwapCycle:
+    """One hot-swap, merge_into_base + restore_base of `adapter`, as a zero-argument callable; `exact()`
+    says whether every weight it touched computes with the bits it had when this was made. bench.baselines
+    times it in turns with PEFT's merge + unmerge, in the same process."""
+
+    def __init__(self, loaded: LoadedModel, adapter):
+        self.loaded, self.adapter = loaded, adapter
+        model = loaded.transformer
+        self.touched = {id(linear): linear for linear in
+                        (model.linear(int(key.split(".")[1]), projection_rows(model.cfg, key.split(".")[2])[0])
+                         for key in adapter.weights)}
+        self.before = {key: lin.effective_weight().clone() for key, lin in self.touched.items()}
+
+    def __call__(self) -> None:
+        restore_base(merge_into_base(self.loaded.transformer, self.adapter, self.loaded.checkpoint))
+
+    def exact(self) -> bool:
+        return all(torch.equal(lin.effective_weight(), self.before[key]) for key, lin in self.touched.items())
+
+
+def merged_step(loaded: LoadedModel, adapter, batch: int, kv_len: int, reps: int) -> dict:
+    """A decode step with `adapter` merged into the base vs the bare base step, timed in turns (merging and
+    restoring between them, untimed): what merged mode costs per step, without the server's noise."""
+    bench = DecodeBench(loaded, batch, kv_len)
+    step = bench.step(batch, None)
+    times: dict[str, list[float]] = {"base": [], "merged": []}
+    for i in range(reps + 2):
+        for label in times:
+            merged = merge_into_base(loaded.transformer, adapter, loaded.checkpoint) if label == "merged" else None
+            started = time.perf_counter()
+            step()
+            if i >= 2:
+                times[label].append(time.perf_counter() - started)
+            if merged is not None:
+                restore_base(merged)
+    base, with_adapter = statistics.median(times["base"]), statistics.median(times["merged"])
+    return {"batch": batch, "base_step_s": base, "merged_step_s": with_adapter, "ratio": with_adapter / base}
 
 
 def run_model_micro(qv_folders: dict[str, Path], wide_folders: dict[str, Path], quick: bool) -> dict:
@@ -175,7 +201,7 @@ def run_model_micro(qv_folders: dict[str, Path], wide_folders: dict[str, Path], 
         "params_per_token": params_per_token(loaded),
         "matmul_ceiling_gflops": matmul_ceiling_gflops(backend, reps),
         "lora_overhead": lora_overhead(loaded, qv, wide, [1, 16, 64], prompt_tokens, reps),
-        "swap": swap(loaded, qv[0], reps),
+        "merged_step": merged_step(loaded, qv[0], 16, prompt_tokens + NEW_TOKENS // 2, reps),
     }
 
 

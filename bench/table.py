@@ -78,8 +78,11 @@ def _micro(results: dict) -> list[str]:
                      f"{row['qv_mixed8_ratio']:>15.2f}x{row['all_mixed8_ratio']:>19.2f}x   "
                      f"{row['qv_single_plan_s'] * 1e3:.1f} / {row['qv_mixed8_plan_s'] * 1e3:.1f} / "
                      f"{row['all_mixed8_plan_s'] * 1e3:.1f}")
-    swap, peft = m["swap"], b["peft_swap"]
-    lines.append(f"Swap: merge_into_base + restore_base {swap['seconds'] * 1e3:.1f} ms (exact restore: "
+    merged = m["merged_step"]
+    lines.append(f"Merged decode step (batch {merged['batch']}, q/v r8 merged into the base) vs the bare base, in turns: "
+                 f"{_ms(merged['merged_step_s'])} vs {_ms(merged['base_step_s'])} ms -> {1 / merged['ratio']:.2f}x the base's speed")
+    swap, peft = b["swap"]["loraplex"], b["swap"]["peft"]
+    lines.append(f"Swap, timed in turns: merge_into_base + restore_base {swap['seconds'] * 1e3:.1f} ms (exact restore: "
                  f"{swap['restore_exact']}) vs PEFT merge_adapter + unmerge_adapter {peft['seconds'] * 1e3:.1f} ms "
                  f"(exact: {peft['restore_exact']}, {100 * peft['changed_fraction']:.1f}% of q_proj weights drifted)"
                  f" -> speed-up {peft['seconds'] / swap['seconds']:.2f}x")

@@ -77,7 +77,8 @@ def evaluate(results: dict) -> list[Target]:
     peft_mixed = results["baselines"]["peft_mixed16_tokens_per_s"]
     merged = results["servers"]["merged"]["workloads"]
     merged_single, merged_base = mean_tokens_per_s(merged, "single-16"), base_tokens_per_s(merged, 16)
-    swap, peft_swap = results["micro"]["swap"]["seconds"], results["baselines"]["peft_swap"]["seconds"]
+    swap, peft_swap = (results["baselines"]["swap"][side]["seconds"] for side in ("loraplex", "peft"))
+    merged_step = results["micro"]["merged_step"]
     memory = results["registry"]["counts"][-1]
     lone_ttft = auto["lone"]["ttft_p50"]
     loaded_ttft, loaded_requests = pooled_ttft_p99(auto, "base-16")
@@ -93,7 +94,7 @@ def evaluate(results: dict) -> list[Target]:
                f"{_without_prefix_cache(results, 'mixed8-16', peft_mixed)}"),
         Target("single adapter, merged mode vs base-only", merged_single / merged_base, 0.97, True,
                f"{merged_single:.0f} vs {merged_base:.0f} tok/s (--lora-mode merged){_runs_detail(merged, 'single-16')}"
-               f"{_base_detail(merged)}"),
+               f"{_base_detail(merged)}; in-process decode step {1 / merged_step['ratio']:.2f}x"),
         Target("swap speed-up vs PEFT merge+unmerge", peft_swap / swap, 4.0, True,
                f"{swap * 1e3:.1f} vs {peft_swap * 1e3:.1f} ms"),
         Target(f"memory per adapter / file size ({memory['adapters']} adapters)", memory["per_adapter_vs_file"], 1.2,
