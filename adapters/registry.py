@@ -8,6 +8,8 @@ parsed outside the lock, so a large upload never blocks lookups from the engine.
 import logging
 import tempfile
 import threading
+import weakref
+from collections import deque
 from pathlib import Path
 
 from adapters.format import (
@@ -34,6 +36,9 @@ class AdapterRegistry:
         self.limits = limits
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
+        # Versions removed or replaced, for whoever holds copies of their weights (the engine's device
+        # slots) to drop them; weak, so that nothing is kept alive for a reader that never comes.
+        self.retired: deque[weakref.ref] = deque(maxlen=4096)
 
     def load_stored(self) -> list[str]:
         """Load every stored adapter; one that no longer loads is quarantined rather than stopping start-up."""
@@ -71,6 +76,7 @@ class AdapterRegistry:
         with self._lock:
             self._check_room(name, replace)
             self.store.save(name, stored_files, replace=replace)
+            self._retire(self._adapters.get(name))
             self._adapters[name] = adapter
         return adapter
 
@@ -108,7 +114,13 @@ class AdapterRegistry:
                 self.store.delete(name)
             except AdapterNotFound:
                 pass  # registered with persist=False
-            return self._adapters.pop(name)
+            adapter = self._adapters.pop(name)
+            self._retire(adapter)
+            return adapter
+
+    def _retire(self, adapter: Adapter | None) -> None:
+        if adapter is not None:
+            self.retired.append(weakref.ref(adapter))
 
     def list(self) -> list[Adapter]:
         with self._lock:

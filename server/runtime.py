@@ -83,7 +83,7 @@ class Runtime:
         if settings.preload_dir is not None:
             loaded_names += preload(self.registry, settings.preload_dir)
         self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype)
-        self.adapter_slots = AdapterSlots(self.lora)
+        self.adapter_slots = AdapterSlots(self.lora, self.registry.retired)
         kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
         prefix_cache = PrefixCache(kv, settings.prefix_block_tokens, settings.prefix_cache_mb * 2**20) \
             if settings.prefix_cache_mb else None

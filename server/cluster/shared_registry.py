@@ -49,7 +49,7 @@ class SharedStoreRegistry(AdapterRegistry):
     def release(self, name: str) -> None:
         with self._lock:
             if self._stamps.pop(name, False) is not False:
-                self._adapters.pop(name, None)
+                self._retire(self._adapters.pop(name, None))
 
     # ---- the AdapterRegistry interface the routes use
 
@@ -68,6 +68,7 @@ class SharedStoreRegistry(AdapterRegistry):
         adapter = self._read(name)
         with self._lock:
             if name in self._stamps:
+                self._retire(self._adapters.get(name))
                 self._adapters[name], self._stamps[name] = adapter, stamp
         return adapter
 
@@ -163,6 +164,6 @@ class SharedStoreRegistry(AdapterRegistry):
 
     def _forget_copy(self, name: str) -> None:
         """Under self._lock: drops the copy in memory; a held name is read from the store again on next use."""
-        self._adapters.pop(name, None)
+        self._retire(self._adapters.pop(name, None))
         if name in self._stamps:
             self._stamps[name] = None

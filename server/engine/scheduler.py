@@ -93,6 +93,7 @@ class Scheduler:
         return list(self.running), self._admit(budget)
 
     def _admit(self, budget: int) -> list[Sequence]:
+        self.adapter_slots.prune()  # deleted adapters' slots first, so they are free to take
         admitted: list[Sequence] = []
         blocked: set[int] = set()  # adapters that cannot be admitted in this step
         while budget > 0 and self.kv.used < self.kv.max_seqs:

@@ -1,23 +1,40 @@
 """Which adapter sits in which device slot: LRU over slots, pinned while a running sequence uses it.
 
 Slots are keyed by the Adapter object, not its name, so a deleted-then-reuploaded name never serves stale
-weights, and requests in flight keep the version they started with.
+weights, and requests in flight keep the version they started with. A version the registry removed or
+replaced gives its slot back as soon as no running sequence uses it (`prune`), instead of holding its
+weights until LRU eviction reaches it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 
 from server.lora.layers import LoraSlots
 
 
 class AdapterSlots:
-    def __init__(self, lora: LoraSlots):
+    def __init__(self, lora: LoraSlots, retired: deque[weakref.ref] | None = None):
         self.lora = lora
         self._slot_of: OrderedDict[int, tuple[object, int]] = OrderedDict()  # id(adapter) -> (adapter, slot)
         self._users: dict[int, int] = {}
         self._free = list(range(lora.max_slots))
+        self._retired_feed = retired if retired is not None else deque()  # the registry's `retired`
+        self._retired: set[int] = set()  # resident, retired, still in use
         self.loads = 0
+
+    def prune(self) -> None:
+        """Frees the slots of retired adapters no sequence uses; the rest go when their last user leaves."""
+        while self._retired_feed:
+            adapter = self._retired_feed.popleft()()
+            key = id(adapter)
+            if adapter is None or self._slot_of.get(key, (None,))[0] is not adapter:
+                continue
+            if key in self._users:
+                self._retired.add(key)
+            else:
+                self._evict(key)
 
     def acquire(self, adapter) -> int | None:
         """The adapter's slot, loading it (evicting an unused one) if needed; None while every slot is in use."""
@@ -39,6 +56,9 @@ class AdapterSlots:
         self._users[key] -= 1
         if self._users[key] == 0:
             del self._users[key]
+            if key in self._retired:
+                self._retired.discard(key)
+                self._evict(key)
 
     def resident(self) -> list[str]:
         return [adapter.name for adapter, _ in self._slot_of.values()]
@@ -46,9 +66,13 @@ class AdapterSlots:
     def _take_slot(self) -> int | None:
         if self._free:
             return self._free.pop()
-        for key, (_, slot) in self._slot_of.items():  # least recently used first
+        for key in self._slot_of:  # least recently used first
             if key not in self._users:
-                del self._slot_of[key]
-                self.lora.reset_lora(slot)
-                return slot
+                self._evict(key)
+                return self._free.pop()
         return None
+
+    def _evict(self, key: int) -> None:
+        _, slot = self._slot_of.pop(key)
+        self.lora.reset_lora(slot)
+        self._free.append(slot)

@@ -66,3 +66,42 @@ def test_thousand_registered_adapters_and_slot_lru(runtime):
     assert len({tuple(t) for t in alone}) > 1, "the adapters should not all produce the same tokens"
     assert runtime.adapter_slots.loads - loads_before >= len(picked)  # evicted and reloaded through 4 slots
     assert len(runtime.adapter_slots.resident()) <= 4
+
+
+@pytest.fixture
+def fresh_runtime(tmp_path):
+    rt = Runtime(Settings(store_dir=tmp_path, max_batch=4, lora_slots=4, lora_mode="unmerged", max_seq_len=256))
+    yield rt
+    rt.stop()
+
+
+def test_a_deleted_adapter_gives_its_device_slot_back(fresh_runtime):
+    runtime = fresh_runtime
+    kept, deleted, busy = (random_adapter(n, SHAPES, rank=2, targets=("q_proj",), seed=s, init_std=0.02)
+                           for n, s in (("slot-kept", 7), ("slot-deleted", 8), ("slot-busy", 9)))
+    for adapter in (kept, deleted, busy):
+        runtime.registry.add(adapter, persist=False)
+
+    async def one(adapter, tokens=4):
+        return (await _finish_time(runtime, adapter, tokens))[1]
+
+    asyncio.run(one(kept))
+    asyncio.run(one(deleted))
+    assert {"slot-kept", "slot-deleted"} <= set(runtime.adapter_slots.resident())
+    runtime.registry.remove("slot-deleted")
+    asyncio.run(one(kept))  # the next scheduling step frees the deleted adapter's slot, not the LRU's
+    assert "slot-deleted" not in runtime.adapter_slots.resident()
+    assert "slot-kept" in runtime.adapter_slots.resident()
+
+    async def delete_while_running():
+        running = asyncio.create_task(_finish_time(runtime, busy, 40))
+        while "slot-busy" not in runtime.adapter_slots.resident():
+            await asyncio.sleep(0.01)
+        runtime.registry.remove("slot-busy")
+        await one(kept)  # a step runs prune while the busy adapter still serves its request
+        assert "slot-busy" in runtime.adapter_slots.resident()
+        return (await running)[1]
+
+    tokens = asyncio.run(delete_while_running())
+    assert len(tokens) == 40  # the request that started with it finished with it
+    assert "slot-busy" not in runtime.adapter_slots.resident()

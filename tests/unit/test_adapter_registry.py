@@ -189,3 +189,14 @@ def test_invalid_replacement_keeps_the_old_version(tmp_path):
     reloaded = registry(tmp_path)
     reloaded.load_stored()
     assert reloaded.get("sql").rank == old.rank
+
+
+def test_replaced_and_removed_versions_are_announced_without_being_kept_alive(tmp_path):
+    reg = registry(tmp_path)
+    first = reg.register_upload("sql", peft_upload())
+    second = reg.register_upload("sql", peft_upload(seed=3), replace=True)
+    assert [ref() for ref in reg.retired] == [first]
+    reg.remove("sql")
+    assert [ref() for ref in reg.retired] == [first, second]
+    del first, second
+    assert [ref() for ref in reg.retired] == [None, None]  # nobody else held them: gone
