@@ -25,6 +25,10 @@ def expected(base: torch.Tensor, edits: list[RowEdit]) -> torch.Tensor:
     return w
 
 
+def assert_computes_with(linear: Linear, base: torch.Tensor, edits: list[RowEdit]) -> None:
+    torch.testing.assert_close(linear.effective_weight(), expected(base, edits), atol=1e-5, rtol=1e-5)
+
+
 # (out, in) and row ranges: whole 64-row blocks, ranges starting or ending inside a block, one range inside a
 # single block, and a weight whose row count is no multiple of any block (the packed buffer is padded)
 CASES = [
@@ -46,9 +50,8 @@ def test_merge_computes_with_the_delta_and_restore_is_bit_exact(backend, shape, 
     edits = [edit(base, rows, rank=4, seed=i) for i, rows in enumerate(ranges)]
 
     linear.merge(edits)
-    want = expected(base, edits)
-    torch.testing.assert_close(linear.effective_weight(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(linear(x), F.linear(x, want), atol=1e-4, rtol=1e-4)
+    assert_computes_with(linear, base, edits)
+    torch.testing.assert_close(linear(x), F.linear(x, expected(base, edits)), atol=1e-4, rtol=1e-4)
 
     linear.restore()
     assert torch.equal(linear.effective_weight(), base)
@@ -56,30 +59,19 @@ def test_merge_computes_with_the_delta_and_restore_is_bit_exact(backend, shape, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_merges_stack_until_one_restore(backend):
-    base = torch.randn(128, 32)
+@pytest.mark.parametrize("restore_between", [False, True])
+def test_a_second_merge_adds_on_top_or_after_a_restore_carries_nothing_of_the_first(backend, restore_between):
+    base = torch.randn(256, 48)
     linear = Linear(base.clone(), None, backend)
-    first, second = edit(base, slice(0, 128), 2, seed=1), edit(base, slice(64, 96), 8, seed=2)
+    first, second = edit(base, slice(0, 100), 2, seed=1), edit(base, slice(64, 256), 8, seed=2)
     linear.merge([first])
+    if restore_between:
+        linear.restore()
     linear.merge([second])
-    torch.testing.assert_close(linear.effective_weight(), expected(base, [first, second]), atol=1e-5, rtol=1e-5)
+    assert_computes_with(linear, base, [second] if restore_between else [first, second])
     linear.restore()
     assert torch.equal(linear.effective_weight(), base)
     linear.restore()  # nothing merged: a no-op
-    assert torch.equal(linear.effective_weight(), base)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_merge_after_a_restore_carries_nothing_of_the_one_before(backend):
-    base = torch.randn(256, 48)
-    linear = Linear(base.clone(), None, backend)
-    first, second = edit(base, slice(0, 100), 4, seed=1), edit(base, slice(128, 256), 4, seed=2)
-    linear.merge([first])
-    linear.restore()
-    linear.merge([second])
-    torch.testing.assert_close(linear.effective_weight(), expected(base, [second]), atol=1e-5, rtol=1e-5)
-    assert torch.equal(linear.effective_weight()[:128], base[:128])
-    linear.restore()
     assert torch.equal(linear.effective_weight(), base)
 
 
