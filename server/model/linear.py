@@ -178,7 +178,7 @@ class Linear:
         self.bias = bias
         self.backend = backend
         self.out_features, self.in_features = weight.shape
-        self._edits: list[RowEdit] = []
+        self._edits: list[RowEdit] = []  # merged since the last restore, where the base comes from `refill`
         self._base_kernel: torch.Tensor | None = None
         self._pair = _PackedPair.build(weight) \
             if backend == "mkldnn" and editable and weight.dtype == torch.float32 else None
@@ -201,10 +201,10 @@ class Linear:
 
     def merge(self, edits: list[RowEdit]) -> None:
         """Applies `edits` to the weight the kernel computes with; `restore` undoes all merges exactly."""
-        self._edits += edits
         if self._pair:
             self.kernel = self._pair.merge(edits, on_top=self.kernel is self._pair.scratch)
             return
+        self._edits += edits  # what restore refills
         for edit in edits:
             rows = self.weight[edit.rows]
             if rows.dtype == torch.float32:  # one fused kernel, no delta-sized temporaries
@@ -220,9 +220,9 @@ class Linear:
         """Puts back the exact base bits of every row merged since the last restore."""
         if self._pair:
             self.kernel = self._pair.base
-        else:
-            for edit in self._edits:
-                edit.refill(self.weight[edit.rows])
-            if self._base_kernel is not None:
-                self.kernel, self._base_kernel = self._base_kernel, None
+            return
+        for edit in self._edits:
+            edit.refill(self.weight[edit.rows])
         self._edits = []
+        if self._base_kernel is not None:
+            self.kernel, self._base_kernel = self._base_kernel, None
