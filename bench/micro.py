@@ -154,9 +154,11 @@ class SwapCycle:
     def __init__(self, loaded: LoadedModel, adapter):
         self.loaded, self.adapter = loaded, adapter
         model = loaded.transformer
-        self.touched = {id(linear): linear for linear in
-                        (model.linear(int(key.split(".")[1]), projection_rows(model.cfg, key.split(".")[2])[0])
-                         for key in adapter.weights)}
+        self.touched = {}
+        for key in adapter.weights:  # "layers.{i}.{proj}"
+            _, layer, proj = key.split(".")
+            linear = model.linear(int(layer), projection_rows(model.cfg, proj)[0])
+            self.touched[id(linear)] = linear
         self.before = {key: lin.effective_weight().clone() for key, lin in self.touched.items()}
 
     def __call__(self) -> None:

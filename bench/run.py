@@ -139,7 +139,8 @@ def serve_mode(store: Path, mode: str, qv: dict[str, Path], rounds: int, label: 
         for name, folder in qv.items():
             server.upload(name, folder)
         asyncio.run(_one_request(server.url, None, 4))
-        return {"start_s": server.start_s, "workloads": run_workloads(server, mode_workloads(list(qv), single_again), rounds)}
+        workloads = run_workloads(server, mode_workloads(list(qv), single_again), rounds)
+        return {"start_s": server.start_s, "workloads": workloads}
 
 
 def restart(store: Path) -> dict:

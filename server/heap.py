@@ -6,15 +6,16 @@ the top of the heap to the OS once it exceeds a trim threshold. A hot-swap that 
 about 70 MB of them and allocates them again on the next merge; with the defaults every such buffer came
 back as new pages, and the page faults doubled the swap's time (38 vs 20 ms for merge_into_base +
 restore_base of a q/v r8 adapter on SmolLM2, in-process, median of 15, when fp32 kernels were still
-re-packed; they are now edited in place, bf16 ones still re-pack). Keeping up to `trim_mb` of freed memory in the heap costs
-at most that much resident memory. Other C libraries (musl, macOS) have no mallopt: nothing to do there.
+re-packed; they are now written in place, bf16 ones still re-pack). Keeping up to `trim_mb` of freed
+memory in the heap costs at most that much resident memory. Other C libraries (musl, macOS) have no
+mallopt: nothing to do there.
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
