@@ -55,9 +55,13 @@ class ModelFolder:
         return tensors
 
 
+def cache_root() -> Path:
+    """Where loraplex keeps what it derives once per machine (converted models, built kernels)."""
+    return Path(os.environ.get("LORAPLEX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loraplex"))
+
+
 def default_cache_dir() -> Path:
-    root = os.environ.get("LORAPLEX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loraplex")
-    return Path(root) / "models" / DEFAULT_MODEL_NAME
+    return cache_root() / "models" / DEFAULT_MODEL_NAME
 
 
 def default_gguf_path() -> Path:
