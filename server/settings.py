@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     port: int = 8000
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    linear_backend: Literal["auto", "torch", "mkldnn"] = "auto"
+    linear_backend: Literal["auto", "torch", "mkldnn", "panel"] = "auto"
     threads: int | None = Field(None, description="torch intra-op threads on CPU (default: all cores)")
     lora_mode: Literal["auto", "merged", "unmerged"] = "auto"
     max_batch: int = Field(64, ge=1, description="sequences decoded together (KV-cache slots)")

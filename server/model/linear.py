@@ -1,20 +1,25 @@
 """The one place where activations meet frozen weights, and where a hot-swap edits them.
 
 Every base matmul goes through `Linear`, so the fast path is chosen once at start-up and CUDA takes its own.
-On CPU, oneDNN with the weight reordered ("prepacked") once into its blocked layout ran 2.5-3x the
-throughput of `F.linear` (MKL sgemm) at batch 16-64 on this machine's EPYC (fp32, 2 threads; see
-bench/micro_linear.py).
+On CPU (fp32, 2 threads; `python -m bench.micro_linear` times one pass over a decode step's 121 distinct
+SmolLM2 weights, 540 MB, which is what a step pays):
+- panel (`server.model.panel_kernel`, the default on AVX2 CPUs): our own kernel over weights stored as
+  [out/16, in, 16] panels. On this machine's AVX2 EPYC, per step's weights: 31 vs 43 ms for oneDNN at 1
+  row, 67 vs 101 ms at 16, 146 vs 167 ms at 64, but 785 vs 688 ms at 256 (a long prompt's chunk); oneDNN
+  streamed the weights at a third of the 18 GB/s a plain sum reads them at.
+- mkldnn: oneDNN with the weight reordered ("prepacked") once into its blocked layout; 1.3-1.4x `F.linear`
+  (MKL sgemm) here. The default on other CPUs (AVX-512 runs it fast) and for bf16.
 
 A hot-swap adds a low-rank delta to some rows of the weight the kernel computes with and later puts the
 exact base bits back. How depends on the kernel:
 - plain (`F.linear`, CUDA): the kernel is the weight; rows are edited in place and refilled from the
   checkpoint by the caller's `RowEdit.refill`.
-- packed pair (oneDNN fp32): fp32 reordering only permutes elements, into blocks of `block` output rows
-  stored input-major. Linear checks at load that the packed buffer holds exactly that permutation of the
-  weight, then keeps two packed kernels and no row-major weight (the same memory as weight + kernel): the
-  base, never written, and a scratch one a merge writes base + delta into through strided views of both
-  buffers, in one pass. Restore points back at the base. A q/v r8 swap of SmolLM2 went from 52 ms
-  (re-packing the touched sites, oneDNN's reorder running at ~1.8 GB/s) to 13 ms, in-process.
+- packed pair (panel, and oneDNN fp32): both store blocks of `block` output rows input-major (oneDNN's
+  fp32 reorder only permutes elements; Linear checks at load that its buffer holds exactly that
+  permutation of the weight). Linear keeps two packed kernels and no row-major weight (the same memory as
+  weight + kernel): the base, never written, and a scratch one a merge writes base + delta into through
+  strided views of both buffers, in one pass. Restore points back at the base. A q/v r8 swap of SmolLM2
+  went from 52 ms (re-packing the touched sites, oneDNN's reorder running at ~1.8 GB/s) to 13 ms.
 - repacked (oneDNN, any other layout, e.g. bf16's interleaved pairs): the row-major weight is edited, the
   kernel packed again from it and the base kernel kept aside to be put back.
 """
@@ -28,18 +33,39 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "mkldnn")
+from server.model.panel_kernel import pack_panels, panel_kernel
+
+BACKENDS = ("auto", "torch", "mkldnn", "panel")
 _BLOCK_CANDIDATES = (64, 32, 16, 8, 48, 128)
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name not in BACKENDS:
         raise ValueError(f"linear backend {name!r} is not one of {BACKENDS}")
+    if name == "panel" and (device.type != "cpu" or dtype != torch.float32 or panel_kernel() is None):
+        raise ValueError("the panel linear backend needs a CPU with AVX2/FMA, a C compiler (or a cached build) "
+                         "and float32")
     if name != "auto":
         return name
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear_works(dtype):
+    if device.type != "cpu":
+        return "torch"
+    # Measured faster than oneDNN only on AVX2 parts; on the AVX-512 EPYC of earlier runs oneDNN did a whole
+    # 16-row step in 30 ms, and the kernel has not been compared there.
+    if dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX2" and panel_kernel():
+        return "panel"
+    if dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear_works(dtype):
         return "mkldnn"
     return "torch"
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The backends that run here for `dtype`, plain `F.linear` first."""
+    names = ["torch"]
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear_works(dtype):
+        names.append("mkldnn")
+    if device.type == "cpu" and dtype == torch.float32 and panel_kernel():
+        names.append("panel")
+    return names
 
 
 def _mkldnn_linear_works(dtype: torch.dtype) -> bool:
@@ -60,6 +86,9 @@ def _mkldnn_pack(weight: torch.Tensor) -> torch.Tensor:
 
 def _mkldnn_apply(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, kernel, bias, "none", [], "")
+
+
+_PACKERS = {"mkldnn": _mkldnn_pack, "panel": pack_panels}  # backend -> [out, in] weight -> its kernel
 
 
 def _mkldnn_buffer(kernel: torch.Tensor) -> torch.Tensor:
@@ -119,7 +148,11 @@ class _PackedPair:
         self._dirty: set[int] = set()  # scratch blocks that differ from the base
 
     @classmethod
-    def build(cls, weight: torch.Tensor) -> _PackedPair | None:
+    def build(cls, weight: torch.Tensor, backend: str) -> _PackedPair | None:
+        if backend == "panel":  # the panels are the blocked view
+            base = pack_panels(weight)
+            scratch = base.clone()
+            return cls(base, base, scratch, scratch)
         base, scratch = _mkldnn_pack(weight), _mkldnn_pack(weight)
         base_view, scratch_view = _blocked_view(base, weight), _blocked_view(scratch, weight)
         if base_view is None or scratch_view is None:
@@ -180,15 +213,18 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self._edits: list[RowEdit] = []  # merged since the last restore, where the base comes from `refill`
         self._base_kernel: torch.Tensor | None = None
-        self._pair = _PackedPair.build(weight) \
-            if backend == "mkldnn" and editable and weight.dtype == torch.float32 else None
+        self._panel = panel_kernel() if backend == "panel" else None
+        self._pair = _PackedPair.build(weight, backend) \
+            if backend in _PACKERS and editable and weight.dtype == torch.float32 else None
         self.weight: torch.Tensor | None = None if self._pair else weight  # row-major, where edits go through it
         if self._pair:
             self.kernel = self._pair.base
         else:
-            self.kernel = _mkldnn_pack(weight) if backend == "mkldnn" else weight
+            self.kernel = _PACKERS[backend](weight) if backend in _PACKERS else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._panel:
+            return self._panel(x, self.kernel, self.out_features, self.bias)
         if self.backend == "mkldnn":
             return _mkldnn_apply(x, self.kernel, self.bias)
         return F.linear(x, self.kernel, self.bias)
@@ -197,6 +233,8 @@ class Linear:
         """The [out, in] weight the kernel computes with now (a copy where the kernel is packed)."""
         if self._pair:
             return _rows(self._pair.view(self.kernel), 0, self.out_features)
+        if self.backend == "panel":
+            return _rows(self.kernel, 0, self.out_features)
         return self.kernel.to_dense() if self.kernel.is_mkldnn else self.kernel
 
     def merge(self, edits: list[RowEdit]) -> None:
@@ -211,10 +249,10 @@ class Linear:
                 rows.addmm_(edit.B, edit.A, alpha=edit.scale)
             else:  # sum in float32, round once into the narrow dtype
                 rows.copy_((rows.float() + (edit.B @ edit.A) * edit.scale).to(rows.dtype))
-        if self.backend == "mkldnn":
+        if self.backend in _PACKERS:
             if self._base_kernel is None:
                 self._base_kernel = self.kernel
-            self.kernel = _mkldnn_pack(self.weight)
+            self.kernel = _PACKERS[self.backend](self.weight)
 
     def restore(self) -> None:
         """Puts back the exact base bits of every row merged since the last restore."""

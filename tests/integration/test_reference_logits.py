@@ -18,6 +18,7 @@ from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
 from server.model.config import ModelConfig
+from server.model.linear import available_backends
 from server.model.weights import LoadedModel
 from server.runtime import site_layouts
 
@@ -52,7 +53,7 @@ def next_token(prompt_ids) -> torch.Tensor:
     return prompt_ids[-1:]
 
 
-@pytest.fixture(scope="module", params=["torch", "mkldnn"])
+@pytest.fixture(scope="module", params=available_backends(torch.device("cpu"), torch.float32))
 def model(request, default_model_folder) -> LoadedModel:
     return LoadedModel(default_model_folder, torch.device("cpu"), torch.float32, request.param)
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model.linear import Linear, RowEdit, resolve_backend
+from server.model.linear import Linear, RowEdit, available_backends
 
 CPU = torch.device("cpu")
-BACKENDS = sorted({"torch", resolve_backend("auto", CPU, torch.float32)})
+BACKENDS = available_backends(CPU, torch.float32)
+PACKED_PAIRS = [b for b in BACKENDS if b != "torch"]
 
 
 def edit(base: torch.Tensor, rows: slice, rank: int, seed: int) -> RowEdit:
@@ -75,11 +76,10 @@ def test_a_second_merge_adds_on_top_or_after_a_restore_carries_nothing_of_the_fi
     assert torch.equal(linear.effective_weight(), base)
 
 
-def test_a_packed_kernel_is_never_repacked_and_keeps_no_row_major_copy():
-    if resolve_backend("auto", CPU, torch.float32) != "mkldnn":
-        pytest.skip("no oneDNN fp32 kernel on this machine")
+@pytest.mark.parametrize("backend", PACKED_PAIRS)
+def test_a_packed_kernel_is_never_repacked_and_keeps_no_row_major_copy(backend):
     base = torch.randn(192, 40)
-    linear = Linear(base.clone(), None, "mkldnn")
+    linear = Linear(base.clone(), None, backend)
     loaded = linear.kernel
     assert linear.weight is None  # the base lives in its packed kernel only
     linear.merge([edit(base, slice(0, 64), 4, seed=0)])
