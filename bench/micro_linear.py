@@ -1,43 +1,44 @@
-"""`python -m bench.micro_linear`: the base-matmul paths of `server.model.linear.Linear`, as ratios.
+"""`python -m bench.micro_linear`: the base-matmul backends of `server.model.linear.Linear`, as ratios.
 
-For each SmolLM2-135M projection shape and batch size, times `F.linear` (the "torch" backend, MKL sgemm on
-CPU) and oneDNN with the weight prepacked once (the "mkldnn" backend) in the same run, and prints the
-packed path's throughput as a multiple of `F.linear`'s.
+One decode step multiplies the batch's rows by every projection once: 121 distinct SmolLM2-135M weights
+(30 layers x qkv, o, gate_up, down, and the tied lm_head), 540 MB in fp32, far more than any cache. So this
+times one pass over that many distinct weights per backend (in turns, median), not one cache-hot weight
+repeated, and prints each backend's time, the rate it streamed the weights at, and its speed as a multiple
+of `F.linear` (the "torch" backend, MKL sgemm on CPU) measured in the same run.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from server.model.linear import Linear
+from bench.micro import interleaved_medians
+from server.model.linear import Linear, available_backends
 
-SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
-
-
-def seconds_per_call(fn, repeats: int = 100) -> float:
-    for _ in range(10):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+LAYERS = 30
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down
+LM_HEAD = (49152, 576)
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
-    print(f"{'site':8} {'batch':>5} {'F.linear GFLOP/s':>17} {'packed GFLOP/s':>15} {'packed / F.linear':>18}")
-    for site, (out_features, in_features) in SHAPES.items():
-        weight = torch.randn(out_features, in_features)
-        plain, packed = Linear(weight, None, "torch"), Linear(weight, None, "mkldnn", editable=False)
-        for batch in (1, 16, 64):
-            x = torch.randn(batch, in_features)
-            flops = 2 * batch * out_features * in_features
-            t_plain, t_packed = seconds_per_call(lambda: plain(x)), seconds_per_call(lambda: packed(x))
-            print(f"{site:8} {batch:5d} {flops / t_plain / 1e9:17.1f} {flops / t_packed / 1e9:15.1f} "
-                  f"{t_plain / t_packed:17.2f}x")
+    backends = available_backends(torch.device("cpu"), torch.float32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, backends: {', '.join(backends)}")
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*shape, generator=generator) * 0.02 for shape in LAYER_SHAPES * LAYERS + [LM_HEAD]]
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    linears = {b: [Linear(w, None, b, editable=False) for w in weights] for b in backends}
+    print(f"{'batch':>5} " + " ".join(f"{b + ' ms':>11} {'GB/s':>5} {'vs torch':>8}" for b in backends))
+    for batch in (1, 16, 64, 256):
+        inputs = {n: torch.randn(batch, n, generator=generator) for n in (576, 1536)}
+
+        def one_pass(layer_linears):
+            return lambda: [linear(inputs[linear.in_features]) for linear in layer_linears]
+
+        seconds = interleaved_medians({b: one_pass(ls) for b, ls in linears.items()}, reps=5)
+        print(f"{batch:5d} " + " ".join(
+            f"{seconds[b] * 1e3:11.1f} {weight_bytes / seconds[b] / 1e9:5.1f} {seconds['torch'] / seconds[b]:7.2f}x"
+            for b in backends))
 
 
 if __name__ == "__main__":
-    main()
+    with torch.inference_mode():
+        main()
