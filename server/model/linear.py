@@ -3,7 +3,7 @@
 Every base matmul goes through `Linear`, so the fast path is chosen once at start-up and CUDA takes its own.
 On CPU (fp32, 2 threads; `python -m bench.micro_linear` times one pass over a decode step's 121 distinct
 SmolLM2 weights, 540 MB, which is what a step pays):
-- panel (`server.model.panel_kernel`, the default on AVX2 CPUs): our own kernel over weights stored as
+- panel (`server.kernels.panel`, the default on AVX2 CPUs): our own kernel over weights stored as
   [out/16, in, 16] panels. On this machine's AVX2 EPYC, per step's weights: 31 vs 43 ms for oneDNN at 1
   row, 67 vs 101 ms at 16, 146 vs 167 ms at 64, but 785 vs 688 ms at 256 (a long prompt's chunk); oneDNN
   streamed the weights at a third of the 18 GB/s a plain sum reads them at.
@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from server.model.panel_kernel import pack_panels, panel_kernel
+from server.kernels.panel import pack_panels, panel_kernel
 
 BACKENDS = ("auto", "torch", "mkldnn", "panel")
 _BLOCK_CANDIDATES = (64, 32, 16, 8, 48, 128)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model import panel_kernel as pk
+from server.kernels import build
+from server.kernels import panel as pk
 
 kernel = pk.panel_kernel()
 pytestmark = pytest.mark.skipif(kernel is None, reason="no AVX2 CPU or C compiler here")
@@ -42,10 +43,11 @@ def test_packing_pads_rows_with_zeros_and_keeps_every_weight():
 
 
 def test_a_build_is_reused_and_a_failed_build_falls_back(tmp_path, monkeypatch):
-    built = pk.build_library(tmp_path)
+    source = build.SOURCES / "panel_linear.c"
+    built = build.build_library(source, tmp_path)
     assert built is not None and built.parent == tmp_path
     stamp = built.stat().st_mtime_ns
     monkeypatch.setenv("CC", "/bin/false")  # a compiler that always fails
-    assert pk.build_library(tmp_path) == built and built.stat().st_mtime_ns == stamp  # cached: not rebuilt
-    assert pk.build_library(tmp_path / "elsewhere") is None
+    assert build.build_library(source, tmp_path) == built and built.stat().st_mtime_ns == stamp  # cached
+    assert build.build_library(source, tmp_path / "elsewhere") is None
     assert list(tmp_path.glob("**/*.partial")) == []  # nothing half-written left behind
