@@ -1,10 +1,13 @@
 """The mixed-batch LoRA math on tiny tensors: the fast per-site form the model calls must equal the per-row
-definition, for any mix of adapters, ranks, target subsets, group sizes and bare-base rows."""
+definition, for any mix of adapters, ranks, target subsets, group sizes and bare-base rows. Every test runs
+twice: through the native grouped kernel (where it builds here) and through the torch batched matmuls."""
 
 import pytest
 import torch
 
+import server.lora.apply as apply_module
 from adapters import llama_base_shapes, random_adapter
+from server.kernels.lora import grouped_lora
 from server.lora.apply import lora_apply, lora_apply_reference
 from server.lora.layers import BASE, SITES, LoraSlots, SiteLayout
 
@@ -25,6 +28,16 @@ ADAPTERS = [
     random_adapter("mlp", SHAPES, rank=3, alpha=3, targets=("up_proj", "down_proj"), seed=3, init_std=0.5),
 ]
 MIXED_ROWS = [0, BASE, 1, 2, 2, BASE, 0, 1, 1, BASE]
+NATIVE = grouped_lora(torch.zeros(1, 2, 2), (), None, None) is not None
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def lora_path(request, monkeypatch):
+    if request.param == "native" and not NATIVE:
+        pytest.skip("the grouped LoRA kernel does not build here")
+    if request.param == "torch":
+        monkeypatch.setattr(apply_module, "grouped_lora", lambda *args: None)
+    return request.param
 
 
 def loaded_slots(adapters, dtype=torch.float32) -> LoraSlots:
@@ -45,6 +58,8 @@ def site_inputs(site: str, rows: int, seed: int = 0):
 def apply_planned(slots: LoraSlots, row_slots: list[int], layer: int, site: str, x, y) -> torch.Tensor:
     out = y.clone()
     for batch in slots.plan(row_slots).batches[layer][SITES.index(site)]:
+        assert (batch.native is not None) == (NATIVE and apply_module.grouped_lora is grouped_lora
+                                              and x.dtype == torch.float32)
         lora_apply(out, x, batch)
     return out
 
@@ -83,6 +98,20 @@ def test_mixed_batch_equals_reference_and_definition(site, layer):
     torch.testing.assert_close(got.double(), apply_by_hand(ADAPTERS, MIXED_ROWS, layer, site, x, y),
                                rtol=1e-5, atol=1e-5)
     assert not torch.equal(got, y), "every site is targeted by some adapter in the mix, so it must change"
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_large_groups_and_ranks_equal_the_definition(site):
+    # more rows per adapter than one native task takes (4) and ranks past one 16-column block, with tails
+    wide = [random_adapter("r24", SHAPES, rank=24, alpha=8, seed=7, init_std=0.3,
+                           targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+            random_adapter("r5", SHAPES, rank=5, alpha=5, seed=8, init_std=0.3,
+                           targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))]
+    slots = loaded_slots(wide)
+    for rows in ([0, 1] * 6 + [0, BASE, 0], [1] * 9):
+        x, y = site_inputs(site, len(rows), seed=len(rows))
+        torch.testing.assert_close(apply_planned(slots, rows, 1, site, x, y).double(),
+                                   apply_by_hand(wide, rows, 1, site, x, y), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("site", SITES)
