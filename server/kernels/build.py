@@ -23,6 +23,7 @@ log = logging.getLogger("loraplex.kernels")
 
 SOURCES = Path(__file__).parent
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 
 
 def load_library(name: str) -> ctypes.CDLL | None:
@@ -36,7 +37,7 @@ def load_library(name: str) -> ctypes.CDLL | None:
 
 def build_library(source: Path, cache_dir: Path) -> Path | None:
     """Compiles `source` into `cache_dir` unless a build of this exact source is there already."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
     target = cache_dir / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
@@ -50,7 +51,7 @@ def build_library(source: Path, cache_dir: Path) -> Path | None:
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", partial], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *FLAGS, str(source), "-o", partial, *LIBS], check=True, capture_output=True, timeout=120)
         os.replace(partial, target)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = (getattr(exc, "stderr", b"") or b"").decode(errors="replace")[-500:]
