@@ -214,6 +214,8 @@ class Linear:
         self._edits: list[RowEdit] = []  # merged since the last restore, where the base comes from `refill`
         self._base_kernel: torch.Tensor | None = None
         self._panel = panel_kernel() if backend == "panel" else None
+        if backend == "panel" and self._panel is None:
+            raise ValueError("the panel kernel does not run on this machine (see resolve_backend)")
         self._pair = _PackedPair.build(weight, backend) \
             if backend in _PACKERS and editable and weight.dtype == torch.float32 else None
         self.weight: torch.Tensor | None = None if self._pair else weight  # row-major, where edits go through it
