@@ -17,14 +17,17 @@ from server.kernels.build import load_library
 
 log = logging.getLogger("loraplex.kernels")
 
-PANEL = 16  # output rows per panel, fixed by the C kernel's 2 x 8-float accumulators
+PANEL = 16  # output rows per panel, fixed by the C kernel's tiles (2 ymm or 1 zmm per panel row)
 
 
 class PanelKernel:
-    """The loaded shared library; `__call__` is one fp32 product against packed panels."""
+    """One entry point of the loaded library; `__call__` is one fp32 product against packed panels.
 
-    def __init__(self, library: ctypes.CDLL):
-        self._fn = library.panel_linear
+    `panel_linear` picks the AVX-512 tile at run time where the CPU has it, else the AVX2 one;
+    `panel_linear_avx2` and `panel_linear_avx512` are each tile on its own (see `isa_variants`)."""
+
+    def __init__(self, library: ctypes.CDLL, entry: str = "panel_linear"):
+        self._fn = getattr(library, entry)
         self._fn.restype = None
         self._fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                              ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -67,6 +70,18 @@ def panel_kernel() -> PanelKernel | None:
         log.warning("panel kernel: self-check against F.linear failed; using oneDNN")
         return None
     return kernel
+
+
+def isa_variants() -> dict[str, PanelKernel]:
+    """Each instruction-set variant this CPU can run ("avx2", "avx512"), so tests cover both tiles where the
+    dispatching entry point would only ever run one."""
+    library = load_library("panel_linear")
+    if library is None:
+        return {}
+    variants = {"avx2": PanelKernel(library, "panel_linear_avx2")}
+    if library.panel_linear_has_avx512():
+        variants["avx512"] = PanelKernel(library, "panel_linear_avx512")
+    return variants
 
 
 def _agrees_with_f_linear(kernel: PanelKernel) -> bool:

@@ -47,9 +47,62 @@ static void tile(int rows, const float *x, long ldx, const float *panel, long k0
     }
 }
 
-/* panels must be 32-byte aligned; y is [M][ldy] with ldy >= panels * 16. */
-void panel_linear(const float *x, long M, long K, long ldx, const float *panels, long n_panels, float *y, long ldy,
-                  int threads) {
+/* AVX-512 (chosen at run time): a panel's row of 16 outputs is one zmm, and a tile is up to 8 rows x 2
+ * panels in 16 zmm accumulators, each x value broadcast once into a register for two FMAs. On the 2-core
+ * Zen 4 EPYC, a cache-warm [16,576]x[576,1536] product ran at 106 GFLOP/s on one thread (oneDNN: 90-108),
+ * where the AVX2 tile above reached 81 and a 16 rows x 1 panel tile, its x operands broadcast from memory
+ * inside the FMAs, 81 too. Software prefetch of the next weight lines did not measurably help. */
+#define TILE_ROWS_512 8
+#define ACC512(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
+#define LOAD512(r) if (ROWS > r && !first) { c##r##0 = _mm512_loadu_ps(y + r * ldy); if (PANELS > 1) c##r##1 = _mm512_loadu_ps(y + r * ldy + 16); }
+#define FMA512(r) if (ROWS > r) { __m512 xb = _mm512_set1_ps(x[r * ldx + k]); \
+    c##r##0 = _mm512_fmadd_ps(xb, w0, c##r##0); if (PANELS > 1) c##r##1 = _mm512_fmadd_ps(xb, w1, c##r##1); }
+#define STORE512(r) if (ROWS > r) { _mm512_storeu_ps(y + r * ldy, c##r##0); if (PANELS > 1) _mm512_storeu_ps(y + r * ldy + 16, c##r##1); }
+#define EACH8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+
+#define TILE512(N_ROWS, N_PANELS) \
+__attribute__((target("avx512f"))) \
+static void tile512_##N_ROWS##_##N_PANELS(const float *x, long ldx, const float *panel, long K, long k0, long k1, float *y, long ldy, int first) { \
+    const int ROWS = N_ROWS, PANELS = N_PANELS; \
+    EACH8(ACC512) \
+    EACH8(LOAD512) \
+    const float *next = panel + K * PANEL; \
+    for (long k = k0; k < k1; k++) { \
+        __m512 w0 = _mm512_loadu_ps(panel + k * PANEL), w1 = w0; \
+        if (PANELS > 1) w1 = _mm512_loadu_ps(next + k * PANEL); \
+        EACH8(FMA512) \
+    } \
+    EACH8(STORE512) \
+}
+#define TILES_OF(P) TILE512(1, P) TILE512(2, P) TILE512(3, P) TILE512(4, P) TILE512(5, P) TILE512(6, P) TILE512(7, P) TILE512(8, P)
+TILES_OF(1) TILES_OF(2)
+
+typedef void (*tile512_fn)(const float *, long, const float *, long, long, long, float *, long, int);
+static const tile512_fn TILES512[2][TILE_ROWS_512 + 1] = {
+    {0, tile512_1_1, tile512_2_1, tile512_3_1, tile512_4_1, tile512_5_1, tile512_6_1, tile512_7_1, tile512_8_1},
+    {0, tile512_1_2, tile512_2_2, tile512_3_2, tile512_4_2, tile512_5_2, tile512_6_2, tile512_7_2, tile512_8_2}};
+
+__attribute__((target("avx512f")))
+void panel_linear_avx512(const float *x, long M, long K, long ldx, const float *panels, long n_panels, float *y,
+                         long ldy, int threads) {
+    long pairs = (n_panels + 1) / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long g = 0; g < pairs; g++) {
+        long p = 2 * g;
+        int n = p + 1 < n_panels ? 2 : 1;
+        const float *panel = panels + p * K * PANEL;
+        for (long k0 = 0; k0 < K; k0 += K_BLOCK) {
+            long k1 = k0 + K_BLOCK < K ? k0 + K_BLOCK : K;
+            for (long r0 = 0; r0 < M; r0 += TILE_ROWS_512) {
+                int rows = (int)(M - r0 < TILE_ROWS_512 ? M - r0 : TILE_ROWS_512);
+                TILES512[n - 1][rows](x + r0 * ldx, ldx, panel, K, k0, k1, y + r0 * ldy + p * PANEL, ldy, k0 == 0);
+            }
+        }
+    }
+}
+
+void panel_linear_avx2(const float *x, long M, long K, long ldx, const float *panels, long n_panels, float *y,
+                       long ldy, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long p = 0; p < n_panels; p++) {
         const float *panel = panels + p * K * PANEL;
@@ -62,3 +115,16 @@ void panel_linear(const float *x, long M, long K, long ldx, const float *panels,
         }
     }
 }
+
+/* The entry point, with the AVX-512 tile where the CPU has it. panels must be 32-byte aligned; y is [M][ldy]
+ * with ldy >= n_panels * 16. */
+void panel_linear(const float *x, long M, long K, long ldx, const float *panels, long n_panels, float *y, long ldy,
+                  int threads) {
+    if (__builtin_cpu_supports("avx512f"))
+        panel_linear_avx512(x, M, K, ldx, panels, n_panels, y, ldy, threads);
+    else
+        panel_linear_avx2(x, M, K, ldx, panels, n_panels, y, ldy, threads);
+}
+
+/* 1 where panel_linear_avx512 can run on this CPU. */
+int panel_linear_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }

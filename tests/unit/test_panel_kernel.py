@@ -1,5 +1,6 @@
-"""The CPU panel kernel against `F.linear`: every tile, panel and K-block edge, bias, odd shapes and strides;
-and its build: cached once per source, and a machine that cannot build it falls back instead of failing."""
+"""The CPU panel kernel against `F.linear`: every tile, panel and K-block edge, bias, odd shapes and strides,
+for each instruction-set variant this CPU runs (AVX2 everywhere, AVX-512 where present); and its build:
+cached once per source, and a machine that cannot build it falls back instead of failing."""
 
 import pytest
 import torch
@@ -9,17 +10,27 @@ from server.kernels import build
 from server.kernels import panel as pk
 
 kernel = pk.panel_kernel()
+variants = pk.isa_variants()
 pytestmark = pytest.mark.skipif(kernel is None, reason="no AVX2 CPU or C compiler here")
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 33, 64, 130])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 8, 9, 16, 33, 64, 130])
 @pytest.mark.parametrize("out,inp", [(16, 8), (48, 576), (40, 130), (96, 1536), (7, 257)])
-def test_matches_f_linear(rows, out, inp):
+def test_matches_f_linear(isa, rows, out, inp):
+    if isa not in variants:
+        pytest.skip(f"this CPU does not run the {isa} variant")
     g = torch.Generator().manual_seed(rows * 1000 + out)
     weight, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)
-    got = kernel(x, pk.pack_panels(weight), out)
+    got = variants[isa](x, pk.pack_panels(weight), out)
     assert got.shape == (rows, out)
     torch.testing.assert_close(got, F.linear(x, weight), atol=1e-4, rtol=1e-4)
+
+
+def test_the_entry_point_runs_the_widest_variant_here():
+    weight, x = torch.randn(48, 300), torch.randn(13, 300)
+    widest = variants["avx512" if "avx512" in variants else "avx2"]
+    assert torch.equal(kernel(x, pk.pack_panels(weight), 48), widest(x, pk.pack_panels(weight), 48))
 
 
 def test_bias_leading_dims_and_strided_rows():
