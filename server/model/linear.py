@@ -3,12 +3,15 @@
 Every base matmul goes through `Linear`, so the fast path is chosen once at start-up and CUDA takes its own.
 On CPU (fp32, 2 threads; `python -m bench.micro_linear` times one pass over a decode step's 121 distinct
 SmolLM2 weights, 540 MB, which is what a step pays):
-- panel (`server.kernels.panel`, the default on AVX2 CPUs): our own kernel over weights stored as
-  [out/16, in, 16] panels. On this machine's AVX2 EPYC, per step's weights: 31 vs 43 ms for oneDNN at 1
-  row, 67 vs 101 ms at 16, 146 vs 167 ms at 64, but 785 vs 688 ms at 256 (a long prompt's chunk); oneDNN
-  streamed the weights at a third of the 18 GB/s a plain sum reads them at.
+- panel (`server.kernels.panel`, the default for fp32 on AVX2 and AVX-512 CPUs): our own kernel over weights
+  stored as [out/16, in, 16] panels. On a 2-core AVX2-only EPYC (Zen 3), per step's weights: 31 vs 43 ms
+  for oneDNN at 1 row, 67 vs 101 ms at 16, 146 vs 167 ms at 64, but 785 vs 688 ms at 256 (a long prompt's
+  chunk); oneDNN streamed the weights at a third of the 18 GB/s a plain sum reads them at. On a 2-core
+  AVX-512 EPYC (Zen 4), with its AVX-512 tile: 19 vs 26 ms at 1 row, 31 vs 32 at 16, 97 vs 93 at 64, 407
+  vs 371 at 256; a whole decode step (in turns, in-process) 0.68x oneDNN's time at 1 row, 0.91x at 16,
+  1.00x at 64.
 - mkldnn: oneDNN with the weight reordered ("prepacked") once into its blocked layout; 1.3-1.4x `F.linear`
-  (MKL sgemm) here. The default on other CPUs (AVX-512 runs it fast) and for bf16.
+  (MKL sgemm) on both machines. The default where the panel kernel cannot run, and for bf16.
 
 A hot-swap adds a low-rank delta to some rows of the weight the kernel computes with and later puts the
 exact base bits back. How depends on the kernel:
@@ -49,9 +52,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         return name
     if device.type != "cpu":
         return "torch"
-    # Measured faster than oneDNN only on AVX2 parts; on the AVX-512 EPYC of earlier runs oneDNN did a whole
-    # 16-row step in 30 ms, and the kernel has not been compared there.
-    if dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX2" and panel_kernel():
+    # Faster than oneDNN at decode's row counts on both CPUs measured (see the module docstring); a long
+    # prompt's chunk (256 rows) runs 0.88-0.91x of oneDNN's speed, a price paid once per prompt.
+    if dtype == torch.float32 and panel_kernel():
         return "panel"
     if dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear_works(dtype):
         return "mkldnn"
