@@ -36,8 +36,10 @@ def load_library(name: str) -> ctypes.CDLL | None:
 
 
 def build_library(source: Path, cache_dir: Path) -> Path | None:
-    """Compiles `source` into `cache_dir` unless a build of this exact source is there already."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
+    """Compiles `source` into `cache_dir` unless a build of this exact source (and of the headers beside it,
+    which it may include) is there already."""
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
     target = cache_dir / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
