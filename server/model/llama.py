@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.context import StepContext
+from server.kernels.pointwise import pointwise_kernels
 from server.lora.layers import SITES, add_lora
 from server.model.config import ModelConfig
 from server.model.linear import Linear
@@ -24,8 +25,9 @@ assert tuple(FUSED_SITES) == SITES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # one fused op where the eager form is seven, 60 times a step
-        return F.rms_norm(x, weight.shape, weight, eps)
+    fused = pointwise_kernels()
+    if fused is not None and (out := fused.rms_norm(x, weight, eps)) is not None:
+        return out
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -43,6 +45,22 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
     return inv_freq.float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [rows, heads, d] rotated by each row's angles: in place where the fused kernel runs."""
+    fused = pointwise_kernels()
+    if fused is not None and fused.rope_(x, cos, sin):
+        return x
+    return apply_rope(x, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    fused = pointwise_kernels()
+    if fused is not None and (out := fused.silu_mul(gate_up)) is not None:
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,16 +86,15 @@ class DecoderLayer:
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
         qkv = self._project("qkv", x, ctx)
         # q and k sit side by side in the fused output: rotated in one pass, as heads + kv_heads heads
-        qk = apply_rope(qkv[:, : cfg.q_size + cfg.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
-                        cos, sin)
+        qk = rotate(qkv[:, : cfg.q_size + cfg.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
+                    cos, sin)
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
         attn = kv.attend(self.index, q, k, v, ctx)
         # in place: h is this step's own tensor (the embedding lookup's, then each layer's), never an input's
         h = h.add_(self._project("o", attn.reshape(-1, cfg.q_size), ctx))
         x = rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps)
-        gate, up = self._project("gate_up", x, ctx).chunk(2, dim=-1)
-        return h.add_(self._project("down", F.silu(gate).mul_(up), ctx))
+        return h.add_(self._project("down", silu_mul(self._project("gate_up", x, ctx)), ctx))
 
 
 class Transformer:
