@@ -22,7 +22,7 @@ path for CUDA, bf16 and machines without the kernel).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,20 @@ class SiteStack:
     A: torch.Tensor       # [n, in, w]: each position's A^T for the site's projections, zero-padded to w
     expands: tuple[tuple[torch.Tensor, slice, slice], ...]  # per projection: (B^T [n, w_p, rows] with alpha/r
     #                       folded in, its columns of w, its output rows in the fused site)
+    _slices: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def sliced(self, positions: slice) -> tuple[torch.Tensor, tuple, GroupedLora | None]:
+        """A, expands and the native call's weights for a range of positions, made once per range: a plan is
+        rebuilt whenever a request joins or leaves, and remaking these for every layer and site was most of
+        a rebuild (2.3 ms of 8 all-projection adapters' plan here)."""
+        key = (positions.start, positions.stop)
+        if key not in self._slices:
+            if len(self._slices) >= 64:  # views and pointers only, but a big cover has many ranges
+                self._slices.clear()
+            A = self.A[positions]
+            expands = tuple((Bt[positions], columns, out_rows) for Bt, columns, out_rows in self.expands)
+            self._slices[key] = (A, expands, grouped_lora(A, expands))
+        return self._slices[key]
 
 
 @dataclass(frozen=True)
@@ -51,13 +65,12 @@ class LoraBatch:
 
     @classmethod
     def of(cls, stack: SiteStack, positions: slice, rows: torch.Tensor | None, pad: torch.Tensor | None):
-        expands = tuple((Bt[positions], columns, out_rows) for Bt, columns, out_rows in stack.expands)
-        A = stack.A[positions]
-        return cls(A, expands, rows, pad, grouped_lora(A, expands, rows, pad))
+        A, expands, native = stack.sliced(positions)
+        return cls(A, expands, rows, pad, native)
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
-    if batch.native is not None and batch.native(y, x):
+    if batch.native is not None and batch.native(y, x, batch.rows, batch.pad):
         return
     if batch.rows is None:
         xa = torch.matmul(x, batch.A[0])
