@@ -6,8 +6,9 @@
  * 156 MB that stream in ~10 ms. Here a task is (group, up to 4 of its rows): A_g is read once per task,
  * front to back, into x A_g held in L1, then each projection's B^T is read once, front to back, and added
  * straight into the rows of y (sequential reads: an earlier version that kept 4x16 tiles in registers read
- * B^T 16 strided rows at a time and streamed at half the rate). Tasks touch disjoint rows of y, so they
- * run in parallel unlocked.
+ * B^T 16 strided rows at a time and streamed at half the rate; four rows at a time, each y row updated once
+ * per four, took 0.80-0.86x the time of one at a time at 16 rows and 0.74-0.76x at 64 on a 2-core Zen 4
+ * EPYC, timed in turns). Tasks touch disjoint rows of y, so they run in parallel unlocked.
  *
  * Layouts: x [T][ldx], y [T][ldy]; A_g = A + g * a_stride, [in][w] (A^T); Bt_{p,g} = Bt[p] + g * bt_stride[p],
  * [cols_p][out_n_p]. rows[g * P + e] is the row of entry e of group g (NULL: entry e is row e, one group);
@@ -16,11 +17,21 @@
 #define ROWS_PER_TASK 4
 #define MAX_W 1024
 
-/* xa[j][0 .. w) = x_j A for j < nr; A [in][w] is read once, front to back (the accumulators live in L1) */
+/* xa[j][0 .. w) = x_j A for j < nr; A [in][w] is read once, front to back (the accumulators live in L1).
+ * Four input rows per pass over the accumulators: a quarter of the loads and stores of one at a time. */
 static void shrink(const float *const *xr, int nr, const float *restrict A, long in, long w, float (*xa)[MAX_W]) {
     for (int j = 0; j < nr; j++)
         for (long c = 0; c < w; c++) xa[j][c] = 0.0f;
-    for (long k = 0; k < in; k++) {
+    long k = 0;
+    for (; k + 4 <= in; k += 4) {
+        const float *restrict a0 = A + k * w, *restrict a1 = a0 + w, *restrict a2 = a1 + w, *restrict a3 = a2 + w;
+        for (int j = 0; j < nr; j++) {
+            float x0 = xr[j][k], x1 = xr[j][k + 1], x2 = xr[j][k + 2], x3 = xr[j][k + 3];
+            float *restrict acc = xa[j];
+            for (long c = 0; c < w; c++) acc[c] += x0 * a0[c] + x1 * a1[c] + x2 * a2[c] + x3 * a3[c];
+        }
+    }
+    for (; k < in; k++) {
         const float *restrict a = A + k * w;
         for (int j = 0; j < nr; j++) {
             float xk = xr[j][k];
@@ -30,10 +41,22 @@ static void shrink(const float *const *xr, int nr, const float *restrict A, long
     }
 }
 
-/* y_j[0 .. out_n) += xa[j][col0 .. col0+cols) Bt for j < nr; Bt [cols][out_n] is read once, front to back */
+/* y_j[0 .. out_n) += xa[j][col0 .. col0+cols) Bt for j < nr; Bt [cols][out_n] is read once, front to back,
+ * four of its rows at a time (four sequential streams), so each y row is read and written a quarter as often. */
 static void expand(float *const *yr, long y0, int nr, float (*xa)[MAX_W], long col0, long cols,
                    const float *restrict Bt, long out_n) {
-    for (long c = 0; c < cols; c++) {
+    long c = 0;
+    for (; c + 4 <= cols; c += 4) {
+        const float *restrict b0 = Bt + c * out_n, *restrict b1 = b0 + out_n, *restrict b2 = b1 + out_n,
+                    *restrict b3 = b2 + out_n;
+        for (int j = 0; j < nr; j++) {
+            const float *s = xa[j] + col0 + c;
+            float s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
+            float *restrict y = yr[j] + y0;
+            for (long o = 0; o < out_n; o++) y[o] += s0 * b0[o] + s1 * b1[o] + s2 * b2[o] + s3 * b3[o];
+        }
+    }
+    for (; c < cols; c++) {
         const float *restrict b = Bt + c * out_n;
         for (int j = 0; j < nr; j++) {
             float s = xa[j][col0 + c];
