@@ -25,10 +25,7 @@
 static inline float dot(const float *a, const float *b, long d) {
     __m256 acc = _mm256_setzero_ps();
     for (long c = 0; c < d; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return hsum8(acc);
 }
 
 /* s[j] = scale * q . K[j] for j < len: four keys at a time, so four independent FMA chains hide latency */

@@ -13,13 +13,6 @@
 
 #define PARALLEL_MIN_ELEMENTS (1L << 16)
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; cols a multiple of 8 */
 int rms_norm(const float *x, long ldx, const float *weight, long rows, long cols, float eps, float *out, long ldo,
              int threads) {

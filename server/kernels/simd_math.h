@@ -1,4 +1,4 @@
-/* Vector math shared by the kernels (included, so each library stays one self-contained build; build.py
+/* Vector helpers shared by the kernels (included, so each library stays one self-contained build; build.py
  * hashes this header with every source). */
 #ifndef LORAPLEX_SIMD_MATH_H
 #define LORAPLEX_SIMD_MATH_H
@@ -20,6 +20,14 @@ static inline __m256 exp8(__m256 x) {
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
     __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+/* The sum of 8 floats. */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
 }
 
 #endif
