@@ -38,6 +38,8 @@ class PointwiseKernels:
         """x [rows, hidden] -> a new [rows, hidden] tensor."""
         if x.dim() != 2 or not (_rows_fp32(x) and _rows_fp32(weight)) or not weight.is_contiguous():
             return None
+        if weight.numel() != x.shape[1]:  # the kernel would read past the weight; torch raises instead
+            return None
         out = torch.empty(x.shape, dtype=torch.float32)
         ran = self._rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), x.shape[0], x.shape[1], eps,
                              out.data_ptr(), out.stride(0), torch.get_num_threads())

@@ -63,6 +63,7 @@ def test_silu_mul_matches_torch_including_large_magnitudes(rows):
 @needs_kernel
 def test_shapes_the_kernel_does_not_take_are_declined():
     assert kernels.rms_norm(torch.randn(4, 20), torch.randn(20), 1e-5) is None  # not a multiple of 8
+    assert kernels.rms_norm(torch.randn(4, 32), torch.randn(16), 1e-5) is None  # weight too short
     bf16 = torch.randn(4, 16, dtype=torch.bfloat16)
     assert kernels.rms_norm(bf16, torch.randn(16, dtype=torch.bfloat16), 1e-5) is None
     assert kernels.silu_mul(torch.randn(4, 20)) is None
