@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_STEP_BUCKETS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 BASE_LABEL = "__base__"
 
 
@@ -22,6 +23,9 @@ class Metrics:
         self.ttft = Histogram("loraplex_ttft_seconds", "time to first token", ["adapter"], buckets=_TTFT_BUCKETS, registry=r)
         self.batch = Histogram("loraplex_batch_size", "sequences per engine step", ["phase"],
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        # a step that carries a prompt chunk ("prefill") runs more rows than a decode-only one
+        self.step = Histogram("loraplex_step_seconds", "engine step time, forward and sampling", ["kind"],
+                              buckets=_STEP_BUCKETS, registry=r)
         self.waiting = Gauge("loraplex_queue_waiting", "requests waiting for a batch slot", registry=r)
         self.running = Gauge("loraplex_queue_running", "requests in the running batch", registry=r)
         self.admission_wait_seconds = Counter("loraplex_admission_wait_seconds", "time spent after steps that "

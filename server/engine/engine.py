@@ -206,6 +206,7 @@ class Engine:
         if not decode and not prefill:
             return
         self._choose_mode()
+        started = time.perf_counter()
         logits = self.runner.run(decode, prefill, use_lora=self._merged is None)
         self.scheduler.prefilled(prefill)
         seqs = decode + prefill
@@ -214,6 +215,7 @@ class Engine:
             logits, seqs = logits[ready], [seqs[i] for i in ready]
         tokens = sample(logits, seqs)
         logprobs = logprobs_of(logits, seqs, tokens)
+        self.metrics.step.labels("prefill" if prefill else "decode").observe(time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.prefill_steps += bool(prefill)
         self._record_step(len(decode), len(prefill))

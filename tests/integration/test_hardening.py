@@ -2,6 +2,7 @@
 
 import concurrent.futures as cf
 import json
+import re
 import subprocess
 import sys
 import time
@@ -138,6 +139,9 @@ def test_request_id_header_and_metrics(server):
     assert "loraplex_ttft_seconds_bucket" in text and "loraplex_batch_size_bucket" in text
     assert "loraplex_queue_waiting" in text and "loraplex_merges_total" in text
     assert "loraplex_lora_cover_builds_total" in text and "loraplex_prefix_cache_hit_tokens_total" in text
+    # three tokens: the prompt's step samples the first, two decode steps the rest
+    steps = {kind: float(n) for kind, n in re.findall(r'loraplex_step_seconds_count\{kind="(\w+)"\} (\S+)', text)}
+    assert steps["prefill"] >= 1 and steps["decode"] >= 2
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):
