@@ -102,13 +102,14 @@ def test_mixed_batch_equals_reference_and_definition(site, layer):
 
 @pytest.mark.parametrize("site", SITES)
 def test_large_groups_and_ranks_equal_the_definition(site):
-    # more rows per adapter than one native task takes (4) and ranks past one 16-column block, with tails
+    # groups split across native tasks (at most 8 rows each, fewer to keep threads busy) and ranks past one
+    # 16-column block, with tails
     wide = [random_adapter("r24", SHAPES, rank=24, alpha=8, seed=7, init_std=0.3,
                            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
             random_adapter("r5", SHAPES, rank=5, alpha=5, seed=8, init_std=0.3,
                            targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))]
     slots = loaded_slots(wide)
-    for rows in ([0, 1] * 6 + [0, BASE, 0], [1] * 9):
+    for rows in ([0, 1] * 6 + [0, BASE, 0], [1] * 9, [0, 1] * 10, [1] * 20):
         x, y = site_inputs(site, len(rows), seed=len(rows))
         torch.testing.assert_close(apply_planned(slots, rows, 1, site, x, y).double(),
                                    apply_by_hand(wide, rows, 1, site, x, y), rtol=1e-5, atol=1e-5)
