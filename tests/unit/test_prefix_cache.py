@@ -31,10 +31,52 @@ def test_blocks_match_only_the_adapter_and_scope_that_computed_them():
     cache, prompt, adapter = cache_with_written_slot(12), list(range(12)), Adapter()
     cache.store("key-a", adapter, prompt, slot=0)
     assert cache.match("key-a", adapter, prompt + [99]).tokens == 12
-    assert cache.match("key-a", adapter, prompt).tokens == 8  # the last token is always computed
+    assert cache.match("key-a", adapter, prompt).tokens == 11  # the last token is always computed
     assert cache.match("key-a", Adapter(), prompt + [99]).tokens == 0
     assert cache.match("key-a", None, prompt + [99]).tokens == 0
     assert cache.match("key-b", adapter, prompt + [99]).tokens == 0
+
+
+def test_a_prompts_tail_is_kept_and_serves_the_tokens_that_agree():
+    cache, adapter = cache_with_written_slot(10), Adapter()
+    stored = list(range(10))  # two whole blocks and a tail of two
+    cache.store("", adapter, stored, slot=0)
+    assert cache.match("", adapter, stored).tokens == 9
+    assert cache.match("", adapter, stored + [20, 21]).tokens == 10
+    assert cache.match("", adapter, stored[:9] + [30, 31]).tokens == 9
+    assert cache.match("", adapter, stored[:5] + [30, 31, 32, 33, 34]).tokens == 5  # inside a whole block
+    assert cache.match("", Adapter(), stored + [20]).tokens == 0
+    assert cache.match("other", adapter, stored + [20]).tokens == 0
+
+
+def test_a_tail_that_a_kept_block_begins_with_is_not_kept_again():
+    cache, prompt = cache_with_written_slot(12), list(range(12))
+    cache.store("", None, prompt, slot=0)
+    kept, held = len(cache), cache.bytes
+    cache.store("", None, prompt[:10], slot=0)
+    assert (len(cache), cache.bytes) == (kept, held)
+
+
+def test_loading_a_partial_hit_copies_exactly_the_tokens_that_agree():
+    cache, prompt = cache_with_written_slot(10), list(range(10))
+    cache.store("", None, prompt, slot=0)
+    hit = cache.match("", None, prompt[:7] + [40, 41])
+    assert cache.load(hit, slot=1) == 7
+    assert torch.equal(cache.kv.k[:, 1, :, :7], cache.kv.k[:, 0, :, :7])
+    assert torch.equal(cache.kv.v[:, 1, :, :7], cache.kv.v[:, 0, :, :7])
+    assert not cache.kv.k[:, 1, :, 7:].any()
+
+
+def test_kept_bytes_stay_within_the_budget_as_old_blocks_are_evicted():
+    kv = KVCache(TINY, max_seqs=2, max_len=32, device=torch.device("cpu"), dtype=torch.float32)
+    token_bytes = 2 * TINY.num_layers * TINY.num_kv_heads * TINY.head_dim * 4
+    cache = PrefixCache(kv, BLOCK, max_bytes=10 * token_bytes)
+    for first in range(20):
+        prompt = [first] + list(range(6))  # a whole block and a tail of three, 7 tokens of KV each
+        cache.store("", None, prompt, slot=0)
+        assert cache.bytes <= 10 * token_bytes
+    assert cache.match("", None, [19] + list(range(6)) + [9]).tokens == 7  # the newest survives
+    assert cache.match("", None, [0] + list(range(6)) + [9]).tokens == 0
 
 
 def test_loading_a_hit_copies_its_keys_and_values_into_the_slot():
