@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.auth import KeyRing
-from server.heap import freeze_startup_objects
+from server.heap import CollectionTimer, freeze_startup_objects
 from server.request_log import RequestLogMiddleware
 from server.routes import adapters, errors, generate, health, metrics, openai
 from server.runtime import Runtime
@@ -55,9 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.runtime = await asyncio.to_thread(Runtime, settings)
         freeze_startup_objects()
+        collections = CollectionTimer(app.state.runtime.metrics.observe_gc).install()
         try:
             yield
         finally:
+            collections.remove()
             await asyncio.to_thread(app.state.runtime.stop)
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,

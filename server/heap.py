@@ -17,6 +17,8 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,30 @@ def freeze_startup_objects() -> int:
     log.info("%d start-up objects frozen out of the garbage collector", frozen)
     return frozen
 
+
+
+class CollectionTimer:
+    """Reports each run of the cyclic garbage collector, `observe(generation, seconds)`, while installed.
+
+    A collection holds the GIL, so the engine thread's Python (every step's glue between kernels) waits it
+    out: the pauses are what a token stall without an engine cause looks like. gc.callbacks is
+    process-wide; install once per serving process and remove on shutdown."""
+
+    def __init__(self, observe: Callable[[int, float], None]):
+        self._observe = observe
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started:
+            self._observe(info["generation"], time.perf_counter() - self._started)
+            self._started = 0.0
+
+    def install(self) -> CollectionTimer:
+        gc.callbacks.append(self)
+        return self
+
+    def remove(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _STEP_BUCKETS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+_GC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 BASE_LABEL = "__base__"
 
 
@@ -26,6 +27,8 @@ class Metrics:
         # a step that carries a prompt chunk ("prefill") runs more rows than a decode-only one
         self.step = Histogram("loraplex_step_seconds", "engine step time, forward and sampling", ["kind"],
                               buckets=_STEP_BUCKETS, registry=r)
+        self.gc_pause = Histogram("loraplex_gc_pause_seconds", "cyclic garbage collector runs, which hold the GIL",
+                                  ["generation"], buckets=_GC_BUCKETS, registry=r)
         self.waiting = Gauge("loraplex_queue_waiting", "requests waiting for a batch slot", registry=r)
         self.running = Gauge("loraplex_queue_running", "requests in the running batch", registry=r)
         self.admission_wait_seconds = Counter("loraplex_admission_wait_seconds", "time spent after steps that "
@@ -44,6 +47,10 @@ class Metrics:
                                          "prompt tokens whose KV came from the prefix cache", registry=r)
         self.prefix_bytes = Gauge("loraplex_prefix_cache_bytes", "KV held by the prefix cache", registry=r)
         self.rejected = Counter("loraplex_rejected_requests", "requests refused by a limit", ["reason"], registry=r)
+
+    def observe_gc(self, generation: int, seconds: float) -> None:
+        """A `server.heap.CollectionTimer` observer."""
+        self.gc_pause.labels(str(generation)).observe(seconds)
 
 
 def adapter_label(name: str | None) -> str:

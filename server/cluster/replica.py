@@ -17,7 +17,7 @@ from ray import serve
 from server.app import create_app
 from server.cluster.forwarding import BASE_MODEL_ID, ForwardedRequest, Head, call_app
 from server.cluster.shared_registry import SharedStoreRegistry
-from server.heap import freeze_startup_objects
+from server.heap import CollectionTimer, freeze_startup_objects
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -46,6 +46,7 @@ class EngineReplica:
         self.runtime = Runtime(settings, registry_type=SharedStoreRegistry)
         self.app.state.runtime = self.runtime  # the app's lifespan does not run here: the replica owns the runtime
         freeze_startup_objects()
+        self._collections = CollectionTimer(self.runtime.metrics.observe_gc).install()
         self.replica_id = serve.get_replica_context().replica_id.unique_id.encode()
         registry = self.runtime.registry
 
@@ -69,4 +70,5 @@ class EngineReplica:
             yield item
 
     def __del__(self) -> None:
+        self._collections.remove()
         self.runtime.stop()

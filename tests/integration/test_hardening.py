@@ -142,6 +142,7 @@ def test_request_id_header_and_metrics(server):
     # three tokens: the prompt's step samples the first, two decode steps the rest
     steps = {kind: float(n) for kind, n in re.findall(r'loraplex_step_seconds_count\{kind="(\w+)"\} (\S+)', text)}
     assert steps["prefill"] >= 1 and steps["decode"] >= 2
+    assert "loraplex_gc_pause_seconds_bucket" in text
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):

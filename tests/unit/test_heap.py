@@ -3,7 +3,7 @@ import platform
 
 import pytest
 
-from server.heap import freeze_startup_objects, keep_freed_memory
+from server.heap import CollectionTimer, freeze_startup_objects, keep_freed_memory
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -25,3 +25,17 @@ def test_start_up_objects_leave_the_collectors_generations():
         assert len(gc.get_objects()) >= len(fresh)  # objects made afterwards are still collected
     finally:
         gc.unfreeze()
+
+
+def test_each_collection_is_reported_with_its_generation_until_removed():
+    seen = []
+    timer = CollectionTimer(lambda generation, seconds: seen.append((generation, seconds))).install()
+    try:
+        gc.collect(2)
+        gc.collect(0)
+    finally:
+        timer.remove()
+    gc.collect()
+    assert {2, 0} <= {g for g, _ in seen}
+    assert all(0 <= s < 10 for _, s in seen)
+    timer.remove()  # twice is harmless
