@@ -37,7 +37,16 @@ class StepContext:
 
 def build_step(decode_positions: list[int], prefills: list[PrefillChunk], device: torch.device) -> StepContext:
     """The context of a step whose decode rows sit at `decode_positions` (row i = KV slot i), followed by
-    the tokens of `prefills`; logits are taken for every decode row and each chunk's last token."""
+    the tokens of `prefills`; logits are taken for every decode row and each chunk's last token.
+
+    Leading one-token chunks in the next KV slots (a prompt the prefix cache held all but the last token
+    of, admitted into the slots after the running ones) are decode rows in all but name, and run as such:
+    each prompt chunk attends on its own, and 16 of them took 77 ms of a 64-stream step whose decode
+    rows took 46 (the rows are the same; only the attention's form changes)."""
+    decode_positions = list(decode_positions)
+    prefills = list(prefills)
+    while prefills and prefills[0].length == 1 and prefills[0].slot == len(decode_positions):
+        decode_positions.append(prefills.pop(0).start)
     positions = list(decode_positions)
     logits_rows = list(range(len(decode_positions)))
     for chunk in prefills:
@@ -45,7 +54,7 @@ def build_step(decode_positions: list[int], prefills: list[PrefillChunk], device
         logits_rows.append(len(positions) - 1)
     ctx = StepContext(torch.tensor(positions, dtype=torch.long, device=device),
                       torch.tensor(logits_rows, dtype=torch.long, device=device),
-                      num_decode=len(decode_positions), prefills=list(prefills))
+                      num_decode=len(decode_positions), prefills=prefills)
     if decode_positions:
         ctx.kv_len = max(decode_positions) + 1
         ctx.decode_slots = torch.arange(ctx.num_decode, device=device)
