@@ -30,7 +30,7 @@ from bench.targets import AGAIN
 from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
                             write_adapters)
 from bench.load import request_body, run_streams, stream_request
-from bench.serving import BenchServer
+from bench.serving import BenchServer, counters_delta
 from bench.table import render
 from server.model.loader import resolve_model
 
@@ -90,9 +90,10 @@ def run_workloads(server: BenchServer, workloads: list[Workload], rounds: int) -
     results = {}
     for w in workloads:
         started = time.perf_counter()
+        before = server.engine_counters()
         r = asyncio.run(run_streams(server.url, w.name, w.streams, rounds if w.streams > 1 else rounds + 1,
                                     w.pick, NEW_TOKENS, PROMPT, server.pid))
-        results[w.name] = r.as_dict()
+        results[w.name] = {**r.as_dict(), "engine": counters_delta(before, server.engine_counters())}
         log(f"  {server.label:8s} {w.name:12s} {r.tokens_per_s:7.1f} tok/s  TTFT p99 {r.ttft_p99 * 1e3:6.0f} ms"
             f"  ({time.perf_counter() - started:.0f}s)")
     return results

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fixtures import folder_files
 from tests.integration.server_process import ServerProcess
@@ -54,3 +55,39 @@ class BenchServer:
         if response.status_code != 201:
             raise RuntimeError(f"upload of {name} failed: {response.status_code} {response.text[:300]}")
         return time.perf_counter() - started
+
+    def engine_counters(self) -> dict[str, float]:
+        """The engine's running totals from /metrics: steps and their time by kind (and how many took over
+        100 ms), merges, restores, cover builds and slot loads, garbage-collector pauses (and how many over 50
+        ms). Two readings' difference says what a workload cost the engine, which its tokens/s and TTFT
+        alone do not (a long step, a cover build or a collection behind a latency outlier)."""
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            text = client.get("/metrics").text
+        totals = dict.fromkeys([f"{kind}_steps{part}" for kind in ("decode", "prefill")
+                                for part in ("", "_s", "_within_100ms")]
+                               + ["gc_pauses", "gc_pauses_s", "gc_pauses_within_50ms", *_ENGINE_TOTALS.values()], 0.0)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name, labels, value = sample.name, sample.labels, sample.value
+                if name in ("loraplex_step_seconds_count", "loraplex_step_seconds_sum"):
+                    totals[f"{labels['kind']}_steps" + ("_s" if name.endswith("sum") else "")] = value
+                elif name == "loraplex_step_seconds_bucket" and labels["le"] == "0.1":
+                    totals[f"{labels['kind']}_steps_within_100ms"] = value
+                elif name in ("loraplex_gc_pause_seconds_count", "loraplex_gc_pause_seconds_sum"):
+                    key = "gc_pauses" + ("_s" if name.endswith("sum") else "")
+                    totals[key] += value
+                elif name == "loraplex_gc_pause_seconds_bucket" and labels["le"] == "0.05":
+                    totals["gc_pauses_within_50ms"] += value
+                elif name in _ENGINE_TOTALS:
+                    totals[_ENGINE_TOTALS[name]] = value
+        return totals
+
+
+_ENGINE_TOTALS = {"loraplex_merges_total": "merges", "loraplex_restores_total": "restores",
+                  "loraplex_merge_seconds_total": "merge_s", "loraplex_lora_cover_builds_total": "cover_builds",
+                  "loraplex_lora_cover_build_seconds_total": "cover_build_s",
+                  "loraplex_adapter_slot_misses_total": "slot_loads"}
+
+
+def counters_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}

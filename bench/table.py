@@ -35,6 +35,28 @@ def _workloads(results: dict) -> list[str]:
     return lines
 
 
+def _engine(results: dict) -> list[str]:
+    """What each workload cost the engine (from the server's /metrics), to explain a row's outliers."""
+    lines = ["Engine, per workload (server /metrics): steps x mean ms (decode only | with a prompt chunk), steps over",
+             "100 ms, merges/restores, LoRA cover builds and their time, adapter slot loads, GC pauses (over 50 ms):",
+             f"{'mode':9}{'workload':16}{'decode steps':>16}{'prompt steps':>16}{'>100ms':>8}{'merge/rest':>11}"
+             f"{'covers':>14}{'loads':>7}{'gc (>50ms)':>12}"]
+    for mode, server in results["servers"].items():
+        for name, w in server["workloads"].items():
+            e = w.get("engine")
+            if not e:  # results written before the engine counters were kept
+                continue
+            steps = {kind: (e.get(f"{kind}_steps", 0), e.get(f"{kind}_steps_s", 0)) for kind in ("decode", "prefill")}
+            slow = sum(e.get(f"{kind}_steps", 0) - e.get(f"{kind}_steps_within_100ms", 0) for kind in steps)
+            cells = [f"{n:.0f} x {1e3 * t / n:.1f}" if n else "0" for n, t in steps.values()]
+            gc = f"{e.get('gc_pauses', 0):.0f} ({e.get('gc_pauses', 0) - e.get('gc_pauses_within_50ms', 0):.0f})"
+            lines.append(f"{mode:9}{name:16}{cells[0]:>16}{cells[1]:>16}{slow:>8.0f}"
+                         f"{e.get('merges', 0):>6.0f}/{e.get('restores', 0):<4.0f}"
+                         f"{e.get('cover_builds', 0):>6.0f} in {e.get('cover_build_s', 0):.2f}s"
+                         f"{e.get('slot_loads', 0):>7.0f}{gc:>12}")
+    return lines
+
+
 def _baselines(results: dict) -> list[str]:
     b = results["baselines"]
     hf = b["hf_batch16_tokens_per_s"]
@@ -125,5 +147,6 @@ def render(results: dict) -> str:
         head.append(f"Contention probe at {when}: GEMM {p['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
                     f"{p['all_threads_gflops']:.0f} on {p['threads']} "
                     f"({'cores look free' if p['all_threads_gflops'] >= 1.3 * p['one_thread_gflops'] else 'CORES SHARED: figures skewed'})")
-    sections = [head, _workloads(results), _baselines(results), _ceiling(results), _micro(results), _targets(results)]
+    sections = [head, _workloads(results), _engine(results), _baselines(results), _ceiling(results), _micro(results),
+                _targets(results)]
     return "\n\n".join("\n".join(s) for s in sections)
