@@ -9,7 +9,8 @@ SmolLM2 weights, 540 MB, which is what a step pays):
   chunk); oneDNN streamed the weights at a third of the 18 GB/s a plain sum reads them at. On a 2-core
   AVX-512 EPYC (Zen 4), with its AVX-512 tile: 19 vs 26 ms at 1 row, 31 vs 32 at 16, 97 vs 93 at 64, 407
   vs 371 at 256; a whole decode step (in turns, in-process) 0.68x oneDNN's time at 1 row, 0.91x at 16,
-  1.00x at 64.
+  1.00x at 64. On a 2-core Zen 5 EPYC, once the kernel prefetched its weight lines: 13.4 vs 15.6 ms at 1
+  row, 17.9 vs 21.5 at 16, 46.4 vs 51.7 at 64, 182 vs 181 at 256.
 - mkldnn: oneDNN with the weight reordered ("prepacked") once into its blocked layout; 1.3-1.4x `F.linear`
   (MKL sgemm) on both machines. The default where the panel kernel cannot run, and for bf16.
 
@@ -52,8 +53,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         return name
     if device.type != "cpu":
         return "torch"
-    # Faster than oneDNN at decode's row counts on both CPUs measured (see the module docstring); a long
-    # prompt's chunk (256 rows) runs 0.88-0.91x of oneDNN's speed, a price paid once per prompt.
+    # Faster than oneDNN at decode's row counts on every CPU measured (see the module docstring); a long
+    # prompt's chunk (256 rows) ran 0.88-0.91x of oneDNN's speed on Zen 3 and 4 (level on Zen 5), a price
+    # paid once per prompt.
     if dtype == torch.float32 and panel_kernel():
         return "panel"
     if dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear_works(dtype):
