@@ -58,7 +58,6 @@ def freeze_startup_objects() -> int:
     return frozen
 
 
-
 class CollectionTimer:
     """Reports each run of the cyclic garbage collector, `observe(generation, seconds)`, while installed.
 

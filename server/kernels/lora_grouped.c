@@ -21,12 +21,12 @@
 #include <immintrin.h>
 
 #define MAX_ROWS 8
+#define MAX_W 1024
 #define AHEAD 8192
 
 static inline void prefetch_range(const void *start, long bytes) {
     for (long b = 0; b < bytes; b += 64) _mm_prefetch((const char *)start + b, _MM_HINT_T0);
 }
-#define MAX_W 1024
 
 /* xa[j][0 .. w) = x_j A for j < nr; A [in][w] is read once, front to back (the accumulators live in L1).
  * Four input rows per pass over the accumulators: a quarter of the loads and stores of one at a time. */
