@@ -19,8 +19,9 @@
  * bytes; AVX-512: two streams, 64 rows each). The hardware prefetcher alone left the loads waiting on DRAM: on
  * a 2-core AVX-512 EPYC (Zen 5, 54 GB/s sum read) a pass over a decode step's 540 MB of SmolLM2 weights at 16
  * rows went 32-36 -> 20-25 ms with the AVX-512 tile and 46-59 -> 25-34 ms with the AVX2 one, 1.2-1.3x at 64
- * rows, 1.0-1.1x at 1-4 (in turns, one process; 4 KB and 16 KB ahead were no better). A prefetch past the
- * last panel is harmless: prefetches do not fault. */
+ * rows, 1.0-1.1x at 1-4 (in turns, one process; 4 KB and 16 KB ahead were no better; on Zen 4, with half
+ * the bandwidth, it was within noise). A prefetch past the last panel is harmless: prefetches do not fault.
+ * With it, a 16 rows x 1 panel AVX-512 tile was 1.02-1.05x as fast at 16 rows but 0.8x at 64: not kept. */
 #define AHEAD_AVX2 128
 #define AHEAD_512 64
 
