@@ -17,10 +17,11 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
              "lora-mode": "lora_mode", "store-dir": "store_dir", "threads": "threads", "max-batch": "max_batch",
              "max-seq-len": "max_seq_len", "lora-slots": "lora_slots", "linear-backend": "linear_backend",
              "preload-dir": "preload_dir", "prefix-cache-mb": "prefix_cache_mb",
-             "max-prefill-tokens": "max_prefill_tokens", "admission-wait-ms": "admission_wait_ms"}
+             "max-prefill-tokens": "max_prefill_tokens", "admission-wait-ms": "admission_wait_ms",
+             "admission-wait-fraction": "admission_wait_fraction"}
     for flag, field in flags.items():
         info = Settings.model_fields[field]
-        parser.add_argument(f"--{flag}", dest=field, default=None, help=info.description)
+        parser.add_argument(f"--{flag}", dest=field, default=None, help=(info.description or "").replace("%", "%%"))
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return Settings(**args)
 

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
+from server.engine.admission import AdmissionWait
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache
 from server.engine.prefix_cache import PrefixCache
@@ -94,7 +95,8 @@ class Runtime:
                              self.tokenizer, settings.lora_mode, eos_ids(self.folder.config, self.tokenizer),
                              metrics=self.metrics, max_pending=settings.max_pending,
                              timeout_s=settings.request_timeout_s,
-                             admission_wait_s=settings.admission_wait_ms / 1e3)
+                             admission=AdmissionWait(settings.admission_wait_ms / 1e3,
+                                                     settings.admission_wait_fraction))
         log.info("model %s on %s/%s (linear: %s), %d stored adapters loaded", self.model_id, self.device,
                  str(self.dtype).removeprefix("torch."), backend, len(loaded_names))
 

@@ -65,7 +65,7 @@ class EngineStats:
 class Engine:
     def __init__(self, loaded, runner: ModelRunner, scheduler: Scheduler, tokenizer, lora_mode: str, eos_ids: set[int],
                  metrics: Metrics | None = None, max_pending: int = 256, timeout_s: float | None = None,
-                 admission_wait_s: float = 0.0):
+                 admission: AdmissionWait | None = None):
         self.loaded = loaded
         self.runner = runner
         self.scheduler = scheduler
@@ -75,7 +75,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.max_pending = max_pending
         self.timeout_s = timeout_s
-        self._admission = AdmissionWait(admission_wait_s)
+        self._admission = admission or AdmissionWait(0.0)
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._totals_seen: dict[object, float] = {}  # counter -> the running total it last advanced to

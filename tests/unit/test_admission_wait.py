@@ -43,3 +43,4 @@ def test_partial_arrivals_count_in_proportion():
     wait = AdmissionWait(max_s=0.025)
     wait.record(awaited=4, arrived=2)
     assert wait.hit_rate == pytest.approx(0.75 + 0.25 * 0.5)
+
