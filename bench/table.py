@@ -46,14 +46,14 @@ def _engine(results: dict) -> list[str]:
             e = w.get("engine")
             if not e:  # results written before the engine counters were kept
                 continue
-            steps = {kind: (e.get(f"{kind}_steps", 0), e.get(f"{kind}_steps_s", 0)) for kind in ("decode", "prefill")}
-            slow = sum(e.get(f"{kind}_steps", 0) - e.get(f"{kind}_steps_within_100ms", 0) for kind in steps)
+            steps = {kind: (e[f"{kind}_steps"], e[f"{kind}_steps_s"]) for kind in ("decode", "prefill")}
+            slow = sum(e[f"{kind}_steps"] - e[f"{kind}_steps_within_100ms"] for kind in steps)
             cells = [f"{n:.0f} x {1e3 * t / n:.1f}" if n else "0" for n, t in steps.values()]
-            gc = f"{e.get('gc_pauses', 0):.0f} ({e.get('gc_pauses', 0) - e.get('gc_pauses_within_50ms', 0):.0f})"
+            gc = f"{e['gc_pauses']:.0f} ({e['gc_pauses'] - e['gc_pauses_within_50ms']:.0f})"
             lines.append(f"{mode:9}{name:16}{cells[0]:>16}{cells[1]:>16}{slow:>8.0f}"
-                         f"{e.get('merges', 0):>6.0f}/{e.get('restores', 0):<4.0f}"
-                         f"{e.get('cover_builds', 0):>6.0f} in {e.get('cover_build_s', 0):.2f}s"
-                         f"{e.get('slot_loads', 0):>7.0f}{gc:>12}")
+                         f"{e['merges']:>6.0f}/{e['restores']:<4.0f}"
+                         f"{e['cover_builds']:>6.0f} in {e['cover_build_s']:.2f}s"
+                         f"{e['slot_loads']:>7.0f}{gc:>12}")
     return lines
 
 
