@@ -20,6 +20,17 @@ from server.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter()
 
+# Prompts up to this many characters are tokenized on the event loop (under 1 ms: ~0.4 us a character
+# here); longer ones in a worker thread so one large prompt does not stall every stream's writes. A thread
+# hop per request costs more than a short prompt's tokenization when the engine thread holds the GIL.
+INLINE_ENCODE_CHARS = 2048
+
+
+def _prompt_chars(prompt: str | None, messages: list[dict] | None) -> int:
+    if messages is None:
+        return len(prompt or "")
+    return sum(len(str(m.get("content") or "")) for m in messages)
+
 
 async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
                            messages: list[dict] | None, params: SamplingParams) -> AsyncIterator[TokenEvent]:
@@ -27,7 +38,10 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
     if not principal.may_use(adapter_name):  # a tenant's private adapter looks absent to other keys
         raise AdapterNotFound(f"adapter {adapter_name!r} is not registered")
     adapter = rt.registry.get(adapter_name) if adapter_name else None
-    prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
+    if _prompt_chars(prompt, messages) <= INLINE_ENCODE_CHARS:
+        prompt_ids = rt.encode(prompt, messages)
+    else:
+        prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
     rt.check_length(len(prompt_ids), params.max_new_tokens)
     # prefix-cache hits are visible as a faster first token, so prompts are shared only within one API key
     return rt.engine.stream(prompt_ids, params, adapter, cache_scope=principal.key_id)

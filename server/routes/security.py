@@ -8,7 +8,9 @@ from server.auth import DEV_PRINCIPAL, Principal
 from server.errors import Forbidden, Unauthorized
 
 
-def caller(request: Request) -> Principal:
+async def caller(request: Request) -> Principal:
+    # async although nothing here awaits: a sync dependency runs in FastAPI's thread pool, a thread hop
+    # per request that under load waits for the GIL behind the engine thread.
     ring = request.app.state.keyring
     if not ring.enabled:
         return DEV_PRINCIPAL
@@ -22,7 +24,7 @@ def caller(request: Request) -> Principal:
     return principal
 
 
-def admin(principal: Principal = Depends(caller)) -> Principal:
+async def admin(principal: Principal = Depends(caller)) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this API key may not change adapters (admin role required)")
     return principal
