@@ -12,11 +12,11 @@ def test_help_prints_every_flag(capsys):
         parse_settings(["--help"])
     assert exit_info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
-    assert "--admission-wait-fraction" in out and "TTFT -26%," in out  # printed as written, not "%%"
+    assert "--admission-wait-fraction" in out and "TTFT mean -28%," in out  # printed as written, not "%%"
 
 
 def test_the_admission_wait_fraction_is_a_bounded_setting():
-    assert parse_settings([]).admission_wait_fraction == 0.15
-    assert parse_settings(["--admission-wait-fraction", "0.4"]).admission_wait_fraction == 0.4
+    assert parse_settings([]).admission_wait_fraction == 0.4
+    assert parse_settings(["--admission-wait-fraction", "0.2"]).admission_wait_fraction == 0.2
     with pytest.raises(ValidationError):
         parse_settings(["--admission-wait-fraction", "1.5"])
