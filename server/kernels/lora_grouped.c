@@ -1,5 +1,6 @@
-/* The grouped LoRA side branch of one fused site, y[row, out_p] += (x[row] A_g)[cols_p] Bt_{p,g} for every
- * row of every group g (one adapter each), as server.lora.apply.lora_apply computes it with torch.bmm.
+/* The LoRA side branch of one fused site for a step's rows, grouped by adapter:
+ * y[row, out_p] += (x[row] A_g)[cols_{g,p}] Bt_{g,p} for every row of every group g (one adapter each),
+ * as server.lora.apply.lora_apply computes it with torch.bmm over stacked ("cover") weights.
  *
  * Why: a step's LoRA on CPU is ~330 small batched matmuls plus gathers and scatters (8 adapters on all
  * seven projections at r=16: 28 ms of a 133 ms 16-row step on a 2-core AVX2 EPYC), while its weights are
@@ -14,9 +15,15 @@
  * use: on a 2-core Zen 5 EPYC the LoRA of 8 all-projection r16 adapters at 16 rows went 9.1 -> 6.6 ms per
  * step, and with a 10-row prompt chunk among them 12.7 -> 9.1 ms (in-process, in turns).
  *
- * Layouts: x [T][ldx], y [T][ldy]; A_g = A + g * a_stride, [in][w] (A^T); Bt_{p,g} = Bt[p] + g * bt_stride[p],
- * [cols_p][out_n_p]. rows[g * P + e] is the row of entry e of group g (NULL: entry e is row e, one group);
- * pad[g * P + e] == 0 marks padding entries, which are skipped.
+ * Each group's weights are read where its device slot keeps them (a table of pointers), so no step copies
+ * adapters into a stacked batch: with Zipf traffic over 100 adapters the set in a batch changes every few
+ * steps, and stacking ("covers", still the torch path's) cost 29-46 builds of ~10-20 ms per 6-9 s run.
+ *
+ * Layouts: x [T][ldx], y [T][ldy]. Group g's entries are e in [offsets[g], offsets[g + 1]), entry e being
+ * row rows[e] (rows NULL: row e). tab holds, per group, 2 + 3 * n_proj longs: A_g's address ([in][w_g], A^T of
+ * the group's projections side by side), w_g (0: the adapter has nothing at this site), then per projection
+ * its B^T's address ([cols][out_n_p], alpha/r folded in; 0: the adapter lacks it), its first column in w_g,
+ * and cols.
  */
 #include <immintrin.h>
 
@@ -79,37 +86,46 @@ static void expand(float *const *yr, long y0, int nr, float (*xa)[MAX_W], long c
     }
 }
 
-/* Returns 0, or -1 (nothing written) where w is beyond this kernel's scratch. */
-int lora_grouped(const float *x, long ldx, float *y, long ldy, long in, long w,
-                 long n_groups, long group_size, const long *rows, const float *pad,
-                 const float *A, long a_stride,
-                 long n_proj, const float *const *Bt, const long *bt_stride, const long *col0, const long *cols,
-                 const long *out0, const long *out_n, int threads) {
-    if (w > MAX_W) return -1;
-    long tasks_wanted = n_groups >= threads ? 1 : (threads + n_groups - 1) / n_groups;  /* per group */
-    long rows_per_task = (group_size + tasks_wanted - 1) / tasks_wanted;
-    if (rows_per_task > MAX_ROWS) rows_per_task = MAX_ROWS;
-    if (rows_per_task < 1) rows_per_task = 1;
-    long tasks_per_group = (group_size + rows_per_task - 1) / rows_per_task;
+/* Returns 0, or -1 (nothing written) where some w_g is beyond this kernel's scratch. */
+int lora_slot_groups(const float *x, long ldx, float *y, long ldy, long in, long n_groups, const long *offsets,
+                     const long *rows, const long *tab, long n_proj, const long *out0, const long *out_n, int threads) {
+    const long entry = 2 + 3 * n_proj;
+    long busy = 0;
+    for (long g = 0; g < n_groups; g++) {
+        if (tab[g * entry + 1] > MAX_W) return -1;
+        busy += tab[g * entry + 1] > 0 && offsets[g + 1] > offsets[g];
+    }
+    if (busy == 0) return 0;
+    long tasks_wanted = busy >= threads ? 1 : (threads + busy - 1) / busy;  /* per group */
+    long first_task[n_groups + 1], rows_per_task[n_groups];
+    first_task[0] = 0;
+    for (long g = 0; g < n_groups; g++) {
+        long size = offsets[g + 1] - offsets[g], rpt = (size + tasks_wanted - 1) / tasks_wanted;
+        rpt = rpt > MAX_ROWS ? MAX_ROWS : rpt < 1 ? 1 : rpt;
+        rows_per_task[g] = rpt;
+        first_task[g + 1] = first_task[g] + (tab[g * entry + 1] > 0 ? (size + rpt - 1) / rpt : 0);
+    }
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long task = 0; task < n_groups * tasks_per_group; task++) {
-        long g = task / tasks_per_group, e0 = (task % tasks_per_group) * rows_per_task;
+    for (long task = 0; task < first_task[n_groups]; task++) {
+        long g = 0;
+        while (first_task[g + 1] <= task) g++;
+        const long *t = tab + g * entry;
+        long e0 = offsets[g] + (task - first_task[g]) * rows_per_task[g], e1 = e0 + rows_per_task[g];
+        if (e1 > offsets[g + 1]) e1 = offsets[g + 1];
         const float *xr[MAX_ROWS];
         float *yr[MAX_ROWS];
         int nr = 0;
-        for (long e = e0; e < e0 + rows_per_task && e < group_size; e++) {
-            long entry = g * group_size + e;
-            if (pad && pad[entry] == 0.0f) continue;
-            long row = rows ? rows[entry] : e;
+        for (long e = e0; e < e1; e++) {
+            long row = rows ? rows[e] : e;
             xr[nr] = x + row * ldx;
             yr[nr] = y + row * ldy;
             nr++;
         }
-        if (nr == 0) continue;
         float xa[MAX_ROWS][MAX_W];
-        shrink(xr, nr, A + g * a_stride, in, w, xa);
+        shrink(xr, nr, (const float *)t[0], in, t[1], xa);
         for (long p = 0; p < n_proj; p++)
-            expand(yr, out0[p], nr, xa, col0[p], cols[p], Bt[p] + g * bt_stride[p], out_n[p]);
+            if (t[2 + p])
+                expand(yr, out0[p], nr, xa, t[2 + n_proj + p], t[2 + 2 * n_proj + p], (const float *)t[2 + p], out_n[p]);
     }
     return 0;
 }

@@ -14,10 +14,11 @@ grouped for 8 all-projection r16 adapters, 15 and 6 ms for 8 q/v r8 ones (in-pro
 SmolLM2). Each projection keeps its own B, so no zeros sit in a fused site's B (2/3 of it for an adapter
 on q, k and v).
 
-On CPU in fp32 a batch carries the same computation as one native call (`server.kernels.lora`), which reads
-each adapter's weights once, front to back, and adds into y's rows directly: the all-projection case above
-took 13 ms instead of 24-26 ms, in-process (the bmm form stays the reference it is tested against, and the
-path for CUDA, bf16 and machines without the kernel).
+On CPU in fp32 a step skips all of that: `SlotGroups` hands each site's rows, grouped by adapter, to one
+native call (`server.kernels.lora`) that reads each adapter's weights where its device slot keeps them,
+once, front to back, and adds into y's rows directly: the all-projection case above took 13 ms instead of
+24-26 ms, in-process, and no weights are stacked (the bmm form stays the reference it is tested against,
+and the path for CUDA, bf16 and machines without the kernel).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.kernels.lora import GroupedLora, grouped_lora
+from server.kernels.lora import SlotGroupsKernel
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,15 @@ class SiteStack:
     #                       folded in, its columns of w, its output rows in the fused site)
     _slices: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def sliced(self, positions: slice) -> tuple[torch.Tensor, tuple, GroupedLora | None]:
-        """A, expands and the native call's weights for a range of positions, made once per range: a plan is
-        rebuilt whenever a request joins or leaves, and remaking these for every layer and site was most of
-        a rebuild (2.3 ms of 8 all-projection adapters' plan here)."""
+    def sliced(self, positions: slice) -> tuple[torch.Tensor, tuple]:
+        """A and expands for a range of positions, made once per range: a plan is rebuilt whenever a request
+        joins or leaves, and remaking these for every layer and site was most of a rebuild."""
         key = (positions.start, positions.stop)
         if key not in self._slices:
-            if len(self._slices) >= 64:  # views and pointers only, but a big cover has many ranges
+            if len(self._slices) >= 64:  # views only, but a big cover has many ranges
                 self._slices.clear()
-            A = self.A[positions]
-            expands = tuple((Bt[positions], columns, out_rows) for Bt, columns, out_rows in self.expands)
-            self._slices[key] = (A, expands, grouped_lora(A, expands))
+            self._slices[key] = (self.A[positions],
+                                 tuple((Bt[positions], columns, out_rows) for Bt, columns, out_rows in self.expands))
         return self._slices[key]
 
 
@@ -61,17 +60,42 @@ class LoraBatch:
     rows: torch.Tensor | None      # [n * P]: the row each (position, slot in its group) reads and adds to;
     #                                None = one position serving every row in order
     pad: torch.Tensor | None       # [n, P, 1]: 0 where a group is padded to P (those entries read row 0)
-    native: GroupedLora | None = None  # the same computation in one native call, where it runs here
 
     @classmethod
     def of(cls, stack: SiteStack, positions: slice, rows: torch.Tensor | None, pad: torch.Tensor | None):
-        A, expands, native = stack.sliced(positions)
-        return cls(A, expands, rows, pad, native)
+        return cls(*stack.sliced(positions), rows, pad)
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        lora_apply(y, x, self)
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """A step's rows grouped by device slot, shared by every layer and site of the step."""
+
+    groups: int
+    offsets: torch.Tensor          # [groups + 1] int64: group g is entries offsets[g] .. offsets[g + 1]
+    rows: torch.Tensor | None      # int64, the row of each entry; None = entry e is row e
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """One site of one layer in a step served by the native kernel straight from the slots' weights."""
+
+    kernel: SlotGroupsKernel
+    step: SlotRows
+    table: torch.Tensor            # [groups, 2 + 3 * projections] int64: each group's weight addresses (see
+    #                                lora_grouped.c); the tensors they point into live in the slots
+    out0: torch.Tensor             # [projections] int64: each projection's first output column in the site
+    out_n: torch.Tensor            # [projections] int64: its output columns
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        step = self.step
+        if not self.kernel(y, x, step.groups, step.offsets, step.rows, self.table, self.out0, self.out_n):
+            raise RuntimeError("the native LoRA kernel refused a step the plan gave it")
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
-    if batch.native is not None and batch.native(y, x, batch.rows, batch.pad):
-        return
     if batch.rows is None:
         xa = torch.matmul(x, batch.A[0])
         for Bt, columns, out_rows in batch.expands:

@@ -1,19 +1,22 @@
-"""Adapter weights resident on the compute device, stacked per layer and site, and the per-step LoRA plan.
+"""Adapter weights resident on the compute device, per layer and site, and the per-step LoRA plan.
 
 Like vLLM's LoRA layers, each device slot holds one adapter (`set_lora` / `reset_lora`). A site is one
-fused base projection (qkv, o, gate_up, down); a slot holds, per site, each targeted projection's A [r, in]
-and B [rows, r] with alpha/r folded in. A cover stacks its slots' weights per site along a batch axis, and a
-step's plan groups the rows by the position of their adapter in the cover (see server.lora.apply).
+fused base projection (qkv, o, gate_up, down); a slot holds, per site, A^T of its projections there side by
+side [in, w] and each projection's B^T [r, rows] with alpha/r folded in. On CPU in fp32 a step's plan groups
+the rows by slot and the native kernel reads each slot's weights in place (`SlotGroups`); elsewhere a cover
+stacks its slots' weights per site along a batch axis for batched matmuls (see server.lora.apply).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
-from server.lora.apply import LoraBatch, SiteStack, lora_apply
+from server.kernels.lora import MAX_RANK_COLUMNS, slot_groups_kernel
+from server.lora.apply import LoraBatch, SiteStack, SlotGroups, SlotRows
 from server.lora.covers import CoverCache
 
 SITES = ("qkv", "o", "gate_up", "down")
@@ -45,7 +48,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int
     if step is None:
         return
     for batch in step.batches[layer][SITES.index(site)]:
-        lora_apply(y, x, batch)
+        batch.apply(y, x)
 
 
 class LoraSlots:
@@ -56,28 +59,63 @@ class LoraSlots:
         self.max_slots = max_slots
         self.device = device
         self.dtype = dtype
-        # lora[layer][site][slot] -> {proj: (A [r, in], B [rows, r] scaled)} or None
+        # lora[layer][site][slot] -> {proj: (A [r, in], B [rows, r] scaled)} (views of the slot's tensors) or None
         self.lora = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
         self._plan_key: tuple | None = None
         self._plan: LoraStep | None = None
         self.covers: CoverCache[list] = CoverCache(self._cover_operands)
+        native = torch.device(device).type == "cpu" and dtype == torch.float32
+        self._kernel = slot_groups_kernel() if native else None
+        # per site, its projections in output order; the native table's rows (see lora_grouped.c)
+        self._projections = [sorted(layouts[site].projections, key=lambda p: layouts[site].projections[p][0])
+                             for site in SITES]
+        self._width = max(map(len, self._projections))
+        self._entry = 2 + 3 * self._width
+        self._out0 = [torch.tensor(self._padded([layouts[site].projections[p][0] for p in projs]))
+                      for site, projs in zip(SITES, self._projections)]
+        self._out_n = [torch.tensor(self._padded([layouts[site].projections[p][1] for p in projs]))
+                       for site, projs in zip(SITES, self._projections)]
+        self._table = torch.zeros(max_slots, num_layers, len(SITES), self._entry, dtype=torch.int64)
+        self._wide: set[int] = set()  # slots with more rank columns at a site than the kernel takes
+
+    def _padded(self, values: list[int]) -> list[int]:
+        return values + [0] * (self._width - len(values))
 
     def set_lora(self, slot: int, adapter) -> None:
         """Copies an `adapters.Adapter` into `slot`, replacing what was there."""
         self.reset_lora(slot)
+        by_site: dict[tuple[int, int], dict] = {}
         for key, w in adapter.weights.items():
             _, layer, proj = key.split(".")
             s = next(i for i, site in enumerate(SITES) if proj in self.layouts[site].projections)
-            held = self.lora[int(layer)][s][slot]
-            if held is None:
-                held = self.lora[int(layer)][s][slot] = {}
-            held[proj] = (w.A.to(self.device, self.dtype), (w.B * w.scale).to(self.device, self.dtype))
+            by_site.setdefault((int(layer), s), {})[proj] = w
+        table = [[[0] * self._entry for _ in SITES] for _ in range(self.num_layers)]
+        for (layer, s), weights in by_site.items():
+            order = [p for p in self._projections[s] if p in weights]
+            At = torch.cat([weights[p].A.T for p in order], dim=1).to(self.device, self.dtype).contiguous()
+            entry = table[layer][s]
+            entry[0], entry[1] = At.data_ptr(), At.shape[1]
+            held, column = {}, 0
+            for proj in order:
+                w = weights[proj]
+                rank = w.A.shape[0]
+                Bt = (w.B * w.scale).T.to(self.device, self.dtype).contiguous()
+                held[proj] = (At[:, column : column + rank].T, Bt.T)
+                i = self._projections[s].index(proj)
+                entry[2 + i], entry[2 + self._width + i], entry[2 + 2 * self._width + i] = Bt.data_ptr(), column, rank
+                column += rank
+            self.lora[layer][s][slot] = held
+            if At.shape[1] > MAX_RANK_COLUMNS:
+                self._wide.add(slot)
+        self._table[slot] = torch.tensor(table, dtype=torch.int64)
         self._invalidate(slot)
 
     def reset_lora(self, slot: int) -> None:
         for layer in range(self.num_layers):
             for s in range(len(SITES)):
                 self.lora[layer][s][slot] = None
+        self._table[slot] = 0
+        self._wide.discard(slot)
         self._invalidate(slot)
 
     def _invalidate(self, slot: int) -> None:
@@ -104,6 +142,8 @@ class LoraSlots:
                 groups.setdefault(slot, []).append(row)
         if not groups:
             return None
+        if self._kernel is not None and not self._wide & groups.keys():
+            return self._build_native(groups, len(row_slots))
         covers = self.covers.select(frozenset(groups))
         # A group far above the typical size (a prompt chunk) runs as its own batch, or every other group
         # would be padded to its size.
@@ -124,6 +164,18 @@ class LoraSlots:
         return LoraStep([[tuple(LoraBatch.of(ops[layer][s].stack, *gather) for ops, serving, gather in specs
                                 if ops[layer][s] is not None and ops[layer][s].owners & serving)
                           for s in range(len(SITES))] for layer in range(self.num_layers)])
+
+    def _build_native(self, groups: dict[int, list[int]], rows: int) -> LoraStep:
+        """Rows grouped by slot, and per layer and site the slots' weight addresses: nothing is copied but
+        addresses, so a request joining or leaving costs a few small tensors."""
+        order = sorted(groups)
+        entries = [row for slot in order for row in groups[slot]]
+        step = SlotRows(len(order), torch.tensor([0, *accumulate(len(groups[slot]) for slot in order)]),
+                        None if entries == list(range(rows)) else torch.tensor(entries))
+        table = self._table[order].permute(1, 2, 0, 3).contiguous()  # [layer, site, group, entry]
+        busy = (table[:, :, :, 1] > 0).any(dim=2).tolist()
+        return LoraStep([[(SlotGroups(self._kernel, step, table[layer, s], self._out0[s], self._out_n[s]),)
+                          if busy[layer][s] else () for s in range(len(SITES))] for layer in range(self.num_layers)])
 
     def _gather(self, run: list[int], members: list[int | None], groups: dict[int, list[int]], rows: int):
         """(positions, rows, pad) of a LoraBatch for cover positions `run`; members[i] is the slot whose

@@ -1,14 +1,15 @@
 """The mixed-batch LoRA math on tiny tensors: the fast per-site form the model calls must equal the per-row
 definition, for any mix of adapters, ranks, target subsets, group sizes and bare-base rows. Every test runs
-twice: through the native grouped kernel (where it builds here) and through the torch batched matmuls."""
+twice: through the native kernel reading the slots' weights (where it builds here) and through the torch
+batched matmuls over stacked covers."""
 
 import pytest
 import torch
 
-import server.lora.apply as apply_module
+import server.lora.layers as layers_module
 from adapters import llama_base_shapes, random_adapter
-from server.kernels.lora import grouped_lora
-from server.lora.apply import lora_apply, lora_apply_reference
+from server.kernels.lora import slot_groups_kernel
+from server.lora.apply import LoraBatch, SlotGroups, lora_apply_reference
 from server.lora.layers import BASE, SITES, LoraSlots, SiteLayout
 
 LAYERS, HIDDEN, INTER, KV = 2, 16, 32, 8
@@ -28,7 +29,7 @@ ADAPTERS = [
     random_adapter("mlp", SHAPES, rank=3, alpha=3, targets=("up_proj", "down_proj"), seed=3, init_std=0.5),
 ]
 MIXED_ROWS = [0, BASE, 1, 2, 2, BASE, 0, 1, 1, BASE]
-NATIVE = grouped_lora(torch.zeros(1, 2, 2), ()) is not None
+NATIVE = slot_groups_kernel() is not None
 
 
 @pytest.fixture(autouse=True, params=["native", "torch"])
@@ -36,7 +37,7 @@ def lora_path(request, monkeypatch):
     if request.param == "native" and not NATIVE:
         pytest.skip("the grouped LoRA kernel does not build here")
     if request.param == "torch":
-        monkeypatch.setattr(apply_module, "grouped_lora", lambda *args: None)
+        monkeypatch.setattr(layers_module, "slot_groups_kernel", lambda: None)
     return request.param
 
 
@@ -55,12 +56,23 @@ def site_inputs(site: str, rows: int, seed: int = 0):
     return x, y
 
 
-def apply_planned(slots: LoraSlots, row_slots: list[int], layer: int, site: str, x, y) -> torch.Tensor:
+def native_path() -> bool:
+    return NATIVE and layers_module.slot_groups_kernel is slot_groups_kernel
+
+
+def covers_only():
+    if native_path():
+        pytest.skip("covers serve the torch path only")
+
+
+def apply_planned(slots: LoraSlots, row_slots: list[int], layer: int, site: str, x, y, kind=None) -> torch.Tensor:
+    """The plan's batches for one site applied to a copy of y; each is checked to be of `kind` (default:
+    the kernel's where this path and dtype have it, else the torch one)."""
     out = y.clone()
+    kind = kind or (SlotGroups if native_path() and x.dtype == torch.float32 else LoraBatch)
     for batch in slots.plan(row_slots).batches[layer][SITES.index(site)]:
-        assert (batch.native is not None) == (NATIVE and apply_module.grouped_lora is grouped_lora
-                                              and x.dtype == torch.float32)
-        lora_apply(out, x, batch)
+        assert isinstance(batch, kind)
+        batch.apply(out, x)
     return out
 
 
@@ -148,7 +160,8 @@ def test_single_adapter_batch_equals_reference(slot):
     slots = loaded_slots(ADAPTERS)
     rows = [slot] * 5
     # every row uses the one adapter: no gather, no padding
-    assert all(b.rows is None for layer in slots.plan(rows).batches for site in layer for b in site)
+    assert all((b.step if isinstance(b, SlotGroups) else b).rows is None
+               for layer in slots.plan(rows).batches for site in layer for b in site)
     for site in SITES:
         x, y = site_inputs(site, len(rows))
         torch.testing.assert_close(apply_planned(slots, rows, 0, site, x, y),
@@ -211,16 +224,17 @@ def spread_slots() -> tuple[LoraSlots, dict[int, object]]:
     return slots, placement
 
 
-def expected_rows(placement, rows, site, x, y) -> torch.Tensor:
+def expected_rows(placement, rows, site, x, y, layer: int = 0) -> torch.Tensor:
     expected = y.double().clone()
     for i, slot in enumerate(rows):
         if slot != BASE:
-            expected[i] = apply_by_hand([placement[slot]], [0], 0, site, x[i : i + 1], y[i : i + 1])[0]
+            expected[i] = apply_by_hand([placement[slot]], [0], layer, site, x[i : i + 1], y[i : i + 1])[0]
     return expected
 
 
 @pytest.mark.parametrize("site", SITES)
 def test_a_reused_cover_with_an_idle_adapter_equals_the_definition(site):
+    covers_only()
     slots, placement = spread_slots()
     slots.plan([0, 3, 9])  # slot 3 is in the cover the next plan reuses...
     rows = [0, BASE, 9, 0, 9]  # ...but has no row here: it must add nothing
@@ -232,6 +246,7 @@ def test_a_reused_cover_with_an_idle_adapter_equals_the_definition(site):
 
 @pytest.mark.parametrize("site", SITES)
 def test_a_new_adapter_joining_gets_a_small_second_cover_and_the_sum_equals_the_definition(site):
+    covers_only()
     slots, placement = spread_slots()
     slots.plan([0, 3, 9])
     rows = [0, 5, 3, BASE, 9]
@@ -242,6 +257,7 @@ def test_a_new_adapter_joining_gets_a_small_second_cover_and_the_sum_equals_the_
 
 
 def test_a_request_leaving_the_batch_reuses_the_stacked_operands():
+    covers_only()
     slots, _ = spread_slots()
     before = slots.plan([0, 3, 9]).batches[0][0]
     after = slots.plan([0, 9]).batches[0][0]
@@ -259,11 +275,12 @@ def test_rebuilt_plans_over_the_same_stack_slices_serve_each_step_its_own_rows(s
             torch.testing.assert_close(apply_planned(slots, rows, 1, site, x, y),
                                        apply_reference(ADAPTERS, rows, 1, site, x, y), atol=1e-4, rtol=1e-4)
     batches = [slots.plan(rows).batches[1][SITES.index(site)] for rows in orders[:2]]
-    if batches[0]:
-        assert batches[0][0].native is batches[1][0].native  # the weights' side is shared, not remade
+    if batches[0] and not native_path():
+        assert batches[0][0].A is batches[1][0].A  # the stack's slices are shared, not remade
 
 
 def test_reloading_a_slot_drops_the_operands_that_hold_it():
+    covers_only()
     slots, placement = spread_slots()
     rows = [0, 9]
     before = slots.plan(rows).batches[0][0]
@@ -284,7 +301,7 @@ def test_uneven_groups_equal_the_definition(site):
     x, y = site_inputs(site, len(rows))
     got = apply_planned(slots, rows, 0, site, x, y)
     torch.testing.assert_close(got.double(), apply_by_hand(ADAPTERS, rows, 0, site, x, y), rtol=1e-5, atol=1e-5)
-    if site == "qkv":  # all three adapters target it: the chunk alone, and the others in one padded batch
+    if site == "qkv" and not native_path():  # all three target it: the chunk alone, the others padded together
         batches = slots.plan(rows).batches[0][0]
         assert len(batches) == 2 and sum(b.pad is not None for b in batches) == 1
 
@@ -298,3 +315,31 @@ def test_a_non_finite_row_does_not_leak_into_other_rows():
     got = apply_planned(slots, rows, 0, "qkv", x, y)
     torch.testing.assert_close(got[1:].double(), apply_by_hand(ADAPTERS, rows, 0, "qkv", x, y)[1:],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_native_path_stacks_nothing_as_the_mix_of_adapters_changes():
+    if not native_path():
+        pytest.skip("the native kernel reads slots in place; the torch path stacks covers")
+    slots, placement = spread_slots()
+    for rows in ([0, 3, 9], [9, 5, BASE], [5, 0, 0, 3], [3, 9, 5, 0, BASE]):
+        for site in SITES:
+            x, y = site_inputs(site, len(rows))
+            torch.testing.assert_close(apply_planned(slots, rows, 1, site, x, y).double(),
+                                       expected_rows(placement, rows, site, x, y, layer=1), rtol=1e-5, atol=1e-5)
+    assert slots.covers.builds == 0
+
+
+def test_an_adapter_too_wide_for_the_kernel_is_served_through_covers(monkeypatch):
+    monkeypatch.setattr(layers_module, "MAX_RANK_COLUMNS", 8)  # "all" (3 x rank 4 at qkv) is now too wide
+    slots = loaded_slots(ADAPTERS)
+    for site in SITES:
+        x, y = site_inputs(site, len(MIXED_ROWS))
+        torch.testing.assert_close(apply_planned(slots, MIXED_ROWS, 0, site, x, y, kind=LoraBatch),
+                                   apply_reference(ADAPTERS, MIXED_ROWS, 0, site, x, y), rtol=1e-5, atol=1e-5)
+    batches = [b for layer in slots.plan(MIXED_ROWS).batches for site in layer for b in site]
+    assert batches and all(isinstance(b, LoraBatch) for b in batches)
+    # without the wide one in the batch, the kernel serves again
+    narrow = [slot if slot != 1 else BASE for slot in MIXED_ROWS]
+    kinds = {type(b) for layer in slots.plan(narrow).batches for site in layer for b in site}
+    assert kinds == ({SlotGroups} if native_path() else {LoraBatch})
+
