@@ -1,4 +1,5 @@
-"""Which sets of stacked adapter weights ("covers") serve a step's active adapters.
+"""Which sets of stacked adapter weights ("covers") serve a step's active adapters, on the torch path
+(CUDA, bf16, or no native kernel: on CPU in fp32 the kernel reads each adapter from its slot instead).
 
 A cover is the weights of some device slots stacked once per site, so the rows of those slots cost one
 batched matmul per site and projection, however many adapters the cover holds. Building one copies every
