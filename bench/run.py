@@ -67,14 +67,19 @@ def zipf_picker(names: list[str], streams: int, rounds: int, seed: int = 0) -> C
 
 def auto_workloads(qv: list[str], wide: list[str], zipf: list[str], stream_counts: list[int],
                    rounds: int) -> list[Workload]:
+    mixed8 = Workload("mixed8-16", 16, lambda i, r: qv[(i + r) % 8])
+    all8 = Workload("all8-16", 16, lambda i, r: wide[(i + r) % 8])
     loads = [Workload("lone", 1, lambda i, r: None)]
     for n in stream_counts:
         loads += [Workload(f"base-{n}", n, lambda i, r: None),
                   Workload(f"mixed8-{n}", n, lambda i, r: qv[(i + r) % 8]),
+                  *([all8] if n == 16 else []),
                   Workload(f"zipf100-{n}", n, zipf_picker(zipf, n, rounds))]
+    # The targets' workloads again, in mirror order, minutes later: each ratio to the base takes the mean of
+    # both runs of each side, centred on the same moment, so a steady drift of the machine cancels out.
     loads += [Workload("single-16", 16, lambda i, r: qv[0]),
-              Workload("all8-16", 16, lambda i, r: wide[(i + r) % 8]),
-              # the base again, minutes later: ratios to the base use both runs, so drift does not fall on them
+              Workload(f"all8-16{AGAIN}", 16, all8.pick),
+              Workload(f"mixed8-16{AGAIN}", 16, mixed8.pick),
               Workload(f"base-16{AGAIN}", 16, lambda i, r: None)]
     return loads
 
