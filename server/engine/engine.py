@@ -87,6 +87,10 @@ class Engine:
         self._sinks: dict[int, tuple[AsyncSink, Detokenizer]] = {}
         self._outbox: list[tuple[AsyncSink, TokenEvent]] = []
         self._finished_in_step = 0
+        # after a step whose finished requests were not waited for: (its end, the end of the window a wait
+        # would have had, requests awaited) and how many came within it, so waits resume once they pay
+        self._watch: tuple[float, float, int] | None = None
+        self._watch_hits = 0
 
     # ---- lifecycle
     def stop(self) -> None:
@@ -158,8 +162,18 @@ class Engine:
         (see server.engine.admission)."""
         room = self.scheduler.kv.max_seqs - self.scheduler.kv.used - len(self.scheduler.waiting)
         awaited = min(self._finished_in_step, room)
-        budget = self._admission.budget(step_s) if awaited > 0 else 0.0
+        if awaited <= 0:
+            return
+        budget = self._admission.budget(step_s)
         if budget <= 0:
+            window = self._admission.window(step_s)
+            if window > 0:
+                # the last watch's requests may sit in the inbox since the step began: count them first
+                self._drain_inbox()
+                self._flush_outbox()
+                self._settle_watch(force=True)
+                now = time.monotonic()
+                self._watch, self._watch_hits = (now, now + window, awaited), 0
             return
         started = time.perf_counter()
         deadline = started + budget
@@ -171,6 +185,12 @@ class Engine:
             self._wake.wait(remaining)
         self._admission.record(awaited, self._inbox.qsize())
         self.metrics.admission_wait_seconds.inc(time.perf_counter() - started)
+
+    def _settle_watch(self, force: bool = False) -> None:
+        """Records how many awaited requests came within a skipped wait's window, once it has passed."""
+        if self._watch is not None and (force or time.monotonic() >= self._watch[1]):
+            self._admission.record(self._watch[2], self._watch_hits)
+            self._watch = None
 
     def _flush_outbox(self) -> None:
         # One wake-up per event loop per step, not one per token: per-token cross-thread calls made the
@@ -194,8 +214,11 @@ class Engine:
             try:
                 kind, seq, sink = self._inbox.get_nowait()
             except queue.Empty:
+                self._settle_watch()
                 return
             if kind == "add":
+                if self._watch is not None and self._watch[0] <= seq.arrived <= self._watch[1]:
+                    self._watch_hits += 1
                 self._sinks[seq.id] = (sink, Detokenizer(self.tokenizer, seq.params.stop))
                 self.scheduler.add(seq)
             elif kind == "abort" and not seq.finished and seq.id in self._sinks:

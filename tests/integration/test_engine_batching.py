@@ -238,6 +238,47 @@ def test_a_request_sent_as_the_last_one_ends_joins_the_very_next_step(tmp_path, 
     assert steps["next_first_token"] == steps["ended"] + 1
 
 
+def test_after_requests_with_no_successor_the_wait_resumes_once_clients_come_back(tmp_path, prompts):
+    """Requests that end without a next one (the last of a batch job, a chat user reading) make the wait
+    stop paying, so the engine stops waiting; when closed-loop clients come back, the arrivals it watches
+    without waiting bring the wait back within a few requests (it once waited for rare probes, and in the
+    bench half of a workload's requests sat out a step)."""
+    runtime = start_runtime(tmp_path)
+    background = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    joined = []
+
+    async def scenario():
+        started, done = asyncio.Event(), asyncio.Event()
+
+        async def keep_the_batch_busy():
+            async for _ in runtime.engine.stream(prompts[1], background, None):
+                started.set()
+                if done.is_set():
+                    return  # leaving the stream aborts the request
+
+        async def clients():
+            await started.wait()
+            for _ in range(12):  # no next request for a while after each
+                await complete(runtime, prompts[0], short)
+                await asyncio.sleep(0.1)
+            for _ in range(8):  # closed loop: the next request the moment the last one ends
+                await complete(runtime, prompts[0], short)
+                ended = runtime.engine.stats.steps
+                async for _ in runtime.engine.stream(prompts[0], short, None):
+                    joined.append(runtime.engine.stats.steps == ended + 1)
+                    break
+            done.set()
+
+        await asyncio.gather(keep_the_batch_busy(), clients())
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        runtime.stop()
+    assert all(joined[-3:]), joined
+
+
 def test_finishing_requests_never_leave_others_reading_unwritten_keys(tmp_path, prompts, solo):
     """Requests of different lengths finish mid-batch in every slot order, so running sequences are moved
     between KV slots mid-step; with the cache's memory poisoned with huge keys and values, any position
