@@ -14,11 +14,11 @@ On a 2-core Zen 5 EPYC, once the route stopped hopping to worker threads, such r
 runs in turns (the loop idles only until they are in, and the next step runs full). 0.4 is the default.
 
 Each wait costs at most `step_fraction` of a step. Where waits stop paying (open-loop traffic: a chat
-user types for seconds), the loop stops waiting. It keeps watching when the next requests come after a
-step that finished some (the engine records them without waiting), so it starts waiting again as soon as they would have made
-it: an earlier version learned only from occasional probe waits, and in the bench each workload began in
-that skipping state (the last requests of the one before had no successors), so about half its requests
-sat out a step before their own (TTFT in two clusters, 28-38 and 46-70 ms, at 16 streams).
+user types for seconds), the loop stops waiting. The engine still records when the next requests come
+after a step that finished some, without waiting for them, so waits resume as soon as they would pay
+again: an earlier version learned only from occasional probe waits, and in the bench each workload began
+in that skipping state (the last requests of the one before had no successors), so about half its
+requests sat out a step before their own (TTFT in two clusters, 28-38 and 46-70 ms, at 16 streams).
 """
 
 from __future__ import annotations
