@@ -67,14 +67,27 @@ def matmul_ceiling_gflops(backend: str, reps: int) -> float:
 
 def contention_probe() -> dict:
     """GEMM throughput on one thread and on all: when other processes hold the cores, torch's thread team
-    waits on its descheduled members and all threads fall far below one (seen: 6 vs 91 GFLOP/s)."""
+    waits on its descheduled members and all threads fall far below one (seen: 6 vs 91 GFLOP/s). And the
+    memory read rate on all threads, which a GEMM hardly notices: decode streams its weights, so a
+    neighbour that takes memory bandwidth slows the server and not the compute-bound baselines."""
     threads = torch.get_num_threads()
     backend = resolve_backend("auto", torch.device("cpu"), torch.float32)
     torch.set_num_threads(1)
     one = matmul_ceiling_gflops(backend, reps=5)
     torch.set_num_threads(threads)
     return {"one_thread_gflops": one, "all_threads_gflops": matmul_ceiling_gflops(backend, reps=5),
-            "threads": threads}
+            "threads": threads, "read_gbps": read_gbps()}
+
+
+def read_gbps(mib: int = 512, reps: int = 5) -> float:
+    """GB/s of a `sum` over a buffer far larger than the caches, best of `reps` (noise only slows it)."""
+    data = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
 
 
 def params_per_token(loaded: LoadedModel) -> int:

@@ -146,7 +146,8 @@ def render(results: dict) -> str:
         p = meta[f"contention_probe_{when}"]
         head.append(f"Contention probe at {when}: GEMM {p['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
                     f"{p['all_threads_gflops']:.0f} on {p['threads']} "
-                    f"({'cores look free' if p['all_threads_gflops'] >= 1.3 * p['one_thread_gflops'] else 'CORES SHARED: figures skewed'})")
+                    f"({'cores look free' if p['all_threads_gflops'] >= 1.3 * p['one_thread_gflops'] else 'CORES SHARED: figures skewed'})"
+                    f"; memory read {p['read_gbps']:.0f} GB/s on {p['threads']} threads")
     sections = [head, _workloads(results), _engine(results), _baselines(results), _ceiling(results), _micro(results),
                 _targets(results)]
     return "\n\n".join("\n".join(s) for s in sections)
