@@ -10,8 +10,8 @@ instead, and the wait ends as soon as it is in. This is the dynamic-batching del
 
 On a 2-core Zen 5 EPYC, once the route stopped hopping to worker threads, such requests were submitted
 4.3, 5.2, 8.0 and 8.9 ms after that step: a wait of 0.15 of a 25 ms step caught about a quarter of them;
-0.3 and 0.45 caught most, for TTFT mean 53 -> 38-39 ms at 16 streams, with no throughput lost over 18
-runs in turns (the loop idles only until they are in, and the next step runs full). 0.4 is the default.
+0.3 and 0.45 caught most, for TTFT mean 53 -> 38-39 ms at 16 streams, with no throughput lost over 8
+servers in turns (the loop idles only until they are in, and the next step runs full). 0.4 is the default.
 
 Each wait costs at most `step_fraction` of a step. Where waits stop paying (open-loop traffic: a chat
 user types for seconds), the loop stops waiting. The engine still records when the next requests come
