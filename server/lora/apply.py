@@ -95,6 +95,17 @@ class SlotGroups:
             raise RuntimeError("the native LoRA kernel refused a step the plan gave it")
 
 
+@dataclass(frozen=True)
+class SlotTable:
+    """A step's native operands for every layer and site at once, as the native decoder layers
+    (`server.kernels.decoder`) take them: the same tables its `SlotGroups` hold slices of."""
+
+    step: SlotRows
+    table: torch.Tensor            # [layers, sites, groups, 2 + 3 * projections] int64
+    out0: torch.Tensor             # [sites, projections] int64
+    out_n: torch.Tensor            # [sites, projections] int64
+
+
 def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
     if batch.rows is None:
         xa = torch.matmul(x, batch.A[0])

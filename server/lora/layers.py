@@ -16,7 +16,7 @@ from itertools import accumulate
 import torch
 
 from server.kernels.lora import MAX_RANK_COLUMNS, slot_groups_kernel
-from server.lora.apply import LoraBatch, SiteStack, SlotGroups, SlotRows
+from server.lora.apply import LoraBatch, SiteStack, SlotGroups, SlotRows, SlotTable
 from server.lora.covers import CoverCache
 
 SITES = ("qkv", "o", "gate_up", "down")
@@ -37,11 +37,13 @@ class _SiteOperands:
 
 
 class LoraStep:
-    """Per-step plan: batches[layer][site_index] holds one LoraBatch per cover serving the step (see
-    server.lora.covers; empty where no active adapter touches the site)."""
+    """Per-step plan: batches[layer][site_index] holds one LoraBatch (or SlotGroups) per cover serving the
+    step (see server.lora.covers; empty where no active adapter touches the site). `native` is the whole
+    plan as one SlotTable where the native kernel serves the step, else None."""
 
-    def __init__(self, batches: list[list[tuple[LoraBatch, ...]]]):
+    def __init__(self, batches: list[list[tuple[LoraBatch | SlotGroups, ...]]], native: SlotTable | None = None):
         self.batches = batches
+        self.native = native
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int, site: str) -> None:
@@ -71,10 +73,11 @@ class LoraSlots:
                              for site in SITES]
         self._width = max(map(len, self._projections))
         self._entry = 2 + 3 * self._width
-        self._out0 = [torch.tensor(self._padded([layouts[site].projections[p][0] for p in projs]))
-                      for site, projs in zip(SITES, self._projections)]
-        self._out_n = [torch.tensor(self._padded([layouts[site].projections[p][1] for p in projs]))
-                       for site, projs in zip(SITES, self._projections)]
+        # [sites, projections]: each projection's first output column in its fused site, and its columns
+        self._out0 = torch.tensor([self._padded([layouts[site].projections[p][0] for p in projs])
+                                   for site, projs in zip(SITES, self._projections)])
+        self._out_n = torch.tensor([self._padded([layouts[site].projections[p][1] for p in projs])
+                                    for site, projs in zip(SITES, self._projections)])
         self._table = torch.zeros(max_slots, num_layers, len(SITES), self._entry, dtype=torch.int64)
         self._wide: set[int] = set()  # slots with more rank columns at a site than the kernel takes
 
@@ -175,7 +178,8 @@ class LoraSlots:
         table = self._table[order].permute(1, 2, 0, 3).contiguous()  # [layer, site, group, entry]
         busy = (table[:, :, :, 1] > 0).any(dim=2).tolist()
         return LoraStep([[(SlotGroups(self._kernel, step, table[layer, s], self._out0[s], self._out_n[s]),)
-                          if busy[layer][s] else () for s in range(len(SITES))] for layer in range(self.num_layers)])
+                          if busy[layer][s] else () for s in range(len(SITES))] for layer in range(self.num_layers)],
+                        SlotTable(step, table, self._out0, self._out_n))
 
     def _gather(self, run: list[int], members: list[int | None], groups: dict[int, list[int]], rows: int):
         """(positions, rows, pad) of a LoraBatch for cover positions `run`; members[i] is the slot whose

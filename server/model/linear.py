@@ -236,6 +236,11 @@ class Linear:
             return _mkldnn_apply(x, self.kernel, self.bias)
         return F.linear(x, self.kernel, self.bias)
 
+    def panels(self) -> torch.Tensor | None:
+        """The [out/16, in, 16] panels the kernel computes with now, where the panel kernel alone computes
+        this projection (no bias): what a native caller may multiply by directly."""
+        return self.kernel if self._panel is not None and self.bias is None else None
+
     def effective_weight(self) -> torch.Tensor:
         """The [out, in] weight the kernel computes with now (a copy where the kernel is packed)."""
         if self._pair:

@@ -3,7 +3,9 @@
 Tokens of all sequences in a step are flattened into one [tokens, hidden] matrix, so every projection is
 one matmul for the whole batch. q/k/v and gate/up are fused (measured +16% on CPU). Attention reads and
 writes the preallocated KV cache in place. LoRA side branches are added at four sites per layer (qkv, o,
-gate_up, down) by `server.lora.layers.add_lora`, which does nothing when the step has no adapters.
+gate_up, down) by `server.lora.layers.add_lora`, which does nothing when the step has no adapters. On CPU in
+fp32 a decode step runs all layers in one native call (`server.model.native_stack`) through the same
+kernels; `DecoderLayer` is what it is held to, and the path for steps with prompt chunks.
 Nothing here knows about requests or HTTP.
 """
 
@@ -17,6 +19,7 @@ from server.kernels.pointwise import pointwise_kernels
 from server.lora.layers import SITES, add_lora
 from server.model.config import ModelConfig
 from server.model.linear import Linear
+from server.model.native_stack import NativeStack
 
 # Where each HF projection lives in the fused weights: site name and order within it.
 FUSED_SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -108,6 +111,8 @@ class Transformer:
         self.device = device
         self.dtype = embed.dtype
         self.inv_freq = rope_inv_freq(cfg).to(device)
+        # the decode steps' layers in one native call where they can be (None: always layer by layer)
+        self.native_stack = NativeStack.build(self)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -119,8 +124,9 @@ class Transformer:
         """Returns float32 logits [seqs, vocab] for the rows in ctx.logits_rows."""
         h = F.embedding(input_ids, self.embed)
         cos, sin = self.rope_tables(ctx.positions)
-        for layer in self.layers:
-            h = layer(h, ctx, cos, sin, kv)
+        if self.native_stack is None or not self.native_stack.run(h, ctx, cos, sin, kv):
+            for layer in self.layers:
+                h = layer(h, ctx, cos, sin, kv)
         h = rms_norm(h[ctx.logits_rows], self.norm, self.cfg.rms_norm_eps)
         return self.lm_head(h).float()
 

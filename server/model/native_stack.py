@@ -1,0 +1,76 @@
+"""A decode step's decoder layers run as one native call (`server.kernels.decoder`), where they can be.
+
+The layer-by-layer path in `server.model.llama` stays the definition: this computes the same through the
+same kernels, and tests hold the two to equal logits. It serves a step when the model computes every
+projection with the panel kernel (CPU, fp32, no biases), every row is a decode row (prompt chunks attend
+with torch), the KV cache is fp32 on CPU, and the LoRA plan, if any, is the native kernel's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.context import StepContext
+from server.kernels.decoder import WEIGHT_FIELDS, DecoderLayersKernel, decoder_layers_kernel
+
+
+class NativeStack:
+    def __init__(self, kernel: DecoderLayersKernel, model):
+        self._kernel = kernel
+        self._model = model
+        cfg = model.cfg
+        self._dims = torch.tensor([cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cfg.intermediate_size])
+        self._scale = cfg.head_dim ** -0.5
+
+    @classmethod
+    def build(cls, model) -> NativeStack | None:
+        """None where the model cannot take this path at all."""
+        cfg = model.cfg
+        if model.device.type != "cpu" or model.dtype != torch.float32:
+            return None
+        if cfg.hidden_size % 8 or cfg.head_dim % 16 or cfg.intermediate_size % 8:  # the kernels' vector widths
+            return None
+        if cfg.num_heads % cfg.num_kv_heads:
+            return None
+        if any(linear.panels() is None for layer in model.layers for linear in layer.linears.values()):
+            return None
+        if not all(norm.is_contiguous() for layer in model.layers for norm in (layer.input_norm, layer.post_attention_norm)):
+            return None
+        kernel = decoder_layers_kernel()
+        return cls(kernel, model) if kernel is not None else None
+
+    def run(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv) -> bool:
+        """Runs every layer on h in place and returns True, or returns False (nothing touched) for a step it
+        does not take."""
+        n = h.shape[0]
+        if ctx.prefills or ctx.num_decode != n or not h.is_contiguous():
+            return False
+        if ctx.positions.dtype != torch.int64 or not ctx.positions.is_contiguous():
+            return False
+        lora = None
+        if ctx.lora is not None:
+            lora = ctx.lora.native
+            if lora is None:
+                return False
+        if kv.k.dtype != torch.float32 or kv.k.device.type != "cpu" or kv.k.stride() != kv.v.stride():
+            return False
+        cos, sin = cos.reshape(n, -1), sin.reshape(n, -1)
+        if not (cos.is_contiguous() and sin.is_contiguous()):
+            return False
+        self._kernel(h, self._weights(), self._dims, self._model.cfg.rms_norm_eps, self._scale, cos, sin,
+                     kv.k, kv.v, ctx.positions, lora)
+        return True
+
+    def _weights(self) -> torch.Tensor:
+        """Each layer's weight addresses as the kernel takes them, read every step: a hot-swap points a
+        projection at other panels."""
+        rows = []
+        for layer in self._model.layers:
+            qkv, o, gate_up, down = (layer.linears[site].panels() for site in ("qkv", "o", "gate_up", "down"))
+            rows.append([layer.input_norm.data_ptr(), qkv.data_ptr(), qkv.shape[0], o.data_ptr(), o.shape[0],
+                         layer.post_attention_norm.data_ptr(), gate_up.data_ptr(), gate_up.shape[0],
+                         down.data_ptr(), down.shape[0]])
+        weights = torch.tensor(rows, dtype=torch.int64)
+        assert weights.shape[1] == WEIGHT_FIELDS
+        return weights

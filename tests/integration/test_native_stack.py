@@ -1,0 +1,119 @@
+"""The native decoder stack against the layer-by-layer forward it replaces, on the real default model.
+
+Both run the same kernels in the same order, so logits and the KV cache they leave must be equal bit for
+bit: base rows, rows mixing adapters on q/v and on all seven projections, and after a hot-swap (whose
+merged panels the stack must read). Steps it does not take (prompt chunks, a LoRA plan of stacked covers)
+go layer by layer.
+"""
+
+import pytest
+import torch
+
+from adapters import PROJECTIONS, llama_base_shapes, random_adapter
+from server.engine.context import PrefillChunk, build_step
+from server.engine.kv_cache import KVCache
+from server.lora.layers import BASE, LoraSlots
+from server.lora.merge import merge_into_base, restore_base
+from server.model.linear import resolve_backend
+from server.model.weights import LoadedModel
+from server.runtime import site_layouts
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
+
+PROMPT_TOKENS = 12
+ROWS = 5
+
+
+@pytest.fixture(scope="module")
+def model(default_model_folder) -> LoadedModel:
+    cpu = torch.device("cpu")
+    loaded = LoadedModel(default_model_folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
+    if loaded.transformer.native_stack is None:
+        pytest.skip("the native decoder stack does not run here (no panel kernel or no build)")
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def adapters(model):
+    cfg = model.config
+    shapes = llama_base_shapes(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.kv_size)
+    return [random_adapter("qv", shapes, rank=8, alpha=16, targets=("q_proj", "v_proj"), seed=1, init_std=0.05),
+            random_adapter("all", shapes, rank=16, alpha=32, targets=PROJECTIONS, seed=2, init_std=0.05)]
+
+
+@pytest.fixture(scope="module")
+def slots(model, adapters) -> LoraSlots:
+    held = LoraSlots(model.config.num_layers, site_layouts(model.config), 4, torch.device("cpu"), torch.float32)
+    for slot, adapter in enumerate(adapters):
+        held.set_lora(slot, adapter)
+    return held
+
+
+def prefilled_kv(model: LoadedModel, rows: int) -> KVCache:
+    """`rows` sequences of different prompts, prefilled layer by layer."""
+    kv = KVCache(model.config, 8, 64, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (rows * PROMPT_TOKENS,), generator=torch.Generator().manual_seed(3))
+    ctx = build_step([], [PrefillChunk(slot, 0, PROMPT_TOKENS) for slot in range(rows)], torch.device("cpu"))
+    model.transformer.forward(ids, ctx, kv)
+    kv.used = rows
+    return kv
+
+
+def decode_steps(model: LoadedModel, kv: KVCache, lora_plan, native: bool, steps: int = 2) -> list[torch.Tensor]:
+    """`steps` decode steps of every sequence in kv from PROMPT_TOKENS on, with or without the stack."""
+    transformer = model.transformer
+    stack = transformer.native_stack
+    transformer.native_stack = stack if native else None
+    try:
+        outs = []
+        for i in range(steps):
+            ctx = build_step([PROMPT_TOKENS + i] * kv.used, [], torch.device("cpu"))
+            ctx.lora = lora_plan
+            ids = torch.arange(kv.used) * 97 + i * 13
+            outs.append(transformer.forward(ids, ctx, kv))
+        return outs
+    finally:
+        transformer.native_stack = stack
+
+
+def same_steps(model: LoadedModel, lora_plan) -> None:
+    """Layer by layer and native from the same prefilled cache: equal logits and equal caches after."""
+    layered_kv, native_kv = prefilled_kv(model, ROWS), prefilled_kv(model, ROWS)
+    layered = decode_steps(model, layered_kv, lora_plan, native=False)
+    native = decode_steps(model, native_kv, lora_plan, native=True)
+    for a, b in zip(layered, native):
+        assert torch.equal(a, b)
+    assert torch.equal(layered_kv.k, native_kv.k) and torch.equal(layered_kv.v, native_kv.v)
+
+
+def test_base_rows_equal_layer_by_layer(model):
+    same_steps(model, None)
+
+
+def test_rows_mixing_adapters_equal_layer_by_layer(model, slots):
+    plan = slots.plan([0, BASE, 1, 0, 1])
+    assert plan.native is not None
+    same_steps(model, plan)
+
+
+def test_a_merged_adapter_is_read_from_the_merged_panels(model, adapters):
+    base = decode_steps(model, prefilled_kv(model, ROWS), None, native=True)
+    merged = merge_into_base(model.transformer, adapters[1], model.checkpoint)
+    try:
+        same_steps(model, None)
+        with_adapter = decode_steps(model, prefilled_kv(model, ROWS), None, native=True)
+    finally:
+        restore_base(merged)
+    assert (with_adapter[0] - base[0]).abs().max() > 1.0
+    restored = decode_steps(model, prefilled_kv(model, ROWS), None, native=True)
+    assert all(torch.equal(a, b) for a, b in zip(base, restored))
+
+
+def test_a_step_with_a_prompt_chunk_runs_layer_by_layer(model, monkeypatch):
+    stack = model.transformer.native_stack
+    monkeypatch.setattr(type(stack), "_weights", lambda self: pytest.fail("the native stack ran a prompt chunk"))
+    kv = prefilled_kv(model, 2)
+    ctx = build_step([PROMPT_TOKENS] * 2, [PrefillChunk(2, 0, 3)], torch.device("cpu"))
+    kv.used = 3
+    logits = model.transformer.forward(torch.arange(5), ctx, kv)
+    assert logits.shape[0] == 3 and torch.isfinite(logits).all()
