@@ -32,6 +32,7 @@ class StepContext:
     decode_bias: torch.Tensor | None = None  # [num_decode, 1, 1, kv_len] float32: 0 where a key is visible, else -inf
     kv_len: int = 0                  # keys the decode rows attend over (max over them)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    kv_slots: torch.Tensor | None = None  # [tokens] int64: each row's KV slot, where the step has prompt chunks
     lora: object | None = None       # server.lora.layers.LoraStep, or None when no row uses an adapter
 
 
@@ -55,6 +56,11 @@ def build_step(decode_positions: list[int], prefills: list[PrefillChunk], device
     ctx = StepContext(torch.tensor(positions, dtype=torch.long, device=device),
                       torch.tensor(logits_rows, dtype=torch.long, device=device),
                       num_decode=len(decode_positions), prefills=prefills)
+    if prefills:
+        slots = list(range(len(decode_positions)))
+        for chunk in prefills:
+            slots.extend([chunk.slot] * chunk.length)
+        ctx.kv_slots = torch.tensor(slots, dtype=torch.long, device=device)
     if decode_positions:
         ctx.kv_len = max(decode_positions) + 1
         ctx.decode_slots = torch.arange(ctx.num_decode, device=device)

@@ -21,8 +21,8 @@ class DecodeAttention:
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                              ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                             ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                             ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                             ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
 
     def __call__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor | None:
@@ -38,7 +38,7 @@ class DecodeAttention:
             return None
         out = torch.empty(n, heads, d, dtype=torch.float32, device=q.device)
         ran = self._fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), None,
                        positions.data_ptr(), n, heads, k.shape[1], d, d ** -0.5, out.data_ptr(),
                        torch.get_num_threads())
         return out if ran == 0 else None

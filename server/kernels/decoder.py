@@ -1,9 +1,9 @@
-"""The decoder layers of a decode step in one native call (`decoder_layers.c`), through the same kernels the
+"""A step's decoder layers in one native call (`decoder_layers.c`), through the same kernels the
 Python layers call one by one (panel products, RMS norm, rotary embedding, decode attention, SiLU * up and
 the grouped LoRA), whose addresses it is handed.
 
 `decoder_layers_kernel()` is None where any of those kernels cannot run here; `server.model.llama` then
-keeps to its layer-by-layer path, which is also the one for steps with prompt chunks.
+keeps to its layer-by-layer path.
 """
 
 from __future__ import annotations
@@ -35,15 +35,17 @@ class DecoderLayersKernel:
         self._fn = library.decoder_layers
         self._fn.restype = ctypes.c_int
         p, l, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-        self._fn.argtypes = [p, p, l, l, p, p, f, f, p, p, l, p, p, l, l, l, p, l, p, p, p, l, p, p, p, l, ctypes.c_int]
+        self._fn.argtypes = [p, p, l, l, p, p, f, f, p, p, l, p, p, l, l, l, p, p, l, p, p, p, l, p, p, p, l,
+                             ctypes.c_int]
 
     def __call__(self, h: torch.Tensor, weights: torch.Tensor, dims: torch.Tensor, eps: float, scale: float,
                  cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 positions: torch.Tensor, lora) -> None:
+                 slots: torch.Tensor | None, positions: torch.Tensor, lora) -> None:
         """h [n, hidden] in place; weights [layers, WEIGHT_FIELDS] int64; dims [hidden, heads, kv_heads, d,
         intermediate] int64; cos, sin [n, d]; k_cache, v_cache [layers, slots, kv_heads, max_len, d];
-        positions [n] int64; lora a `server.lora.apply.SlotTable` or None. The caller checks dtypes and
-        layouts (fp32, dense rows); a refusal here is a bug, raised."""
+        slots, positions [n] int64: each row's KV slot (None: row i is slot i) and position; lora a
+        `server.lora.apply.SlotTable` or None. The caller checks dtypes and layouts (fp32, dense rows); a
+        refusal here is a bug, raised."""
         n, layers = h.shape[0], weights.shape[0]
         work = torch.empty(self._work(n, layers, weights.data_ptr(), dims.data_ptr()), dtype=torch.float32)
         if lora is None:
@@ -55,7 +57,8 @@ class DecoderLayersKernel:
             n_proj, out0, out_n = lora.out0.shape[1], lora.out0.data_ptr(), lora.out_n.data_ptr()
         ran = self._fn(self._functions.data_ptr(), h.data_ptr(), n, layers, weights.data_ptr(), dims.data_ptr(), eps,
                        scale, cos.data_ptr(), sin.data_ptr(), cos.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                       k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), positions.data_ptr(), groups,
+                       k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                       None if slots is None else slots.data_ptr(), positions.data_ptr(), groups,
                        offsets, rows, table, n_proj, out0, out_n, work.data_ptr(), work.numel(),
                        torch.get_num_threads())
         if ran != 0:

@@ -1,8 +1,8 @@
-/* A decode step's decoder layers in one call: for each layer, RMS norm, qkv, rotary embedding, attention
- * over the KV cache, o, the residual add, RMS norm, gate_up, SiLU(gate) * up, down and the residual add,
- * with each site's LoRA side branch added where the step has adapters, exactly as server.model.llama's
- * DecoderLayer does them, through the same kernels (their addresses come in `fns`, so each stays built and
- * tested on its own).
+/* A step's decoder layers in one call, decode rows and prompt chunks alike: for each layer, RMS norm, qkv,
+ * rotary embedding, attention over the KV cache, o, the residual add, RMS norm, gate_up, SiLU(gate) * up,
+ * down and the residual add, with each site's LoRA side branch added where the step has adapters, exactly
+ * as server.model.llama's DecoderLayer does them, through the same kernels (their addresses come in `fns`,
+ * so each stays built and tested on its own).
  *
  * Why: from Python each of those is a call through ctypes with its checks, a torch.empty for its output
  * and an interpreter whose code and data the step's 540 MB weight stream has evicted from cache: ~300 such
@@ -11,9 +11,10 @@
  *
  * Layouts: h [n][hidden], updated in place; weights, per layer, W_FIELDS longs (see the enum): norm
  * weights and panels ([n_panels][in][16], see panel_linear.c); cos, sin [n][d] (row stride ldcs); K, V the
- * cache [layers][slots][kv_heads][max_len][d] by strides (row i's sequence in slot i, as decode_attention.c
- * takes it); LoRA as lora_grouped.c takes it per site, the table [layers][4 sites][groups][2 + 3 * n_proj]
- * and out0, out_n [4 sites][n_proj] (n_groups 0: no adapters); work at least decoder_layers_work(...) floats.
+ * cache [layers][slots][kv_heads][max_len][d] by strides, row i's sequence in slot slots[i] (NULL: slot i),
+ * as decode_attention.c takes it; LoRA as lora_grouped.c takes it per site, from the table
+ * [layers][4 sites][groups][2 + 3 * n_proj] and out0, out_n [4 sites][n_proj] (n_groups 0: no adapters);
+ * work at least decoder_layers_work(...) floats.
  */
 #include <string.h>
 
@@ -28,7 +29,7 @@ typedef int (*rms_norm_fn)(const float *, long, const float *, long, long, float
 typedef int (*rope_fn)(float *, long, long, long, long, const float *, const float *, long, int);
 typedef int (*silu_mul_fn)(const float *, long, long, long, float *, long, int);
 typedef int (*attention_fn)(const float *, long, const float *, long, const float *, long, float *, float *, long,
-                            long, const long *, long, long, long, long, float, float *, int);
+                            long, const long *, const long *, long, long, long, long, float, float *, int);
 typedef int (*lora_fn)(const float *, long, float *, long, long, long, const long *, const long *, const long *,
                        long, const long *, const long *, int);
 
@@ -76,7 +77,8 @@ long decoder_layers_work(long n, long n_layers, const long *weights, const long 
  * partial step). */
 int decoder_layers(const long *fns, float *h, long n, long n_layers, const long *weights, const long *dims, float eps,
                    float scale, const float *cos_t, const float *sin_t, long ldcs, float *K, float *V,
-                   long layer_stride, long slot_stride, long head_stride, const long *positions, long n_groups,
+                   long layer_stride, long slot_stride, long head_stride, const long *slots,
+                   const long *positions, long n_groups,
                    const long *offsets, const long *rows, const long *table, long n_proj, const long *out0,
                    const long *out_n, float *work, long work_floats, int threads) {
     panel_fn panel = (panel_fn)fns[F_PANEL];
@@ -100,7 +102,7 @@ int decoder_layers(const long *fns, float *h, long n, long n_layers, const long 
         /* q and k sit side by side: rotated in one pass as heads + kv_heads heads */
         if (rope(qkv, ld_qkv, n, heads + kv_heads, d, cos_t, sin_t, ldcs, threads)) return -4;
         if (attention(qkv, ld_qkv, qkv + q_size, ld_qkv, qkv + q_size + kv_size, ld_qkv, K + l * layer_stride,
-                      V + l * layer_stride, slot_stride, head_stride, positions, n, heads, kv_heads, d, scale, attn,
+                      V + l * layer_stride, slot_stride, head_stride, slots, positions, n, heads, kv_heads, d, scale, attn,
                       threads))
             return -5;
         panel(attn, n, q_size, q_size, (const float *)w[W_O], w[W_O_PANELS], y, ld_out, threads);

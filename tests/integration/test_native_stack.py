@@ -1,10 +1,12 @@
 """The native decoder stack against the layer-by-layer forward it replaces, on the real default model.
 
-Both run the same kernels in the same order, so logits and the KV cache they leave must be equal bit for
-bit: base rows, rows mixing adapters on q/v and on all seven projections, and after a hot-swap (whose
-merged panels the stack must read). Steps it does not take (prompt chunks, a LoRA plan of stacked covers)
-go layer by layer.
+For decode rows both run the same kernels in the same order, so logits and the KV cache they leave must be
+equal bit for bit: base rows, rows mixing adapters on q/v and on all seven projections, and after a
+hot-swap (whose merged panels the stack must read). Prompt chunks attend differently (a row at a time vs
+SDPA) and agree to rounding; a chunk reaching past the stack's key limit goes layer by layer.
 """
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
 from server.model.linear import resolve_backend
+from server.model.native_stack import LONG_CHUNK_KEYS
 from server.model.weights import LoadedModel
 from server.runtime import site_layouts
 
@@ -51,7 +54,7 @@ def slots(model, adapters) -> LoraSlots:
 
 def prefilled_kv(model: LoadedModel, rows: int) -> KVCache:
     """`rows` sequences of different prompts, prefilled layer by layer."""
-    kv = KVCache(model.config, 8, 64, torch.device("cpu"), torch.float32)
+    kv = KVCache(model.config, 8, LONG_CHUNK_KEYS + 8, torch.device("cpu"), torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (rows * PROMPT_TOKENS,), generator=torch.Generator().manual_seed(3))
     ctx = build_step([], [PrefillChunk(slot, 0, PROMPT_TOKENS) for slot in range(rows)], torch.device("cpu"))
     model.transformer.forward(ids, ctx, kv)
@@ -59,21 +62,27 @@ def prefilled_kv(model: LoadedModel, rows: int) -> KVCache:
     return kv
 
 
-def decode_steps(model: LoadedModel, kv: KVCache, lora_plan, native: bool, steps: int = 2) -> list[torch.Tensor]:
-    """`steps` decode steps of every sequence in kv from PROMPT_TOKENS on, with or without the stack."""
+@contextmanager
+def stack_used(model: LoadedModel, native: bool):
+    """The model's transformer, running its layers natively or layer by layer."""
     transformer = model.transformer
     stack = transformer.native_stack
     transformer.native_stack = stack if native else None
     try:
-        outs = []
+        yield transformer
+    finally:
+        transformer.native_stack = stack
+
+
+def decode_steps(model: LoadedModel, kv: KVCache, lora_plan, native: bool, steps: int = 2) -> list[torch.Tensor]:
+    """`steps` decode steps of every sequence in kv from PROMPT_TOKENS on, with or without the stack."""
+    outs = []
+    with stack_used(model, native) as transformer:
         for i in range(steps):
             ctx = build_step([PROMPT_TOKENS + i] * kv.used, [], torch.device("cpu"))
             ctx.lora = lora_plan
-            ids = torch.arange(kv.used) * 97 + i * 13
-            outs.append(transformer.forward(ids, ctx, kv))
-        return outs
-    finally:
-        transformer.native_stack = stack
+            outs.append(transformer.forward(torch.arange(kv.used) * 97 + i * 13, ctx, kv))
+    return outs
 
 
 def same_steps(model: LoadedModel, lora_plan) -> None:
@@ -109,11 +118,31 @@ def test_a_merged_adapter_is_read_from_the_merged_panels(model, adapters):
     assert all(torch.equal(a, b) for a, b in zip(base, restored))
 
 
-def test_a_step_with_a_prompt_chunk_runs_layer_by_layer(model, monkeypatch):
-    stack = model.transformer.native_stack
-    monkeypatch.setattr(type(stack), "_weights", lambda self: pytest.fail("the native stack ran a prompt chunk"))
+def test_prompt_chunks_match_layer_by_layer(model, slots):
+    """Decode rows, a fresh prompt and one continuing from cached keys, in one step; the chunks attend a row
+    at a time natively and through SDPA layer by layer, so logits agree to rounding, not bit for bit."""
+    chunks = [PrefillChunk(ROWS, 0, 7), PrefillChunk(ROWS + 1, 4, 6)]
+    outs = []
+    for native in (False, True):
+        kv = prefilled_kv(model, ROWS + 2)
+        kv.used = ROWS + 2
+        ctx = build_step([PROMPT_TOKENS] * ROWS, chunks, torch.device("cpu"))
+        ctx.lora = slots.plan([0, BASE, 1, 0, 1] + [1] * 7 + [0] * 6)
+        with stack_used(model, native) as transformer:
+            ids = torch.arange(ctx.positions.shape[0]) * 31
+            outs.append((transformer.forward(ids, ctx, kv), kv))
+    (layered, layered_kv), (native, native_kv) = outs
+    assert native.shape == (ROWS + 2, model.config.vocab_size)
+    torch.testing.assert_close(native, layered, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(native_kv.k, layered_kv.k, atol=1e-4, rtol=1e-5)
+
+
+def test_a_chunk_past_the_native_key_limit_runs_layer_by_layer(model, monkeypatch):
     kv = prefilled_kv(model, 2)
-    ctx = build_step([PROMPT_TOKENS] * 2, [PrefillChunk(2, 0, 3)], torch.device("cpu"))
+    stack = model.transformer.native_stack
+    monkeypatch.setattr(type(stack), "_weights", lambda self: pytest.fail("the native stack ran a long chunk"))
+    chunk = PrefillChunk(2, LONG_CHUNK_KEYS - 2, 3)  # its last key lies past the limit
+    ctx = build_step([PROMPT_TOKENS] * 2, [chunk], torch.device("cpu"))
     kv.used = 3
     logits = model.transformer.forward(torch.arange(5), ctx, kv)
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()
