@@ -17,8 +17,11 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import platform
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,51 @@ def keep_freed_memory(trim_mb: int = 256) -> bool:
     if not ok:
         log.info("mallopt refused the heap settings; allocations keep glibc's defaults")
     return ok
+
+
+# glibc madvises its main heap and its own mmaps for huge pages, not the other arenas' heaps: the model
+# loads on the engine thread (see server.runtime), whose allocations came from a second arena, and 380 MB of
+# the server's 1.3 GB sat in huge pages instead of all of it. With one arena every thread allocates from the
+# main heap (resident memory unchanged; the threads that allocate are the engine's and the event loop's).
+HUGE_PAGE_TUNABLES = {"glibc.malloc.hugetlb": "1", "glibc.malloc.arena_max": "1"}
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_page_env(environ: Mapping[str, str], thp_mode: Path = THP_MODE) -> dict[str, str] | None:
+    """The environment to restart the server in so that glibc's malloc backs its memory with transparent
+    huge pages, or None where that is already so, cannot be, or LORAPLEX_HUGE_PAGES=0 opts out.
+
+    Why: a decode step streams every weight from DRAM once, 540 MB for SmolLM2 fp32, and with 4 KB pages
+    that is 130,000 TLB misses, each a page walk (two-dimensional in a VM). With the weights, KV cache and
+    adapter slots in 2 MB pages, a 16-row decode step took 34.2 vs 36.2 ms and a 1-row one 19.1 vs 20.4 ms
+    on a 2-core Zen 3 EPYC VM (in-process, in turns; resident memory unchanged). The kernel only gives
+    huge pages to memory that asks (`madvise`, the common default) or to all (`always`, where this is not
+    needed); glibc asks for its heap once these tunables are set, and it reads tunables only when a process
+    starts. Tunables the user set keep their values."""
+    if environ.get("LORAPLEX_HUGE_PAGES", "1") == "0" or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    named = {t.split("=", 1)[0] for t in tunables}
+    if "glibc.malloc.hugetlb" in named:
+        return None
+    try:
+        if "[madvise]" not in thp_mode.read_text():
+            return None
+    except OSError:
+        return None
+    ours = [f"{name}={value}" for name, value in HUGE_PAGE_TUNABLES.items() if name not in named]
+    return {**environ, "GLIBC_TUNABLES": ":".join(tunables + ours)}
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's memory in transparent huge pages (None where the kernel does not say)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def freeze_startup_objects() -> int:

@@ -22,7 +22,7 @@ from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import InvalidRequest
-from server.heap import keep_freed_memory
+from server.heap import huge_page_bytes, keep_freed_memory
 from server.lora import policy
 from server.lora.layers import LoraSlots, SiteLayout
 from server.lora.manager import AdapterSlots
@@ -97,8 +97,10 @@ class Runtime:
                              timeout_s=settings.request_timeout_s,
                              admission=AdmissionWait(settings.admission_wait_ms / 1e3,
                                                      settings.admission_wait_fraction))
-        log.info("model %s on %s/%s (linear: %s), %d stored adapters loaded", self.model_id, self.device,
-                 str(self.dtype).removeprefix("torch."), backend, len(loaded_names))
+        huge = huge_page_bytes()
+        log.info("model %s on %s/%s (linear: %s), %d stored adapters loaded; %s MiB of memory in huge pages",
+                 self.model_id, self.device, str(self.dtype).removeprefix("torch."), backend, len(loaded_names),
+                 "?" if huge is None else huge >> 20)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         if messages is not None:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import httpx
 import pytest
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import save
 
 from adapters import llama_base_shapes, peft_folder_files, random_adapter
+from server.heap import huge_page_env
 from tests.integration.server_process import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -36,6 +38,17 @@ def test_health(server):
     with server.client() as c:
         body = c.get("/health").json()
     assert body["status"] == "ok" and body["model"] == "SmolLM2-135M-Instruct" and body["device"] == "cpu"
+
+
+@pytest.mark.skipif(huge_page_env(os.environ) is None, reason="this machine gives no huge pages on request")
+def test_the_weights_sit_in_huge_pages(server):
+    # `python -m server` restarts itself (same pid) with glibc's huge-page tunable before torch loads
+    pid = server.proc.pid
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    assert any(v.startswith(b"GLIBC_TUNABLES=") and b"glibc.malloc.hugetlb=1" in v for v in environ)
+    huge_kb = next(int(line.split()[1]) for line in open(f"/proc/{pid}/smaps_rollup") if line.startswith("AnonHugePages:"))
+    assert huge_kb * 1024 > 400 * 2**20  # most of the 540 MB of fp32 weights (and their merge scratch)
+    test_health(server)  # and it serves
 
 
 def test_upload_generate_delete(server):
