@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters import read_peft_folder
 from bench.fixtures import NEW_TOKENS, PROMPT
 from bench.micro import SwapCycle
+from server.heap import huge_page_bytes
 from server.model.linear import resolve_backend
 from server.model.loader import resolve_model
 from server.model.weights import LoadedModel
@@ -99,6 +100,15 @@ def loraplex_model() -> LoadedModel:
     # their page faults too (61 vs 70 ms); loraplex's in-place swap allocates nothing large either way.
     cpu = torch.device("cpu")
     return LoadedModel(resolve_model(None), cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
+
+
+def hf_batch16(model_dir: str, quick: bool) -> dict:
+    """transformers generate at batch 16 alone, for a process started with other settings (bench.run starts
+    one with the huge-page malloc loraplex's server gives itself, see server.heap.huge_page_env)."""
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return {"tokens_per_s": batch_tokens_per_s(model, prompt_ids, 16, 1 if quick else 2),
+            "huge_page_bytes": huge_page_bytes()}
 
 
 def run_all(model_dir: str, folders: dict[str, Path], fresh_folder: Path, quick: bool) -> dict:

@@ -68,6 +68,9 @@ def _baselines(results: dict) -> list[str]:
         f"{naive['tokens_per_s'] / hf:.2f}  ({naive['latency_p50']:.2f} s/request, one at a time)",
         f"  PEFT mixed-batch generate(adapter_names), b16   {b['peft_mixed16_tokens_per_s']:7.0f} tok/s  x HF "
         f"{b['peft_mixed16_tokens_per_s'] / hf:.2f}  (8 q/v r8 adapters, 2 rows each)",
+        *([f"  transformers generate, b16, in huge pages        {huge['tokens_per_s']:7.0f} tok/s  x HF "
+           f"{huge['tokens_per_s'] / hf:.2f}  (glibc's huge-page malloc, as the server runs; "
+           f"{(huge['huge_page_bytes'] or 0) / 2**20:.0f} MiB in huge pages)"] if (huge := b.get("hf_huge_pages")) else []),
     ]
 
 

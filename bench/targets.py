@@ -70,6 +70,11 @@ def _without_prefix_cache(results: dict, workload: str, baseline: float) -> str:
     return f"; {tps / baseline:.2f}x ({tps:.0f} tok/s) with --prefix-cache-mb 0"
 
 
+def _huge_pages_hf(results: dict, tps: float) -> str:
+    huge = results["baselines"].get("hf_huge_pages")
+    return f"; {tps / huge['tokens_per_s']:.2f}x transformers in huge pages" if huge else ""
+
+
 def evaluate(results: dict) -> list[Target]:
     auto = results["servers"]["auto"]["workloads"]
     base = base_tokens_per_s(auto, 16)
@@ -85,7 +90,7 @@ def evaluate(results: dict) -> list[Target]:
     mixed8, all8 = mean_tokens_per_s(auto, "mixed8-16"), mean_tokens_per_s(auto, "all8-16")
     return [
         Target("base-only, 16 streams vs transformers generate b16", base / hf, 3.0, True,
-               f"{base:.0f} vs {hf:.0f} tok/s{_without_prefix_cache(results, 'base-16', hf)}"),
+               f"{base:.0f} vs {hf:.0f} tok/s{_without_prefix_cache(results, 'base-16', hf)}{_huge_pages_hf(results, base)}"),
         Target("8 adapters mixed (q/v r8) vs own base-only", mixed8 / base, 0.95, True,
                f"{mixed8:.0f} vs {base:.0f} tok/s{_runs_detail(auto, 'mixed8-16')}{_base_detail(auto)}"),
         Target("8 adapters mixed (7 proj r16) vs own base-only", all8 / base, 0.8, True,
