@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters import read_peft_folder
 from bench.fixtures import NEW_TOKENS, PROMPT
 from bench.micro import SwapCycle
-from server.heap import huge_page_bytes
+from server.heap import back_with_huge_pages, huge_page_bytes
 from server.model.linear import resolve_backend
 from server.model.loader import resolve_model
 from server.model.weights import LoadedModel
@@ -102,11 +102,15 @@ def loraplex_model() -> LoadedModel:
     return LoadedModel(resolve_model(None), cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
 
 
-def hf_batch16(model_dir: str, quick: bool) -> dict:
-    """transformers generate at batch 16 alone, for a process started with other settings (bench.run starts
-    one with the huge-page malloc loraplex's server gives itself, see server.heap.huge_page_env)."""
+def hf_batch16_in_huge_pages(model_dir: str, quick: bool) -> dict:
+    """transformers generate at batch 16 with its weights in huge pages, as loraplex's server keeps its own
+    (server.heap.back_with_huge_pages): run in a fresh process, since huge pages once made stay."""
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # loaded as views of the mapped checkpoint file: anonymous memory first
+            param.data = param.data.clone()
+    back_with_huge_pages(list(model.parameters()))
     return {"tokens_per_s": batch_tokens_per_s(model, prompt_ids, 16, 1 if quick else 2),
             "huge_page_bytes": huge_page_bytes()}
 

@@ -32,7 +32,6 @@ from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, 
 from bench.load import request_body, run_streams, stream_request
 from bench.serving import BenchServer, counters_delta
 from bench.table import render
-from server.heap import huge_page_env
 from server.model.loader import resolve_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -43,19 +42,9 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def in_fresh_process(fn, *args, env: dict[str, str] | None = None):
-    """fn(*args) in a spawned process, started with `env` for an environment where given."""
-    saved = dict(os.environ)
-    try:
-        if env is not None:
-            os.environ.clear()
-            os.environ.update(env)
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *args).result()
-    finally:
-        if env is not None:
-            os.environ.clear()
-            os.environ.update(saved)
+def in_fresh_process(fn, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 LONE_REQUESTS = 8  # the TTFT target's denominator is their median: three of them once read 42 ms for ~22
@@ -230,11 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
         fresh = write_adapters(QV_R8, 101, work / "adapters")["qv-0100"]
         results["baselines"] = in_fresh_process(baselines.run_all, str(resolve_model(None).path), qv8, fresh,
                                                 args.quick)
-        # the server runs in huge pages (server.heap.huge_page_env): transformers in them too, for comparison
-        if (huge_env := huge_page_env(os.environ)) is not None:
-            log("baseline: transformers generate b16 in huge pages")
-            results["baselines"]["hf_huge_pages"] = in_fresh_process(
-                baselines.hf_batch16, str(resolve_model(None).path), args.quick, env=huge_env)
+        log("baseline: transformers generate b16 with its weights in huge pages, as the server keeps its own")
+        results["baselines"]["hf_huge_pages"] = in_fresh_process(baselines.hf_batch16_in_huge_pages,
+                                                                 str(resolve_model(None).path), args.quick)
     probe_end = in_fresh_process(micro.contention_probe)
     warn_if_contended(probe_end, os.getloadavg()[0])
     results["targets"] = [t.as_dict() for t in targets.evaluate(results)]

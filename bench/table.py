@@ -69,7 +69,7 @@ def _baselines(results: dict) -> list[str]:
         f"  PEFT mixed-batch generate(adapter_names), b16   {b['peft_mixed16_tokens_per_s']:7.0f} tok/s  x HF "
         f"{b['peft_mixed16_tokens_per_s'] / hf:.2f}  (8 q/v r8 adapters, 2 rows each)",
         *([f"  transformers generate, b16, in huge pages        {huge['tokens_per_s']:7.0f} tok/s  x HF "
-           f"{huge['tokens_per_s'] / hf:.2f}  (glibc's huge-page malloc, as the server runs; "
+           f"{huge['tokens_per_s'] / hf:.2f}  (its weights advised and collapsed as the server's are; "
            f"{(huge['huge_page_bytes'] or 0) / 2**20:.0f} MiB in huge pages)"] if (huge := b.get("hf_huge_pages")) else []),
     ]
 

@@ -2,15 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-from server.heap import huge_page_env
-
-if __name__ == "__main__" and (_env := huge_page_env(os.environ)) is not None:
-    # before torch loads: glibc reads the tunable only when a process starts (see huge_page_env)
-    os.execve(sys.executable, sys.orig_argv, _env)
-
 import argparse
 import logging
 

@@ -22,7 +22,7 @@ from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import InvalidRequest
-from server.heap import huge_page_bytes, keep_freed_memory
+from server.heap import back_with_huge_pages, huge_page_bytes, keep_freed_memory
 from server.lora import policy
 from server.lora.layers import LoraSlots, SiteLayout
 from server.lora.manager import AdapterSlots
@@ -73,6 +73,8 @@ class Runtime:
         self.model_id = os.path.basename(os.path.normpath(self.folder.path))
         backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
         self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend)
+        if self.device.type == "cpu":
+            back_with_huge_pages(self.loaded.transformer.linear_tensors())
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
         cfg = self.loaded.config
         self.max_seq_len = min(settings.max_seq_len, cfg.max_position_embeddings)

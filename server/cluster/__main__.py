@@ -17,7 +17,6 @@ from pathlib import Path
 from server.__main__ import parse_settings
 from server.app import check_security
 from server.auth import KeyRing
-from server.heap import huge_page_env
 from server.settings import Settings
 
 log = logging.getLogger("loraplex.cluster")
@@ -41,12 +40,9 @@ def build(settings: Settings, replicas: int, adapters_per_replica: int, cpus: fl
     from server.cluster.ingress import Ingress
     from server.cluster.replica import EngineReplica
 
-    options = {"num_cpus": cpus, "num_gpus": gpus}
-    if (env := huge_page_env(os.environ)) is not None:  # Ray starts each replica's process with these
-        options["runtime_env"] = {"env_vars": {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}}
     engine = EngineReplica.options(
         num_replicas=replicas, max_ongoing_requests=settings.max_pending,  # the engine's own limit answers 429
-        ray_actor_options=options,
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
     ).bind(settings, adapters_per_replica)
     return Ingress.options(max_ongoing_requests=replicas * settings.max_pending,
                            ray_actor_options={"num_cpus": 0}).bind(engine)

@@ -241,6 +241,14 @@ class Linear:
         this projection (no bias): what a native caller may multiply by directly."""
         return self.kernel if self._panel is not None and self.bias is None else None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this projection keeps for its whole life (kernels, the merge scratch, the row-major
+        weight where edits go through it)."""
+        held = [self.kernel, self.weight, self.bias, self._base_kernel]
+        if self._pair:
+            held += [self._pair.base, self._pair.scratch]
+        return list({id(t): t for t in held if t is not None and not t.is_mkldnn}.values())
+
     def effective_weight(self) -> torch.Tensor:
         """The [out, in] weight the kernel computes with now (a copy where the kernel is packed)."""
         if self._pair:

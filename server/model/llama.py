@@ -130,6 +130,11 @@ class Transformer:
         h = rms_norm(h[ctx.logits_rows], self.norm, self.cfg.rms_norm_eps)
         return self.lm_head(h).float()
 
+    def linear_tensors(self) -> list[torch.Tensor]:
+        """What every decode step streams: the projections' and the lm_head's kernels (and merge scratch)."""
+        return [t for layer in self.layers for lin in layer.linears.values() for t in lin.tensors()] + \
+            self.lm_head.tensors()
+
     def linear(self, layer: int, site: str) -> Linear:
         return self.layers[layer].linears[site]
 

@@ -3,7 +3,8 @@ import platform
 
 import pytest
 
-from server.heap import CollectionTimer, freeze_startup_objects, huge_page_bytes, huge_page_env, keep_freed_memory
+from server.heap import (CollectionTimer, back_with_huge_pages, freeze_startup_objects, huge_page_bytes,
+                         keep_freed_memory)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -41,40 +42,31 @@ def test_each_collection_is_reported_with_its_generation_until_removed():
     timer.remove()  # twice is harmless
 
 
-glibc_linux = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.system() != "Linux",
-                                 reason="the tunable is glibc's, the huge pages Linux's")
+def anon_huge_page_support() -> bool:
+    try:
+        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
 
 
-def thp_mode(tmp_path, text: str):
-    path = tmp_path / "enabled"
-    path.write_text(text)
-    return path
+@pytest.mark.skipif(platform.system() != "Linux" or not anon_huge_page_support(),
+                    reason="transparent huge pages are Linux's, and this kernel gives none")
+def test_weights_move_into_huge_pages_with_their_values_and_resident_size_kept():
+    import torch
+
+    weights = [torch.randn(3 * 2**20 // 4 + 17) for _ in range(4)]  # side by side in the heap, as a model's
+    before = [w.clone() for w in weights]
+    huge = huge_page_bytes() or 0
+    assert back_with_huge_pages(weights) is True
+    assert (huge_page_bytes() or 0) - huge >= 8 * 2**20  # most of their 12 MB, the unaligned ends aside
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
 
 
-@glibc_linux
-def test_the_server_restarts_with_huge_page_malloc_where_the_kernel_gives_them_on_request(tmp_path):
-    env = huge_page_env({"PATH": "/bin"}, thp_mode(tmp_path, "always [madvise] never\n"))
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"}
-    kept = huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.check=0"},
-                         thp_mode(tmp_path, "always [madvise] never"))
-    # the user's tunables stay as they were
-    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.check=0:glibc.malloc.hugetlb=1"
+def test_nothing_to_advise_is_no_error():
+    import torch
 
-
-@glibc_linux
-@pytest.mark.parametrize("environ, mode", [
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "always [madvise] never"),  # already restarted: no loop
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "always [madvise] never"),  # the user's choice stands
-    ({"LORAPLEX_HUGE_PAGES": "0"}, "always [madvise] never"),                   # opted out
-    ({}, "always madvise [never]"),                                               # the kernel gives none
-    ({}, "[always] madvise never"),                                               # the kernel gives them anyway
-])
-def test_no_restart_where_it_would_change_nothing(tmp_path, environ, mode):
-    assert huge_page_env(environ, thp_mode(tmp_path, mode)) is None
-
-
-def test_no_restart_where_the_kernel_does_not_say(tmp_path):
-    assert huge_page_env({}, tmp_path / "missing") is None
+    assert back_with_huge_pages([]) is False
+    assert back_with_huge_pages([torch.empty(0)]) is False
 
 
 def test_huge_page_bytes_reads_this_process_or_says_nothing():
