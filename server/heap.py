@@ -48,8 +48,9 @@ _HUGE_PAGE = 2 * 2**20
 
 
 def back_with_huge_pages(tensors) -> bool:
-    """Asks the kernel to hold these (long-lived, CPU) tensors' memory in 2 MB transparent huge pages now;
-    returns whether it took the request (False where the kernel or C library cannot).
+    """Asks the kernel to hold these (long-lived, CPU) tensors' memory in 2 MB transparent huge pages;
+    returns whether they are in huge pages now. False where the kernel or C library cannot, and before
+    Linux 6.1 (no MADV_COLLAPSE), where the advice still lets khugepaged move them in its own time.
 
     Why: a decode step streams every weight from DRAM once, 540 MB for SmolLM2 fp32, and with 4 KB pages
     that is 130,000 TLB misses, each a page walk (two-dimensional in a VM). With the packed weights in 2 MB
@@ -73,13 +74,13 @@ def back_with_huge_pages(tensors) -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    took = False
+    outcomes = []
     for start, end in merged:
         first, last = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
-        if last > first and madvise(first, last - first, _MADV_HUGEPAGE) == 0:
-            took = True
-            madvise(first, last - first, _MADV_COLLAPSE)  # older kernels: EINVAL, and khugepaged does it later
-    return took
+        if last > first:  # else no whole huge page fits inside
+            outcomes.append(madvise(first, last - first, _MADV_HUGEPAGE) == 0
+                            and madvise(first, last - first, _MADV_COLLAPSE) == 0)  # 6.1+; older: EINVAL
+    return bool(outcomes) and all(outcomes)
 
 
 def huge_page_bytes() -> int | None:
