@@ -9,7 +9,10 @@
   adapter; and load_adapter-to-first-token, for the upload figure.
 
 `run_all` is meant to run in a fresh process (see bench.run), after the server under test has stopped, so
-it neither competes with it for cores nor inherits its memory.
+it neither competes with it for cores nor inherits its memory. `batch16_before_servers` measures the two
+batch-16 figures once more, in a fresh process before the servers start: the targets compare the servers
+with the mean of both readings, which bracket them in time, where one reading at the end of the run used to
+stand for the whole run (transformers b16 read 130-148 tok/s across runs on one kind of 2-core VM).
 """
 
 from __future__ import annotations
@@ -102,11 +105,16 @@ def loraplex_model() -> LoadedModel:
     return LoadedModel(resolve_model(None), cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
 
 
+def _load(model_dir: str):
+    """The bench prompt's ids and the transformers model, fp32."""
+    return (AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids,
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+
+
 def hf_batch16_in_huge_pages(model_dir: str, quick: bool) -> dict:
     """transformers generate at batch 16 with its weights in huge pages, as loraplex's server keeps its own
     (server.heap.back_with_huge_pages): run in a fresh process, since huge pages once made stay."""
-    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt_ids, model = _load(model_dir)
     with torch.no_grad():
         for param in model.parameters():  # loaded as views of the mapped checkpoint file: anonymous memory first
             param.data = param.data.clone()
@@ -115,24 +123,49 @@ def hf_batch16_in_huge_pages(model_dir: str, quick: bool) -> dict:
             "huge_page_bytes": huge_page_bytes()}
 
 
+def _with_adapters(model, folders: dict[str, Path]) -> PeftModel:
+    names = list(folders)
+    model = PeftModel.from_pretrained(model, str(folders[names[0]]), adapter_name=names[0]).eval()
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    return model
+
+
+def _mixed16_tokens_per_s(model: PeftModel, prompt_ids: list[int], names: list[str], reps: int) -> float:
+    mixed = [names[i % len(names)] for i in range(16)]
+    return batch_tokens_per_s(model, prompt_ids, 16, reps, adapter_names=mixed)
+
+
+def batch16_before_servers(model_dir: str, folders: dict[str, Path], quick: bool) -> dict:
+    """transformers and PEFT mixed-batch generate at batch 16, the figures `run_all` measures after the servers."""
+    prompt_ids, model = _load(model_dir)
+    reps = 1 if quick else 2
+    hf = batch_tokens_per_s(model, prompt_ids, 16, reps)
+    return {"hf_batch16_tokens_per_s": hf, "peft_mixed16_tokens_per_s": _mixed16_tokens_per_s(
+        _with_adapters(model, folders), prompt_ids, list(folders), reps)}
+
+
 def run_all(model_dir: str, folders: dict[str, Path], fresh_folder: Path, quick: bool) -> dict:
     """All baseline figures; `folders` are the 8 adapters of the mixed workload, `fresh_folder` one more."""
     torch.manual_seed(0)
-    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt_ids, model = _load(model_dir)
     reps = 1 if quick else 2
     out = {"threads": torch.get_num_threads(), "prompt_tokens": len(prompt_ids)}
     out["hf_batch16_tokens_per_s"] = batch_tokens_per_s(model, prompt_ids, 16, reps)
     out["hf_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     names = list(folders)
-    model = PeftModel.from_pretrained(model, str(folders[names[0]]), adapter_name=names[0]).eval()
-    for name in names[1:]:
-        model.load_adapter(str(folders[name]), adapter_name=name)
+    model = _with_adapters(model, folders)
     out["peft_naive"] = naive_peft(model, prompt_ids, names, requests=3 if quick else 8)
-    mixed = [names[i % len(names)] for i in range(16)]
-    out["peft_mixed16_tokens_per_s"] = batch_tokens_per_s(model, prompt_ids, 16, reps, adapter_names=mixed)
+    out["peft_mixed16_tokens_per_s"] = _mixed16_tokens_per_s(model, prompt_ids, names, reps)
     out["swap"] = swaps_in_turns(SwapCycle(loraplex_model(), read_peft_folder(folders[names[0]], names[0])),
                                  model, names[0], reps=5 if quick else 15)
     out["peft_load_to_first_token_s"] = peft_load_to_first_token(model, fresh_folder, prompt_ids)
     return out
+
+
+def bracketed(before: dict, after: dict) -> dict:
+    """`after` (run_all's figures) with each figure measured before the servers too replaced by the mean of
+    its two readings, which are kept under "readings"."""
+    readings = {key: [before[key], after[key]] for key in before}
+    return after | {key: sum(pair) / 2 for key, pair in readings.items()} | {"readings": readings}

@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
         counts = [100] if args.quick else [100, 1000]
         results["registry"] = in_fresh_process(micro.run_registry_micro, folders["qv"]["qv-0000"], counts,
                                                SMOLLM2_SHAPES)
+        log("baselines: transformers and PEFT mixed-batch generate b16, before the servers")
+        model_dir = str(resolve_model(None).path)
+        before_servers = in_fresh_process(baselines.batch16_before_servers, model_dir, qv8, args.quick)
         results["servers"] = {"auto": serve_auto(stores / "store-auto", folders, stream_counts, rounds)}
         for mode in ("merged", "unmerged"):
             results["servers"][mode] = serve_mode(stores / f"store-{mode}", mode, qv8, rounds,
@@ -217,11 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["restart"] = restart(stores / "store-auto")
         log("baselines: transformers and PEFT (in-process)")
         fresh = write_adapters(QV_R8, 101, work / "adapters")["qv-0100"]
-        results["baselines"] = in_fresh_process(baselines.run_all, str(resolve_model(None).path), qv8, fresh,
-                                                args.quick)
+        results["baselines"] = baselines.bracketed(
+            before_servers, in_fresh_process(baselines.run_all, model_dir, qv8, fresh, args.quick))
         log("baseline: transformers generate b16 with its weights in huge pages, as the server keeps its own")
-        results["baselines"]["hf_huge_pages"] = in_fresh_process(baselines.hf_batch16_in_huge_pages,
-                                                                 str(resolve_model(None).path), args.quick)
+        results["baselines"]["hf_huge_pages"] = in_fresh_process(baselines.hf_batch16_in_huge_pages, model_dir,
+                                                                 args.quick)
     probe_end = in_fresh_process(micro.contention_probe)
     warn_if_contended(probe_end, os.getloadavg()[0])
     results["targets"] = [t.as_dict() for t in targets.evaluate(results)]

@@ -57,17 +57,24 @@ def _engine(results: dict) -> list[str]:
     return lines
 
 
+def _readings(baselines: dict, key: str) -> str:
+    pair = baselines.get("readings", {}).get(key)
+    return f"  (mean of {pair[0]:.0f} before the servers and {pair[1]:.0f} after)" if pair else ""
+
+
 def _baselines(results: dict) -> list[str]:
     b = results["baselines"]
     hf = b["hf_batch16_tokens_per_s"]
     naive = b["peft_naive"]
     return [
         "Baselines, in-process on the same model, prompt and adapter files (x HF: over transformers b16):",
-        f"  transformers generate, batch 16, base model    {hf:7.0f} tok/s  x HF 1.00",
+        f"  transformers generate, batch 16, base model    {hf:7.0f} tok/s  x HF 1.00"
+        f"{_readings(b, 'hf_batch16_tokens_per_s')}",
         f"  PEFT naive: set_adapter + batch-1 generate,     {naive['tokens_per_s']:7.0f} tok/s  x HF "
         f"{naive['tokens_per_s'] / hf:.2f}  ({naive['latency_p50']:.2f} s/request, one at a time)",
         f"  PEFT mixed-batch generate(adapter_names), b16   {b['peft_mixed16_tokens_per_s']:7.0f} tok/s  x HF "
-        f"{b['peft_mixed16_tokens_per_s'] / hf:.2f}  (8 q/v r8 adapters, 2 rows each)",
+        f"{b['peft_mixed16_tokens_per_s'] / hf:.2f}  (8 q/v r8 adapters, 2 rows each)"
+        f"{_readings(b, 'peft_mixed16_tokens_per_s')}",
         *([f"  transformers generate, b16, in huge pages        {huge['tokens_per_s']:7.0f} tok/s  x HF "
            f"{huge['tokens_per_s'] / hf:.2f}  (its weights advised and collapsed as the server's are; "
            f"{(huge['huge_page_bytes'] or 0) / 2**20:.0f} MiB in huge pages)"] if (huge := b.get("hf_huge_pages")) else []),
