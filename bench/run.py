@@ -29,7 +29,7 @@ from bench import baselines, micro, report, targets
 from bench.targets import AGAIN
 from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
                             write_adapters)
-from bench.load import request_body, run_streams, stream_request
+from bench.load import request_body, run_streams, session, stream_request
 from bench.serving import BenchServer, counters_delta
 from bench.table import render
 from server.model.loader import resolve_model
@@ -109,10 +109,8 @@ def run_workloads(server: BenchServer, workloads: list[Workload], rounds: int) -
 
 
 async def _one_request(url: str, adapter: str | None, new_tokens: int):
-    import httpx
-
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        return await stream_request(client, request_body(adapter, new_tokens, PROMPT))
+    async with session() as client:
+        return await stream_request(client, url, request_body(adapter, new_tokens, PROMPT))
 
 
 def upload_to_ready(server: BenchServer, name: str, folder: Path) -> dict:
