@@ -143,6 +143,8 @@ class Engine:
             self._drain_inbox()  # aborts and expiries finish requests here too: flush before sleeping
             if not self.scheduler.has_work():
                 self._flush_outbox()
+                self._watch = None
+                self._admission.forget()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

@@ -279,6 +279,53 @@ def test_after_requests_with_no_successor_the_wait_resumes_once_clients_come_bac
     assert all(joined[-3:]), joined
 
 
+def test_after_a_lull_the_first_closed_loop_request_of_a_new_burst_joins_the_very_next_step(tmp_path, prompts):
+    """The drain of a burst (its last requests have no successors) makes waits stop paying; once the engine
+    has run dry it forgets that, so the next burst's first closed-loop request is waited for, not only its
+    fourth (those first three were the bench's TTFT p99)."""
+    runtime = start_runtime(tmp_path)
+    background = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    joined = []
+
+    async def burst(closed_loop: bool) -> None:
+        started, done = asyncio.Event(), asyncio.Event()
+
+        async def keep_the_batch_busy():
+            async for _ in runtime.engine.stream(prompts[1], background, None):
+                started.set()
+                if done.is_set():
+                    return
+
+        async def clients():
+            await started.wait()
+            for _ in range(6):
+                await complete(runtime, prompts[0], short)
+                if not closed_loop:  # the drain: no next request for a while after each
+                    await asyncio.sleep(0.1)
+                    continue
+                ended = runtime.engine.stats.steps
+                async for _ in runtime.engine.stream(prompts[0], short, None):
+                    joined.append(runtime.engine.stats.steps == ended + 1)
+                    break
+            done.set()
+
+        await asyncio.gather(keep_the_batch_busy(), clients())
+
+    async def scenario():
+        await burst(closed_loop=False)
+        while runtime.engine.scheduler.has_work():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the engine idles
+        await burst(closed_loop=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        runtime.stop()
+    assert joined[0], joined
+
+
 def test_finishing_requests_never_leave_others_reading_unwritten_keys(tmp_path, prompts, solo):
     """Requests of different lengths finish mid-batch in every slot order, so running sequences are moved
     between KV slots mid-step; with the cache's memory poisoned with huge keys and values, any position

@@ -42,3 +42,11 @@ def test_partial_arrivals_count_in_proportion():
     wait.record(awaited=4, arrived=2)
     assert wait.hit_rate == pytest.approx(0.75 + 0.25 * 0.5)
 
+
+def test_an_idle_engine_forgets_the_misses_of_the_last_burst():
+    wait = AdmissionWait(max_s=0.025)
+    for _ in range(10):
+        wait.record(awaited=1, arrived=0)
+    assert wait.budget(step_s=0.2) == 0.0
+    wait.forget()
+    assert wait.budget(step_s=0.2) == pytest.approx(0.025)
