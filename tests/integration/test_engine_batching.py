@@ -238,42 +238,45 @@ def test_a_request_sent_as_the_last_one_ends_joins_the_very_next_step(tmp_path, 
     assert steps["next_first_token"] == steps["ended"] + 1
 
 
+async def short_requests_beside_a_long_one(runtime: Runtime, prompts, closed_loop: list[bool]) -> list[bool]:
+    """Short requests one after another while a long one keeps the batch busy. After each, the next is sent
+    the moment it ends (closed_loop[i] True) or 0.1 s later; returns, for each closed-loop one, whether its
+    successor got its first token in the very next step."""
+    background = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    started, done, joined = asyncio.Event(), asyncio.Event(), []
+
+    async def keep_the_batch_busy():
+        async for _ in runtime.engine.stream(prompts[1], background, None):
+            started.set()
+            if done.is_set():
+                return  # leaving the stream aborts the request
+
+    async def clients():
+        await started.wait()
+        for successor_at_once in closed_loop:
+            await complete(runtime, prompts[0], short)
+            if not successor_at_once:
+                await asyncio.sleep(0.1)
+                continue
+            ended = runtime.engine.stats.steps
+            async for _ in runtime.engine.stream(prompts[0], short, None):
+                joined.append(runtime.engine.stats.steps == ended + 1)
+                break
+        done.set()
+
+    await asyncio.gather(keep_the_batch_busy(), clients())
+    return joined
+
+
 def test_after_requests_with_no_successor_the_wait_resumes_once_clients_come_back(tmp_path, prompts):
     """Requests that end without a next one (the last of a batch job, a chat user reading) make the wait
     stop paying, so the engine stops waiting; when closed-loop clients come back, the arrivals it watches
     without waiting bring the wait back within a few requests (it once waited for rare probes, and in the
     bench half of a workload's requests sat out a step)."""
     runtime = start_runtime(tmp_path)
-    background = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
-    short = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
-    joined = []
-
-    async def scenario():
-        started, done = asyncio.Event(), asyncio.Event()
-
-        async def keep_the_batch_busy():
-            async for _ in runtime.engine.stream(prompts[1], background, None):
-                started.set()
-                if done.is_set():
-                    return  # leaving the stream aborts the request
-
-        async def clients():
-            await started.wait()
-            for _ in range(12):  # no next request for a while after each
-                await complete(runtime, prompts[0], short)
-                await asyncio.sleep(0.1)
-            for _ in range(8):  # closed loop: the next request the moment the last one ends
-                await complete(runtime, prompts[0], short)
-                ended = runtime.engine.stats.steps
-                async for _ in runtime.engine.stream(prompts[0], short, None):
-                    joined.append(runtime.engine.stats.steps == ended + 1)
-                    break
-            done.set()
-
-        await asyncio.gather(keep_the_batch_busy(), clients())
-
     try:
-        asyncio.run(scenario())
+        joined = asyncio.run(short_requests_beside_a_long_one(runtime, prompts, [False] * 12 + [True] * 8))
     finally:
         runtime.stop()
     assert all(joined[-3:]), joined
@@ -284,43 +287,16 @@ def test_after_a_lull_the_first_closed_loop_request_of_a_new_burst_joins_the_ver
     has run dry it forgets that, so the next burst's first closed-loop request is waited for, not only its
     fourth (those first three were the bench's TTFT p99)."""
     runtime = start_runtime(tmp_path)
-    background = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
-    short = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
-    joined = []
-
-    async def burst(closed_loop: bool) -> None:
-        started, done = asyncio.Event(), asyncio.Event()
-
-        async def keep_the_batch_busy():
-            async for _ in runtime.engine.stream(prompts[1], background, None):
-                started.set()
-                if done.is_set():
-                    return
-
-        async def clients():
-            await started.wait()
-            for _ in range(6):
-                await complete(runtime, prompts[0], short)
-                if not closed_loop:  # the drain: no next request for a while after each
-                    await asyncio.sleep(0.1)
-                    continue
-                ended = runtime.engine.stats.steps
-                async for _ in runtime.engine.stream(prompts[0], short, None):
-                    joined.append(runtime.engine.stats.steps == ended + 1)
-                    break
-            done.set()
-
-        await asyncio.gather(keep_the_batch_busy(), clients())
 
     async def scenario():
-        await burst(closed_loop=False)
+        await short_requests_beside_a_long_one(runtime, prompts, [False] * 6)
         while runtime.engine.scheduler.has_work():
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)  # the engine idles
-        await burst(closed_loop=True)
+        return await short_requests_beside_a_long_one(runtime, prompts, [True] * 6)
 
     try:
-        asyncio.run(scenario())
+        joined = asyncio.run(scenario())
     finally:
         runtime.stop()
     assert joined[0], joined
