@@ -9,10 +9,12 @@
   adapter; and load_adapter-to-first-token, for the upload figure.
 
 `run_all` is meant to run in a fresh process (see bench.run), after the server under test has stopped, so
-it neither competes with it for cores nor inherits its memory. `batch16_before_servers` measures the two
-batch-16 figures once more, in a fresh process before the servers start: the targets compare the servers
-with the mean of both readings, which bracket them in time, where one reading at the end of the run used to
-stand for the whole run (transformers b16 read 130-148 tok/s across runs on one kind of 2-core VM).
+it neither competes with it for cores nor inherits its memory. `batch16` measures the two batch-16 figures
+again, each time in a fresh process: before the servers and between them. The targets take the median of
+the three readings, spread over the run as the servers' own base-only runs are: one reading at the end of
+the run used to stand for the whole run (transformers b16 read 112-148 tok/s across runs on one kind of
+2-core VM, and 136 before the servers against 112 after them within one), and the mean of two let one slow
+spell move it by 10%.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def _mixed16_tokens_per_s(model: PeftModel, prompt_ids: list[int], names: list[s
     return batch_tokens_per_s(model, prompt_ids, 16, reps, adapter_names=mixed)
 
 
-def batch16_before_servers(model_dir: str, folders: dict[str, Path], quick: bool) -> dict:
+def batch16(model_dir: str, folders: dict[str, Path], quick: bool) -> dict:
     """transformers and PEFT mixed-batch generate at batch 16, the figures `run_all` measures after the servers."""
     prompt_ids, model = _load(model_dir)
     reps = 1 if quick else 2
@@ -164,8 +166,8 @@ def run_all(model_dir: str, folders: dict[str, Path], fresh_folder: Path, quick:
     return out
 
 
-def bracketed(before: dict, after: dict) -> dict:
-    """`after` (run_all's figures) with each figure measured before the servers too replaced by the mean of
-    its two readings, which are kept under "readings"."""
-    readings = {key: [before[key], after[key]] for key in before}
-    return after | {key: sum(pair) / 2 for key, pair in readings.items()} | {"readings": readings}
+def pooled(earlier: list[dict], after: dict) -> dict:
+    """`after` (run_all's figures) with each figure that `earlier` readings (in time order) measured too
+    replaced by the median of all its readings, which are kept, in time order, under "readings"."""
+    readings = {key: [reading[key] for reading in earlier] + [after[key]] for key in earlier[0]}
+    return after | {key: statistics.median(values) for key, values in readings.items()} | {"readings": readings}

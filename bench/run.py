@@ -158,6 +158,11 @@ def restart(store: Path) -> dict:
         return {"start_s": server.start_s, "stored_adapters": stored}
 
 
+def batch16_reading(when: str, model_dir: str, qv8: dict[str, Path], quick: bool) -> dict:
+    log(f"baselines: transformers and PEFT mixed-batch generate b16, {when}")
+    return in_fresh_process(baselines.batch16, model_dir, qv8, quick)
+
+
 def warn_if_contended(probe: dict, load_average: float) -> None:
     if probe["all_threads_gflops"] < 1.3 * probe["one_thread_gflops"]:
         log(f"warning: the cores look shared (GEMM {probe['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
@@ -204,10 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
         counts = [100] if args.quick else [100, 1000]
         results["registry"] = in_fresh_process(micro.run_registry_micro, folders["qv"]["qv-0000"], counts,
                                                SMOLLM2_SHAPES)
-        log("baselines: transformers and PEFT mixed-batch generate b16, before the servers")
         model_dir = str(resolve_model(None).path)
-        before_servers = in_fresh_process(baselines.batch16_before_servers, model_dir, qv8, args.quick)
+        batch16 = [batch16_reading("before the servers", model_dir, qv8, args.quick)]
         results["servers"] = {"auto": serve_auto(stores / "store-auto", folders, stream_counts, rounds)}
+        batch16.append(batch16_reading("between the servers", model_dir, qv8, args.quick))
         for mode in ("merged", "unmerged"):
             results["servers"][mode] = serve_mode(stores / f"store-{mode}", mode, qv8, rounds,
                                                   single_again=mode == "merged")  # the merged-vs-base target
@@ -218,8 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["restart"] = restart(stores / "store-auto")
         log("baselines: transformers and PEFT (in-process)")
         fresh = write_adapters(QV_R8, 101, work / "adapters")["qv-0100"]
-        results["baselines"] = baselines.bracketed(
-            before_servers, in_fresh_process(baselines.run_all, model_dir, qv8, fresh, args.quick))
+        results["baselines"] = baselines.pooled(
+            batch16, in_fresh_process(baselines.run_all, model_dir, qv8, fresh, args.quick))
         log("baseline: transformers generate b16 with its weights in huge pages, as the server keeps its own")
         results["baselines"]["hf_huge_pages"] = in_fresh_process(baselines.hf_batch16_in_huge_pages, model_dir,
                                                                  args.quick)

@@ -57,9 +57,15 @@ def _engine(results: dict) -> list[str]:
     return lines
 
 
+_READ = {2: "before and after the servers", 3: "before, between and after the servers"}
+
+
 def _readings(baselines: dict, key: str) -> str:
-    pair = baselines.get("readings", {}).get(key)
-    return f"  (mean of {pair[0]:.0f} before the servers and {pair[1]:.0f} after)" if pair else ""
+    readings = baselines.get("readings", {}).get(key)
+    if not readings:
+        return ""
+    return (f"  (median of {', '.join(f'{r:.0f}' for r in readings)}, "
+            f"read {_READ.get(len(readings), 'over the run')})")
 
 
 def _baselines(results: dict) -> list[str]:
