@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import baselines, micro, report, targets
+from bench import baselines, micro, report, steadiness, targets
 from bench.targets import AGAIN
 from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
                             write_adapters)
@@ -163,11 +163,13 @@ def batch16_reading(when: str, model_dir: str, qv8: dict[str, Path], quick: bool
     return in_fresh_process(baselines.batch16, model_dir, qv8, quick)
 
 
-def warn_if_contended(probe: dict, load_average: float) -> None:
-    if probe["all_threads_gflops"] < 1.3 * probe["one_thread_gflops"]:
-        log(f"warning: the cores look shared (GEMM {probe['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
-            f"{probe['all_threads_gflops']:.0f} on {probe['threads']}; load average {load_average:.2f}): "
+def probe_contention(load_average: float) -> dict:
+    result = in_fresh_process(micro.contention_probe)
+    if not steadiness.cores_look_free(result):
+        log(f"warning: the cores look shared (GEMM {result['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
+            f"{result['all_threads_gflops']:.0f} on {result['threads']}; load average {load_average:.2f}): "
             "figures will be skewed")
+    return result
 
 
 def machine() -> dict:
@@ -196,8 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     stream_counts = [16] if args.quick else [16, 64]
     started = time.strftime("%Y-%m-%d %H:%M")
     load_start = os.getloadavg()[0]
-    probe_start = in_fresh_process(micro.contention_probe)
-    warn_if_contended(probe_start, load_start)
+    probes = {"contention_probe_start": probe_contention(load_start)}
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
         work, stores = args.work_dir or Path(tmp), Path(tmp)
         folders = {"qv": write_adapters(QV_R8, 100, work / "adapters"),
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = str(resolve_model(None).path)
         batch16 = [batch16_reading("before the servers", model_dir, qv8, args.quick)]
         results["servers"] = {"auto": serve_auto(stores / "store-auto", folders, stream_counts, rounds)}
+        probes["contention_probe_between"] = probe_contention(os.getloadavg()[0])
         batch16.append(batch16_reading("between the servers", model_dir, qv8, args.quick))
         for mode in ("merged", "unmerged"):
             results["servers"][mode] = serve_mode(stores / f"store-{mode}", mode, qv8, rounds,
@@ -228,14 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
         log("baseline: transformers generate b16 with its weights in huge pages, as the server keeps its own")
         results["baselines"]["hf_huge_pages"] = in_fresh_process(baselines.hf_batch16_in_huge_pages, model_dir,
                                                                  args.quick)
-    probe_end = in_fresh_process(micro.contention_probe)
-    warn_if_contended(probe_end, os.getloadavg()[0])
+    probes["contention_probe_end"] = probe_contention(os.getloadavg()[0])
     results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
     results["meta"] = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": NEW_TOKENS,
                        "rounds": rounds, "quick": args.quick, "started": started,
                        "threads": results["micro"]["threads"], "seconds": time.perf_counter() - _T0,
                        "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
-                       "contention_probe_start": probe_start, "contention_probe_end": probe_end, **machine()}
+                       **probes, **machine()}
+    results["host_unsteady"] = steadiness.findings(results)
     table = render(results)
     print(table)
     paths = report.write(results, table, args.out, "quick" if args.quick else "latest")

@@ -1,0 +1,53 @@
+"""Whether the host held still through a run: each ratio is only as good as that.
+
+On a shared VM a neighbour's work slows whatever runs at that moment, and a slow spell that lands on one
+side of a ratio moves it by as much as it slows that side. The run carries three signals of it:
+- the contention probes (start, between the servers, end): a free two-core machine runs the probe's GEMM
+  1.93-1.97x faster on two threads than on one; one read 118 against 85 GFLOP/s (1.39x) at the end of a
+  run in which base-16 read 328-401 tok/s, where a threshold of 1.3x had called the cores free;
+- their memory read rates (best of 5 each): 35 GB/s in quiet runs here, 23-31 in slow ones;
+- base-16's six runs on the auto, merged and unmerged servers, the same traffic through the same code:
+  within 1.11x of each other in quiet runs, 1.2-1.6x in slow ones.
+"""
+
+from __future__ import annotations
+
+from bench.targets import pooled_base_tokens_per_s
+
+PROBES = ("start", "between", "end")
+SCALING_PER_THREAD = 0.85  # of ideal, up to two threads: a GEMM this size scales near-perfectly to two
+READ_SPREAD = 0.85  # a probe reading memory under this fraction of the run's best
+BASE_SPREAD = 1.15  # base-16's fastest run over its slowest
+
+
+def probes(meta: dict) -> dict[str, dict]:
+    """The run's contention probes by when they ran (runs written before the middle one have two)."""
+    return {when: meta[f"contention_probe_{when}"] for when in PROBES if f"contention_probe_{when}" in meta}
+
+
+def cores_look_free(probe: dict) -> bool:
+    return probe["all_threads_gflops"] >= SCALING_PER_THREAD * min(probe["threads"], 2) * probe["one_thread_gflops"]
+
+
+def findings(results: dict) -> list[str]:
+    """What says the host did not hold still in this run (none: it did, as far as the run can tell)."""
+    run_probes = probes(results["meta"])
+    found = [f"cores shared at the {when} probe ({p['all_threads_gflops']:.0f} GFLOP/s on {p['threads']} "
+             f"threads vs {p['one_thread_gflops']:.0f} on 1)" for when, p in run_probes.items() if not cores_look_free(p)]
+    reads = {when: p["read_gbps"] for when, p in run_probes.items()}
+    best = max(reads.values())
+    slow = [f"{when} {gbps:.0f}" for when, gbps in reads.items() if gbps < READ_SPREAD * best]
+    if slow:
+        found.append(f"memory read {', '.join(slow)} GB/s against {best:.0f} at best")
+    if "servers" in results:
+        _, runs = pooled_base_tokens_per_s(results, 16)
+        if runs and max(runs) > BASE_SPREAD * min(runs):
+            found.append(f"base-16 read {min(runs):.0f}-{max(runs):.0f} tok/s over its {len(runs)} runs")
+    return found
+
+
+def verdict(results: dict) -> str:
+    found = findings(results)
+    if not found:
+        return "Host steady through the run (probes' GEMM scaling and memory reads, base-16 across servers)."
+    return f"HOST UNSTEADY: {'; '.join(found)}. Ratios may be off by as much as these spreads."
