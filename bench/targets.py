@@ -36,7 +36,7 @@ def base_tokens_per_s(workloads: dict, streams: int) -> float | None:
 SAME_ENGINE = ("auto", "merged", "unmerged")  # servers whose base-only requests take the same path
 
 
-def pooled_base_tokens_per_s(results: dict, streams: int) -> tuple[float, list[float]]:
+def pooled_base_tokens_per_s(results: dict, streams: int) -> tuple[float | None, list[float]]:
     """loraplex's base-only throughput at `streams`, for the comparison with transformers: the median of the
     base-only runs of every server in SAME_ENGINE (a request without an adapter is served alike in each
     LoRA mode), and those runs in time order. They are spread over the run as transformers' three readings
@@ -46,7 +46,7 @@ def pooled_base_tokens_per_s(results: dict, streams: int) -> tuple[float, list[f
     runs = [w[name]["tokens_per_s"] for server in SAME_ENGINE if server in results["servers"]
             for w in [results["servers"][server]["workloads"]]
             for name in (f"base-{streams}", f"base-{streams}{AGAIN}") if name in w]
-    return statistics.median(runs), runs
+    return (statistics.median(runs) if runs else None), runs
 
 
 def mean_tokens_per_s(workloads: dict, name: str) -> float | None:
