@@ -172,6 +172,20 @@ def probe_contention(load_average: float) -> dict:
     return result
 
 
+def wait_until_quiet(minutes: float, in_a_row: int = 3, every_s: float = 15) -> None:
+    """On a shared VM a neighbour's spell can last many minutes; a run inside one measures the neighbour."""
+    deadline, quiet = time.monotonic() + 60 * minutes, 0
+    while quiet < in_a_row and time.monotonic() < deadline:
+        result = in_fresh_process(micro.contention_probe)
+        quiet = quiet + 1 if steadiness.cores_look_free(result) else 0
+        log(f"waiting for quiet cores: GEMM {result['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
+            f"{result['all_threads_gflops']:.0f} on {result['threads']} ({quiet} of {in_a_row} free in a row)")
+        if quiet < in_a_row:
+            time.sleep(every_s)
+    if quiet < in_a_row:
+        log(f"the cores did not look free {in_a_row} times in a row within {minutes:g} min: starting anyway")
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -186,6 +200,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="16 streams only, fewer rounds and repeats (~5 min)")
     parser.add_argument("--rounds", type=int, default=None, help="measured requests per stream (default 2; quick 1)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON, text and PNG go")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="MINUTES",
+                        help="before starting, probe every 15 s until three probes in a row find the cores free, "
+                             "for at most this long (default 0: start at once)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the generated adapter folders between runs (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -194,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the `with` blocks stop the servers and remove the temp stores.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.wait_quiet:
+        wait_until_quiet(args.wait_quiet)
+    run_started = time.perf_counter()
     rounds = args.rounds or (1 if args.quick else 2)
     stream_counts = [16] if args.quick else [16, 64]
     started = time.strftime("%Y-%m-%d %H:%M")
@@ -234,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
     results["meta"] = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": NEW_TOKENS,
                        "rounds": rounds, "quick": args.quick, "started": started,
-                       "threads": results["micro"]["threads"], "seconds": time.perf_counter() - _T0,
+                       "threads": results["micro"]["threads"], "seconds": time.perf_counter() - run_started,
                        "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
                        **probes, **machine()}
     results["host_unsteady"] = steadiness.findings(results)
