@@ -158,10 +158,11 @@ def render(results: dict) -> str:
             f"{meta['threads']} torch threads, torch {meta['torch']}; {'quick' if meta['quick'] else 'full'} run "
             f"{meta['started']}, {meta['seconds'] / 60:.1f} min; load average {meta['load_average_start']:.2f} at "
             f"start, {meta['load_average_end']:.2f} at end"]
+    one_best = max(p["one_thread_gflops"] for p in probes(meta).values())
     for when, p in probes(meta).items():
         head.append(f"Contention probe {'between the servers' if when == 'between' else 'at ' + when}: GEMM "
                     f"{p['one_thread_gflops']:.0f} GFLOP/s on 1 thread, {p['all_threads_gflops']:.0f} on {p['threads']} "
-                    f"({'cores look free' if cores_look_free(p) else 'CORES SHARED: figures skewed'})"
+                    f"({'cores look free' if cores_look_free(p, one_best) else 'CORES SHARED: figures skewed'})"
                     f"; memory read {p['read_gbps']:.0f} GB/s on {p['threads']} threads")
     head.append(verdict(results))
     sections = [head, _workloads(results), _engine(results), _baselines(results), _ceiling(results), _micro(results),

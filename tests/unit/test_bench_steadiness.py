@@ -17,6 +17,8 @@ def test_two_threads_must_read_near_twice_one_threads_gemm_for_the_cores_to_coun
     assert cores_look_free(probe(93, 184, 35))
     assert not cores_look_free(probe(85, 118, 23))  # 1.39x: a neighbour held part of a core
     assert cores_look_free({"one_thread_gflops": 90, "all_threads_gflops": 91, "threads": 1, "read_gbps": 20})
+    slowed_alone_too = probe(62, 112, 25)
+    assert cores_look_free(slowed_alone_too) and not cores_look_free(slowed_alone_too, one_thread_best=93)
 
 
 def test_a_quiet_run_is_steady():
@@ -30,7 +32,7 @@ def test_a_slow_spell_shows_in_the_probes_and_in_the_spread_of_base_only_runs():
                end=probe(85, 118, 23))
     found = findings(busy)
     assert len(found) == 3
-    assert "cores shared at the end probe (118 GFLOP/s" in found[0]
+    assert "cores shared at the end probe (118 GFLOP/s on 2 threads vs 85 on 1, 93 at best)" in found[0]
     assert "memory read end 23 GB/s against 29 at best" in found[1]
     assert "base-16 read 328-401 tok/s over its 6 runs" in found[2]
     assert verdict(busy).startswith("HOST UNSTEADY: cores shared")

@@ -13,6 +13,7 @@ def probes_reading(*free: bool):
 
 
 def test_it_starts_once_three_probes_in_a_row_find_the_cores_free(monkeypatch):
+    """(Free: two threads near twice the best one-thread reading so far.)"""
     calls = probes_reading(True, False, True, True, True, False)
     seen = []
     monkeypatch.setattr(bench_run, "in_fresh_process", lambda fn, *a: seen.append(fn) or calls(fn, *a))
