@@ -163,11 +163,11 @@ def batch16_reading(when: str, model_dir: str, qv8: dict[str, Path], quick: bool
     return in_fresh_process(baselines.batch16, model_dir, qv8, quick)
 
 
-def probe_contention(load_average: float) -> dict:
+def probe_contention(load_average: float, earlier: dict[str, dict]) -> dict:
+    """A contention probe, judged against the run's `earlier` probes too (by name)."""
     result = in_fresh_process(micro.contention_probe)
-    if not steadiness.cores_look_free(result):
-        log(f"warning: the cores look shared (GEMM {result['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
-            f"{result['all_threads_gflops']:.0f} on {result['threads']}; load average {load_average:.2f}): "
+    if not steadiness.free_at({**earlier, "now": result})["now"]:
+        log(f"warning: the cores look shared ({steadiness.gemm(result)}; load average {load_average:.2f}): "
             "figures will be skewed")
     return result
 
@@ -179,8 +179,7 @@ def wait_until_quiet(minutes: float, in_a_row: int = 3, every_s: float = 15) -> 
         result = in_fresh_process(micro.contention_probe)
         one_best = max(one_best, result["one_thread_gflops"])
         quiet = quiet + 1 if steadiness.cores_look_free(result, one_best) else 0
-        log(f"waiting for quiet cores: GEMM {result['one_thread_gflops']:.0f} GFLOP/s on 1 thread, "
-            f"{result['all_threads_gflops']:.0f} on {result['threads']} ({quiet} of {in_a_row} free in a row)")
+        log(f"waiting for quiet cores: {steadiness.gemm(result)} ({quiet} of {in_a_row} free in a row)")
         if quiet < in_a_row:
             time.sleep(every_s)
     if quiet < in_a_row:
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     stream_counts = [16] if args.quick else [16, 64]
     started = time.strftime("%Y-%m-%d %H:%M")
     load_start = os.getloadavg()[0]
-    probes = {"contention_probe_start": probe_contention(load_start)}
+    probes = {"contention_probe_start": probe_contention(load_start, {})}
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
         work, stores = args.work_dir or Path(tmp), Path(tmp)
         folders = {"qv": write_adapters(QV_R8, 100, work / "adapters"),
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = str(resolve_model(None).path)
         batch16 = [batch16_reading("before the servers", model_dir, qv8, args.quick)]
         results["servers"] = {"auto": serve_auto(stores / "store-auto", folders, stream_counts, rounds)}
-        probes["contention_probe_between"] = probe_contention(os.getloadavg()[0])
+        probes["contention_probe_between"] = probe_contention(os.getloadavg()[0], probes)
         batch16.append(batch16_reading("between the servers", model_dir, qv8, args.quick))
         for mode in ("merged", "unmerged"):
             results["servers"][mode] = serve_mode(stores / f"store-{mode}", mode, qv8, rounds,
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         log("baseline: transformers generate b16 with its weights in huge pages, as the server keeps its own")
         results["baselines"]["hf_huge_pages"] = in_fresh_process(baselines.hf_batch16_in_huge_pages, model_dir,
                                                                  args.quick)
-    probes["contention_probe_end"] = probe_contention(os.getloadavg()[0])
+    probes["contention_probe_end"] = probe_contention(os.getloadavg()[0], probes)
     results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
     results["meta"] = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": NEW_TOKENS,
                        "rounds": rounds, "quick": args.quick, "started": started,

@@ -33,13 +33,23 @@ def cores_look_free(probe: dict, one_thread_best: float = 0.0) -> bool:
     return probe["all_threads_gflops"] >= SCALING_PER_THREAD * min(probe["threads"], 2) * one
 
 
+def gemm(probe: dict) -> str:
+    return (f"GEMM {probe['one_thread_gflops']:.0f} GFLOP/s on 1 thread, {probe['all_threads_gflops']:.0f} on "
+            f"{probe['threads']}")
+
+
+def free_at(run_probes: dict[str, dict]) -> dict[str, bool]:
+    """Whether each probe found the cores free, against the best one-thread reading of them all."""
+    one_best = max(p["one_thread_gflops"] for p in run_probes.values())
+    return {when: cores_look_free(p, one_best) for when, p in run_probes.items()}
+
+
 def findings(results: dict) -> list[str]:
     """What says the host did not hold still in this run (none: it did, as far as the run can tell)."""
     run_probes = probes(results["meta"])
     one_best = max(p["one_thread_gflops"] for p in run_probes.values())
-    found = [f"cores shared at the {when} probe ({p['all_threads_gflops']:.0f} GFLOP/s on {p['threads']} "
-             f"threads vs {p['one_thread_gflops']:.0f} on 1, {one_best:.0f} at best)"
-             for when, p in run_probes.items() if not cores_look_free(p, one_best)]
+    found = [f"cores shared at the {when} probe ({gemm(run_probes[when])}; {one_best:.0f} on 1 at best)"
+             for when, free in free_at(run_probes).items() if not free]
     reads = {when: p["read_gbps"] for when, p in run_probes.items()}
     best = max(reads.values())
     slow = [f"{when} {gbps:.0f}" for when, gbps in reads.items() if gbps < READ_SPREAD * best]

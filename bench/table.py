@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.steadiness import cores_look_free, probes, verdict
+from bench.steadiness import free_at, gemm, probes, verdict
 from bench.targets import AGAIN, base_tokens_per_s
 
 
@@ -158,11 +158,11 @@ def render(results: dict) -> str:
             f"{meta['threads']} torch threads, torch {meta['torch']}; {'quick' if meta['quick'] else 'full'} run "
             f"{meta['started']}, {meta['seconds'] / 60:.1f} min; load average {meta['load_average_start']:.2f} at "
             f"start, {meta['load_average_end']:.2f} at end"]
-    one_best = max(p["one_thread_gflops"] for p in probes(meta).values())
-    for when, p in probes(meta).items():
-        head.append(f"Contention probe {'between the servers' if when == 'between' else 'at ' + when}: GEMM "
-                    f"{p['one_thread_gflops']:.0f} GFLOP/s on 1 thread, {p['all_threads_gflops']:.0f} on {p['threads']} "
-                    f"({'cores look free' if cores_look_free(p, one_best) else 'CORES SHARED: figures skewed'})"
+    run_probes = probes(meta)
+    for when, free in free_at(run_probes).items():
+        p = run_probes[when]
+        head.append(f"Contention probe {'between the servers' if when == 'between' else 'at ' + when}: {gemm(p)} "
+                    f"({'cores look free' if free else 'CORES SHARED: figures skewed'})"
                     f"; memory read {p['read_gbps']:.0f} GB/s on {p['threads']} threads")
     head.append(verdict(results))
     sections = [head, _workloads(results), _engine(results), _baselines(results), _ceiling(results), _micro(results),

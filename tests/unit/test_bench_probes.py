@@ -1,4 +1,4 @@
-"""The bench waits for quiet cores before a run when asked, and gives up after its limit."""
+"""The bench's contention probes before and during a run: waiting for quiet cores, and warning of shared ones."""
 
 import bench.run as bench_run
 
@@ -32,3 +32,14 @@ def test_it_gives_up_at_its_limit(monkeypatch, capsys):
     bench_run.wait_until_quiet(minutes=5)
     assert len(seen) == 2  # at 100 and 200 s; at 300 s the 5 minutes are up
     assert "did not look free 3 times in a row within 5 min: starting anyway" in capsys.readouterr().err
+
+
+def test_a_probe_during_the_run_warns_when_its_cores_look_shared_against_the_runs_earlier_probes(
+        monkeypatch, capsys):
+    start = {"one_thread_gflops": 93.0, "all_threads_gflops": 184.0, "threads": 2, "read_gbps": 35.0}
+    slowed_alone_too = {"one_thread_gflops": 62.0, "all_threads_gflops": 112.0, "threads": 2, "read_gbps": 25.0}
+    monkeypatch.setattr(bench_run, "in_fresh_process", lambda fn, *a: slowed_alone_too)
+    assert bench_run.probe_contention(0.5, {}) == slowed_alone_too
+    assert "warning" not in capsys.readouterr().err  # on its own it looks free
+    bench_run.probe_contention(0.5, {"contention_probe_start": start})
+    assert "warning: the cores look shared (GEMM 62 GFLOP/s on 1 thread, 112 on 2" in capsys.readouterr().err
