@@ -38,16 +38,20 @@ def gemm(probe: dict) -> str:
             f"{probe['threads']}")
 
 
+def one_thread_best(run_probes: dict[str, dict]) -> float:
+    return max(p["one_thread_gflops"] for p in run_probes.values())
+
+
 def free_at(run_probes: dict[str, dict]) -> dict[str, bool]:
     """Whether each probe found the cores free, against the best one-thread reading of them all."""
-    one_best = max(p["one_thread_gflops"] for p in run_probes.values())
+    one_best = one_thread_best(run_probes)
     return {when: cores_look_free(p, one_best) for when, p in run_probes.items()}
 
 
 def findings(results: dict) -> list[str]:
     """What says the host did not hold still in this run (none: it did, as far as the run can tell)."""
     run_probes = probes(results["meta"])
-    one_best = max(p["one_thread_gflops"] for p in run_probes.values())
+    one_best = one_thread_best(run_probes)
     found = [f"cores shared at the {when} probe ({gemm(run_probes[when])}; {one_best:.0f} on 1 at best)"
              for when, free in free_at(run_probes).items() if not free]
     reads = {when: p["read_gbps"] for when, p in run_probes.items()}
