@@ -52,6 +52,21 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(4096, ge=1)
     max_pending: int = Field(256, ge=1, description="requests queued or running; more get 429")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of one generation request")
+    metrics_keys: str = Field("", description="comma-separated API keys that may read /metrics and nothing else")
+    adapter_roots: list[Path] = Field(default_factory=list, description="folders /v1/load_lora_adapter may read "
+                                      "adapters from (none: loading from server-side paths is off)")
+    # what a request may cost before and while it is read: checked before any expensive work
+    max_json_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body (uploads: "
+                                "--max-adapter-bytes); a larger Content-Length is refused before reading")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a new connection has to send its headers")
+    body_timeout_s: float = Field(60.0, gt=0, description="time a request has to send its whole body")
+    max_connections: int = Field(1024, ge=1, description="open HTTP connections and requests; more get 503")
+    max_messages: int = Field(1024, ge=1, description="chat messages per request")
+    max_prompt_chars: int = Field(1 << 18, ge=1, description="characters of prompt or message text per request, "
+                                  "checked before templating and tokenizing")
+    max_stop_chars: int = Field(128, ge=1, description="characters per stop string")
+    max_adapter_memory_mb: int = Field(4096, ge=1, description="memory all registered adapters' weights may "
+                                       "take together, counted as held (float32)")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
