@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from server.app import create_app
+from server.connections import uvicorn_config
 from server.settings import Settings
 
 
@@ -18,10 +21,17 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
              "max-seq-len": "max_seq_len", "lora-slots": "lora_slots", "linear-backend": "linear_backend",
              "preload-dir": "preload_dir", "prefix-cache-mb": "prefix_cache_mb",
              "max-prefill-tokens": "max_prefill_tokens", "admission-wait-ms": "admission_wait_ms",
-             "admission-wait-fraction": "admission_wait_fraction"}
+             "admission-wait-fraction": "admission_wait_fraction", "header-timeout-s": "header_timeout_s",
+             "body-timeout-s": "body_timeout_s", "max-connections": "max_connections",
+             "max-json-bytes": "max_json_bytes", "max-messages": "max_messages",
+             "max-prompt-chars": "max_prompt_chars", "max-stop-chars": "max_stop_chars",
+             "max-adapter-memory-mb": "max_adapter_memory_mb", "adapter-root": "adapter_roots"}
     for flag, field in flags.items():
         info = Settings.model_fields[field]
-        parser.add_argument(f"--{flag}", dest=field, default=None, help=(info.description or "").replace("%", "%%"))
+        # a list setting takes its flag once per item (--adapter-root A --adapter-root B)
+        action = "append" if field == "adapter_roots" else "store"
+        parser.add_argument(f"--{flag}", dest=field, default=None, action=action,
+                            help=(info.description or "").replace("%", "%%"))
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return Settings(**args)
 
@@ -29,7 +39,14 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    # as uvicorn.run does: a failed start-up (the model or the store did not load) exits non-zero
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":
