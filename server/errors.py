@@ -52,3 +52,7 @@ class Overloaded(LoraplexError):
 
 class DeadlineExceeded(LoraplexError):
     code = "deadline_exceeded"
+
+
+class GenerationFailed(LoraplexError):
+    code = "generation_failed"

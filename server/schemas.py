@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# what torch.Generator.manual_seed takes: a signed or unsigned 64-bit integer
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
@@ -22,7 +25,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="as vLLM: any 64-bit integer")
     stop: list[str] = Field(default_factory=list, max_length=8)
     ignore_eos: bool = False
     stream: bool = False

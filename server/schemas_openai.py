@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.schemas import SEED_MIN, SEED_MAX
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -22,7 +24,7 @@ class _SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0, description="extension, as in vLLM")
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="as vLLM: any 64-bit integer")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")

@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from server.engine.admission import AdmissionWait
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import SamplingParams, Sequence
@@ -37,6 +39,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprob: TokenLogprob | None = None
+    error: str | None = None      # why a request ended with finish_reason "error"
 
 
 @dataclass
@@ -98,17 +101,23 @@ class Engine:
         self._stop.set()
         self._wake.set()
 
+    @property
+    def pending(self) -> int:
+        """Requests queued or running: the count max_pending bounds."""
+        return self._pending
+
     # ---- submission (any thread)
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, sink: AsyncSink,
                cache_scope: str = "") -> Sequence:
+        # built before a queue place is taken, so nothing it raises can leak one
+        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device, timeout_s=self.timeout_s,
+                       cache_scope=cache_scope)
         with self._pending_lock:
             if self._pending >= self.max_pending:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise Overloaded(f"{self._pending} requests are queued or running (max_pending="
                                  f"{self.max_pending}); retry shortly")
             self._pending += 1
-        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device, timeout_s=self.timeout_s,
-                       cache_scope=cache_scope)
         self._inbox.put(("add", seq, sink))
         self._wake.set()
         return seq
@@ -152,10 +161,10 @@ class Engine:
             started = time.perf_counter()
             try:
                 self.step()
-            except Exception:  # a bug in one step must not kill the server: fail the batch, keep serving
+            except Exception:  # a bug in the shared forward must not kill the server: fail the batch, keep serving
                 log.exception("engine step failed; failing its requests")
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self._finish(seq, "error")
+                    self._finish(seq, "error", "the server failed while computing this request")
             self._flush_outbox()
             self._await_next_requests(time.perf_counter() - started)
 
@@ -233,19 +242,61 @@ class Engine:
         self._choose_mode()
         started = time.perf_counter()
         logits = self.runner.run(decode, prefill, use_lora=self._merged is None)
-        self.scheduler.prefilled(prefill)
         seqs = decode + prefill
-        if not all(seq.prompt_done for seq in prefill):  # a prompt's middle chunk samples nothing yet
+        logits, seqs = self._drop_overflowed(logits, seqs)
+        self.scheduler.prefilled([seq for seq in prefill if not seq.finished])
+        if not all(seq.prompt_done for seq in seqs):  # a prompt's middle chunk samples nothing yet
             ready = [i for i, seq in enumerate(seqs) if seq.prompt_done]
             logits, seqs = logits[ready], [seqs[i] for i in ready]
-        tokens = sample(logits, seqs)
-        logprobs = logprobs_of(logits, seqs, tokens)
+        tokens, logprobs = self._sample(logits, seqs)
         self.metrics.step.labels("prefill" if prefill else "decode").observe(time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.prefill_steps += bool(prefill)
         self._record_step(len(decode), len(prefill))
         for seq, token, logprob in zip(seqs, tokens, logprobs):
-            self._postprocess(seq, token, logprob)
+            if seq.finished:  # its sampling failed
+                continue
+            try:
+                self._postprocess(seq, token, logprob)
+            except Exception:  # e.g. its stop strings or detokenizer: this request's failure alone
+                log.exception("postprocessing request %d failed", seq.id)
+                self._finish(seq, "error", "the server failed while decoding this request's output")
+
+    def _drop_overflowed(self, logits, seqs: list[Sequence]) -> tuple:
+        """Ends the requests whose logits are not finite (an adapter whose numbers overflow) and returns the
+        rest: rows are computed independently, so the others' logits are still right."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        if bool(finite.all()):
+            return logits, seqs
+        keep = finite.tolist()
+        for seq, ok in zip(seqs, keep):
+            if not ok:
+                log.warning("request %d (adapter %s): non-finite logits; ending it", seq.id, seq.adapter_name)
+                self._finish(seq, "error", "the model's output overflowed to non-finite numbers "
+                                           "(the adapter's weights are too large for this input)")
+        kept = [i for i, ok in enumerate(keep) if ok]
+        return logits[kept], [seqs[i] for i in kept]
+
+    def _sample(self, logits, seqs: list[Sequence]) -> tuple[list[int], list]:
+        """The batch's tokens; if sampling the batch at once fails, each row alone, so only the requests
+        whose own sampling fails end (marked finished, with placeholder tokens)."""
+        try:
+            tokens = sample(logits, seqs)
+            return tokens, logprobs_of(logits, seqs, tokens)
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        tokens, logprobs = [], []
+        for i, seq in enumerate(seqs):
+            try:
+                token = sample(logits[i : i + 1], [seq])
+                logprob = logprobs_of(logits[i : i + 1], [seq], token)
+            except Exception:
+                log.exception("sampling request %d failed", seq.id)
+                self._finish(seq, "error", "the server failed while sampling this request's next token")
+                token, logprob = [-1], [None]
+            tokens += token
+            logprobs += logprob
+        return tokens, logprobs
 
     def _record_step(self, decoded: int, prefilled: int) -> None:
         m = self.metrics
@@ -315,7 +366,7 @@ class Engine:
         if reason is not None:
             self._finish(seq, reason)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq, reason)
         self._finished_in_step += 1
         with self._pending_lock:
@@ -328,4 +379,5 @@ class Engine:
         m.latency.labels(label).observe(time.monotonic() - seq.arrived)
         sink, _ = self._sinks.pop(seq.id, (None, None))
         if sink is not None:
-            self._outbox.append((sink, TokenEvent("", [], True, reason, len(seq.prompt_ids), len(seq.output_ids))))
+            self._outbox.append((sink, TokenEvent("", [], True, reason, len(seq.prompt_ids), len(seq.output_ids),
+                                                  error=error)))

@@ -45,6 +45,11 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def scrub(self, slot: int, length: int) -> None:
+        """Zeroes the first `length` positions of `slot`, so masked reads of it stay finite."""
+        self.k[:, slot, :, :length] = 0
+        self.v[:, slot, :, :length] = 0
+
     def release(self) -> None:
         """Frees the highest slot in use (callers first move what they keep out of it)."""
         self.used -= 1

@@ -10,6 +10,7 @@ from enum import Enum
 import torch
 
 _ids = itertools.count()
+SAMPLING_EPS = 1e-5  # as vLLM: a temperature under this samples greedily
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below SAMPLING_EPS, logits / temperature can overflow float32; the distribution is one-hot anyway
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 class Status(Enum):

@@ -28,6 +28,7 @@ def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        drop[0] = False  # a top_p that rounds to 0 in float32 would otherwise drop every token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=seq.generator)
         return int(order[choice])

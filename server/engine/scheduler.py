@@ -149,6 +149,8 @@ class Scheduler:
         if self.prefix_cache is not None and reason != "error":  # the next message of a chat resends all of this
             written = (seq.prompt_ids + seq.output_ids)[: seq.kv_tokens]
             self.prefix_cache.store(seq.cache_scope, seq.adapter, written, seq.kv_slot)
+        if reason == "error":  # it may have written non-finite keys, which the slot's next owner reads masked
+            self.kv.scrub(seq.kv_slot, min(seq.num_tokens, self.kv.max_len))
         self._vacate(seq.kv_slot)
         seq.kv_slot = -1
         if seq.adapter is not None:

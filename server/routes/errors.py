@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import (
     AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, DeadlineExceeded, EngineUnavailable, Forbidden,
-    InvalidRequest, LoraplexError, Overloaded, Unauthorized,
+    GenerationFailed, InvalidRequest, LoraplexError, Overloaded, Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ STATUS = {
     Forbidden: 403,
     Overloaded: 429,
     DeadlineExceeded: 408,
+    GenerationFailed: 500,
 }
 
 

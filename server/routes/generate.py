@@ -14,16 +14,18 @@ from starlette.concurrency import run_in_threadpool
 from server.engine.engine import TokenEvent
 from server.auth import Principal
 from server.engine.request import SamplingParams
-from server.errors import AdapterNotFound, DeadlineExceeded
+from server.errors import AdapterNotFound, DeadlineExceeded, GenerationFailed, InvalidRequest
 from server.routes.security import caller
 from server.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter()
 
-# Prompts up to this many characters are tokenized on the event loop (under 1 ms: ~0.4 us a character
-# here); longer ones in a worker thread so one large prompt does not stall every stream's writes. A thread
-# hop per request costs more than a short prompt's tokenization when the engine thread holds the GIL.
+# Prompts up to this many characters (a message's template costs about MESSAGE_CHARS more) are tokenized on
+# the event loop (under 1 ms); longer ones in a worker thread so one large prompt does not stall every
+# stream's writes. A thread hop per request costs more than a short prompt's tokenization when the engine
+# thread holds the GIL.
 INLINE_ENCODE_CHARS = 2048
+MESSAGE_CHARS = 32
 
 
 def _prompt_chars(prompt: str | None, messages: list[dict] | None) -> int:
@@ -32,13 +34,26 @@ def _prompt_chars(prompt: str | None, messages: list[dict] | None) -> int:
     return sum(len(str(m.get("content") or "")) for m in messages)
 
 
+def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None, params: SamplingParams) -> None:
+    """The limits that cost nothing to check, checked before the costly templating and tokenizing."""
+    if messages is not None and len(messages) > settings.max_messages:
+        raise InvalidRequest(f"{len(messages)} messages; the limit is {settings.max_messages}")
+    chars = _prompt_chars(prompt, messages)
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequest(f"the prompt has {chars} characters; the limit is {settings.max_prompt_chars}")
+    if any(len(stop) > settings.max_stop_chars for stop in params.stop):
+        raise InvalidRequest(f"a stop string is longer than the limit of {settings.max_stop_chars} characters")
+
+
 async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
                            messages: list[dict] | None, params: SamplingParams) -> AsyncIterator[TokenEvent]:
     """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
     if not principal.may_use(adapter_name):  # a tenant's private adapter looks absent to other keys
         raise AdapterNotFound(f"adapter {adapter_name!r} is not registered")
     adapter = rt.registry.get(adapter_name) if adapter_name else None
-    if _prompt_chars(prompt, messages) <= INLINE_ENCODE_CHARS:
+    check_prompt_shape(rt.settings, prompt, messages, params)
+    template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
+    if _prompt_chars(prompt, messages) + template_chars <= INLINE_ENCODE_CHARS:
         prompt_ids = rt.encode(prompt, messages)
     else:
         prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
@@ -77,9 +92,11 @@ async def until_disconnected(events: AsyncIterator[TokenEvent], request: Request
         await iterator.aclose()
 
 
-def raise_if_timed_out(event: TokenEvent) -> None:
+def raise_if_failed(event: TokenEvent) -> None:
     if event.finish_reason == "timeout":
         raise DeadlineExceeded("the request ran past its deadline (request_timeout_s) and was stopped")
+    if event.finish_reason == "error":
+        raise GenerationFailed(event.error or "the server failed while computing this request")
 
 
 @router.post("/generate", response_model=GenerateResponse,
@@ -96,7 +113,7 @@ async def generate(req: GenerateRequest, request: Request, principal: Principal 
     async for event in until_disconnected(events, request):
         text.append(event.text)
         if event.finished:
-            raise_if_timed_out(event)
+            raise_if_failed(event)
             return GenerateResponse(text="".join(text), adapter=req.adapter, finish_reason=event.finish_reason,
                                     usage=Usage(prompt_tokens=event.prompt_tokens,
                                                 completion_tokens=event.completion_tokens))
@@ -108,6 +125,8 @@ async def _sse(events: AsyncIterator[TokenEvent], adapter: str | None) -> AsyncI
         if event.finished:
             final = {"text": "", "adapter": adapter, "finish_reason": event.finish_reason,
                      "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}}
+            if event.error:
+                final["error"] = event.error
             yield f"data: {json.dumps(final)}\n\n"
         elif event.text:
             yield f"data: {json.dumps({'text': event.text, 'adapter': adapter})}\n\n"

@@ -17,9 +17,9 @@ from starlette.concurrency import run_in_threadpool
 
 from server.engine.engine import TokenEvent
 from server.engine.request import SamplingParams
-from server.errors import AdapterInvalid
+from server.errors import AdapterInvalid, GenerationFailed
 from server.auth import Principal
-from server.routes.generate import raise_if_timed_out, start_generation, until_disconnected
+from server.routes.generate import raise_if_failed, start_generation, until_disconnected
 from server.routes.security import admin, caller
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
@@ -56,6 +56,12 @@ def _usage(event: TokenEvent) -> dict:
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _stream_error(event: TokenEvent) -> str:
+    # as vLLM: a stream that fails after it started ends with an error object, then [DONE]
+    return _sse({"error": {"message": event.error, "type": "server_error", "param": None,
+                           "code": GenerationFailed.code}})
 
 
 def _streaming(body: AsyncIterator[str]) -> StreamingResponse:
@@ -105,7 +111,7 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
         if event.logprob is not None:
             lps.append(event.logprob)
         if event.finished:
-            raise_if_timed_out(event)
+            raise_if_failed(event)
             choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason,
                       "logprobs": lp.completion_block(lps) if lp else None}
             return {**head, "choices": [choice], "usage": _usage(event)}
@@ -115,7 +121,9 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
 async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options) -> AsyncIterator[str]:
     offset = 0
     async for event in events:
-        if event.finished:
+        if event.error:
+            yield _stream_error(event)
+        elif event.finished:
             yield _sse({**head, "choices": [{"index": 0, "text": "", "finish_reason": event.finish_reason,
                                              "logprobs": None}]})
             if options and options.include_usage:
@@ -148,7 +156,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
         if lp and event.logprob is not None:
             entries.append(lp.chat_entry(event.logprob))
         if event.finished:
-            raise_if_timed_out(event)
+            raise_if_failed(event)
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                       "finish_reason": event.finish_reason, "logprobs": {"content": entries} if lp else None}
             return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(event)}
@@ -159,7 +167,9 @@ async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options) -> Asy
     yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]})
     async for event in events:
-        if event.finished:
+        if event.error:
+            yield _stream_error(event)
+        elif event.finished:
             yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                              "finish_reason": event.finish_reason}]})
             if options and options.include_usage:
