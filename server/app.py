@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.auth import KeyRing
+from server.edge import EdgeGuard
 from server.heap import CollectionTimer, freeze_startup_objects
 from server.request_log import RequestLogMiddleware
 from server.routes import adapters, errors, generate, health, metrics, openai
@@ -48,7 +49,8 @@ def check_security(settings: Settings, keyring: KeyRing) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    keyring = KeyRing.from_settings(settings.admin_keys, settings.user_keys, settings.keys_file)
+    keyring = KeyRing.from_settings(settings.admin_keys, settings.user_keys, settings.keys_file,
+                                    settings.metrics_keys)
     check_security(settings, keyring)
 
     @asynccontextmanager
@@ -65,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
                   description="One frozen base LLM, many LoRA adapters.")
     app.state.keyring = keyring
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(EdgeGuard, settings=settings, keyring=keyring)
+    app.add_middleware(RequestLogMiddleware)  # outermost: refusals at the edge are logged too
     errors.install(app)
     for module in (generate, adapters, health, metrics, openai):
         app.include_router(module.router)

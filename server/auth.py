@@ -1,7 +1,8 @@
 """API keys and what each may do.
 
-Two roles: `admin` may upload, load, unload and delete adapters (and everything a user may); `user` may
-generate and list. A key may carry an allow-list of adapters (a tenant's private personas). With no keys
+Three roles: `admin` may upload, load, unload and delete adapters (and everything a user may); `user` may
+generate and list; `metrics` may only read /metrics. A key may carry an allow-list of adapters (a tenant's
+private personas): it may use, manage and see in /metrics only those. With no keys
 configured the server runs in local development mode: everyone is admin, and it only binds to loopback.
 Keys are compared in constant time against every configured key, and never logged: log lines name a key
 by a short hash.
@@ -15,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLES = ("admin", "user")
+ROLES = ("admin", "user", "metrics")
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,11 @@ class KeyRing:
         self._entries = [(key.encode(), p) for key, p in entries]
 
     @classmethod
-    def from_settings(cls, admin_keys: str, user_keys: str, keys_file: Path | None) -> "KeyRing":
+    def from_settings(cls, admin_keys: str, user_keys: str, keys_file: Path | None,
+                      metrics_keys: str = "") -> "KeyRing":
         entries = [(k, Principal("admin", None, key_id(k))) for k in _split(admin_keys)]
         entries += [(k, Principal("user", None, key_id(k))) for k in _split(user_keys)]
+        entries += [(k, Principal("metrics", None, key_id(k))) for k in _split(metrics_keys)]
         if keys_file is not None:
             for item in json.loads(Path(keys_file).read_text()):
                 allowed = item.get("adapters")

@@ -5,7 +5,7 @@ Each app gets its own CollectorRegistry, so several servers (tests, benchmarks) 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -55,3 +55,23 @@ class Metrics:
 
 def adapter_label(name: str | None) -> str:
     return name or BASE_LABEL
+
+
+def exposition(registry: CollectorRegistry, adapters: frozenset[str] | None = None) -> bytes:
+    """The text format; with an allow-list (a tenant's key), only its adapters' series, the base's and
+    those not about one adapter: another tenant's adapter names are theirs to keep."""
+    if adapters is None:
+        return generate_latest(registry)
+    shown = adapters | {BASE_LABEL}
+    return generate_latest(_OnlyAdapters(registry, shown))
+
+
+class _OnlyAdapters:
+    def __init__(self, registry: CollectorRegistry, shown: frozenset[str]):
+        self.registry = registry
+        self.shown = shown
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if s.labels.get("adapter", BASE_LABEL) in self.shown]
+            yield family

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
+from adapters.confined import check_adapter_folder
 from server.engine.admission import AdmissionWait
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache
@@ -84,7 +85,7 @@ class Runtime:
                           max_adapters=settings.max_adapters))
         loaded_names = self.registry.load_stored()
         if settings.preload_dir is not None:
-            loaded_names += preload(self.registry, settings.preload_dir)
+            loaded_names += preload(self.registry, settings.preload_dir, settings.max_adapter_bytes)
         self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype)
         self.adapter_slots = AdapterSlots(self.lora, self.registry.retired)
         kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
@@ -130,13 +131,15 @@ class Runtime:
         self._thread.join(timeout=60)
 
 
-def preload(registry, folder) -> list[str]:
-    """Registers every PEFT folder under `folder` by its folder name, unless the store already has that name."""
+def preload(registry, folder, max_bytes: int) -> list[str]:
+    """Registers every PEFT folder under `folder` by its folder name, unless the store already has that name.
+    A folder whose files lead out of `folder` (symlinks) or are over the size limit stops the start."""
     names = []
     for path in sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file()):
         if path.name in registry:
             continue
-        registry.add(read_peft_folder(path, path.name), persist=False)
+        real = check_adapter_folder(path, [Path(folder)], max_bytes)
+        registry.add(read_peft_folder(real, path.name), persist=False)
         names.append(path.name)
     return names
 

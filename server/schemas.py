@@ -65,14 +65,15 @@ class AdapterList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
-    model: str
-    device: str
-    dtype: str
-    lora_mode: str
-    adapters: int
-    resident_adapters: int
-    running: int
-    waiting: int
+    # the rest only for a caller with a key (or in development mode)
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    lora_mode: str | None = None
+    adapters: int | None = None
+    resident_adapters: int | None = None
+    running: int | None = None
+    waiting: int | None = None
 
 
 class ErrorBody(BaseModel):

@@ -84,14 +84,15 @@ class AdapterInfo:
 @dataclass(frozen=True)
 class Health:
     status: str
-    model: str
-    device: str
-    dtype: str
-    lora_mode: str
-    adapters: int
-    resident_adapters: int
-    running: int
-    waiting: int
+    # the rest only when the server knows the caller's key (or runs without keys)
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    lora_mode: str | None = None
+    adapters: int | None = None
+    resident_adapters: int | None = None
+    running: int | None = None
+    waiting: int | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Health:

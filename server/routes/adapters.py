@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal
-from server.errors import AdapterInvalid, AdapterNotFound, AdapterTooLarge
-from server.routes.security import admin, caller
+from server.errors import AdapterInvalid, AdapterTooLarge
+from server.routes.security import admin, caller, check_may_manage, check_may_see
 from server.schemas import AdapterInfo, AdapterList
 
 router = APIRouter(prefix="/adapters")
@@ -29,12 +29,14 @@ async def _read_capped(upload: UploadFile, budget: int) -> bytes:
     return bytes(data)
 
 
-@router.post("", status_code=201, response_model=AdapterInfo, dependencies=[Depends(admin)],
+@router.post("", status_code=201, response_model=AdapterInfo,
              responses={409: {"description": "name taken"}, 413: {"description": "too large"},
                         422: {"description": "invalid adapter"}})
 async def upload_adapter(request: Request, name: str = Form(...), files: list[UploadFile] = File(...),
                          rank: int | None = Form(None), alpha: float | None = Form(None),
-                         replace: bool = Form(False, description="swap an existing adapter of this name atomically")):
+                         replace: bool = Form(False, description="swap an existing adapter of this name atomically"),
+                         principal: Principal = Depends(admin)):
+    check_may_manage(principal, name)
     rt = request.app.state.runtime
     budget = rt.settings.max_adapter_bytes + (1 << 20)  # config JSON and safetensors header on top of tensors
     contents: dict[str, bytes] = {}
@@ -56,12 +58,12 @@ async def list_adapters(request: Request, principal: Principal = Depends(caller)
 
 @router.get("/{name}", response_model=AdapterInfo, responses={404: {"description": "unknown adapter"}})
 async def get_adapter(name: str, request: Request, principal: Principal = Depends(caller)):
-    if not principal.may_use(name):
-        raise AdapterNotFound(f"adapter {name!r} is not registered")
+    check_may_see(principal, name)
     return adapter_info(request.app.state.runtime.registry.get(name))
 
 
-@router.delete("/{name}", status_code=204, dependencies=[Depends(admin)], responses={404: {"description": "unknown adapter"}})
-async def delete_adapter(name: str, request: Request):
+@router.delete("/{name}", status_code=204, responses={404: {"description": "unknown adapter"}})
+async def delete_adapter(name: str, request: Request, principal: Principal = Depends(admin)):
+    check_may_see(principal, name)
     # Requests already running hold the Adapter object and finish with it; new ones get 404.
     await run_in_threadpool(request.app.state.runtime.registry.remove, name)

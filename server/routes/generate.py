@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from server.engine.engine import TokenEvent
 from server.auth import Principal
 from server.engine.request import SamplingParams
-from server.errors import AdapterNotFound, DeadlineExceeded, GenerationFailed, InvalidRequest
-from server.routes.security import caller
+from server.errors import DeadlineExceeded, GenerationFailed, InvalidRequest
+from server.routes.security import caller, check_may_see
 from server.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter()
@@ -48,8 +48,8 @@ def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None
 async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
                            messages: list[dict] | None, params: SamplingParams) -> AsyncIterator[TokenEvent]:
     """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
-    if not principal.may_use(adapter_name):  # a tenant's private adapter looks absent to other keys
-        raise AdapterNotFound(f"adapter {adapter_name!r} is not registered")
+    if adapter_name is not None:
+        check_may_see(principal, adapter_name)
     adapter = rt.registry.get(adapter_name) if adapter_name else None
     check_prompt_shape(rt.settings, prompt, messages, params)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0

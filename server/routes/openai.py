@@ -9,7 +9,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -17,10 +16,11 @@ from starlette.concurrency import run_in_threadpool
 
 from server.engine.engine import TokenEvent
 from server.engine.request import SamplingParams
-from server.errors import AdapterInvalid, GenerationFailed
+from adapters.confined import read_adapter_folder
+from server.errors import Forbidden, GenerationFailed
 from server.auth import Principal
 from server.routes.generate import raise_if_failed, start_generation, until_disconnected
-from server.routes.security import admin, caller
+from server.routes.security import admin, caller, check_may_manage, check_may_see
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
 router = APIRouter(prefix="/v1")
@@ -183,19 +183,20 @@ async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options) -> Asy
 
 # ---- vLLM-compatible runtime adapter loading (server-side paths, for operators)
 
-@router.post("/load_lora_adapter", dependencies=[Depends(admin)])
-async def load_lora_adapter(req: LoadLoraRequest, request: Request):
-    folder = Path(req.lora_path)
-    files = {}
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (folder / name).is_file():
-            raise AdapterInvalid(f"{folder} has no {name}")
-        files[name] = await run_in_threadpool((folder / name).read_bytes)
-    adapter = await run_in_threadpool(request.app.state.runtime.registry.register_upload, req.lora_name, files)
+@router.post("/load_lora_adapter")
+async def load_lora_adapter(req: LoadLoraRequest, request: Request, principal: Principal = Depends(admin)):
+    rt = request.app.state.runtime
+    check_may_manage(principal, req.lora_name)
+    if not rt.settings.adapter_roots:
+        raise Forbidden("loading adapters from server-side paths is off: start the server with --adapter-root DIR")
+    files = await run_in_threadpool(read_adapter_folder, req.lora_path, rt.settings.adapter_roots,
+                                    rt.settings.max_adapter_bytes)
+    adapter = await run_in_threadpool(rt.registry.register_upload, req.lora_name, files)
     return JSONResponse({"status": "ok", "lora_name": adapter.name}, status_code=200)
 
 
-@router.post("/unload_lora_adapter", dependencies=[Depends(admin)])
-async def unload_lora_adapter(req: UnloadLoraRequest, request: Request):
+@router.post("/unload_lora_adapter")
+async def unload_lora_adapter(req: UnloadLoraRequest, request: Request, principal: Principal = Depends(admin)):
+    check_may_see(principal, req.lora_name)
     await run_in_threadpool(request.app.state.runtime.registry.remove, req.lora_name)
     return {"status": "ok", "lora_name": req.lora_name}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 
 from server.auth import DEV_PRINCIPAL, Principal
-from server.errors import Forbidden, Unauthorized
+from server.errors import AdapterNotFound, Forbidden, Unauthorized
 
 
 async def caller(request: Request) -> Principal:
@@ -14,6 +14,9 @@ async def caller(request: Request) -> Principal:
     ring = request.app.state.keyring
     if not ring.enabled:
         return DEV_PRINCIPAL
+    checked = getattr(request.state, "principal", None)  # server.edge authenticated it from the headers
+    if checked is not None:
+        return checked
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
@@ -28,3 +31,15 @@ async def admin(principal: Principal = Depends(caller)) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this API key may not change adapters (admin role required)")
     return principal
+
+
+def check_may_see(principal: Principal, adapter: str) -> None:
+    """A tenant's private adapter looks absent to other keys, to every route."""
+    if not principal.may_use(adapter):
+        raise AdapterNotFound(f"adapter {adapter!r} is not registered")
+
+
+def check_may_manage(principal: Principal, adapter: str) -> None:
+    """Creating or replacing an adapter of a name outside the key's allow-list."""
+    if not principal.may_use(adapter):
+        raise Forbidden(f"this API key may not manage an adapter named {adapter!r}")

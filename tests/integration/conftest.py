@@ -13,8 +13,11 @@ def default_model_folder():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_folder):
-    """A real `python -m server` on 127.0.0.1 with its own adapter store."""
-    proc = ServerProcess(tmp_path_factory.mktemp("store"))
+    """A real `python -m server` on 127.0.0.1 with its own adapter store, and a folder it may load
+    adapters from by path (`proc.adapter_root`)."""
+    adapter_root = tmp_path_factory.mktemp("adapter-root")
+    proc = ServerProcess(tmp_path_factory.mktemp("store"), "--adapter-root", str(adapter_root))
+    proc.adapter_root = adapter_root
     proc.start()
     yield proc
     proc.stop()

@@ -58,7 +58,8 @@ def test_keys_and_roles(secured):
 
 def metric(client, series: str) -> float:
     """The value of one series on /metrics, 0 while it has not appeared."""
-    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(series + " ")]
+    text = client.get("/metrics", headers=bearer(ADMIN)).text  # a dev-mode server ignores the key
+    lines = [line for line in text.splitlines() if line.startswith(series + " ")]
     return float(lines[0].removeprefix(series + " ")) if lines else 0.0
 
 
@@ -105,7 +106,7 @@ def test_pending_limit_answers_429_with_retry_after(secured):
         busy = [pool.submit(c.post, "/generate", json=body, headers=bearer(USER)) for _ in range(3)]  # max_pending=3
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            health = c.get("/health").json()
+            health = c.get("/health", headers=bearer(USER)).json()
             if health["running"] + health["waiting"] == 3:
                 break
             time.sleep(0.05)

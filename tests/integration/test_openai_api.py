@@ -79,13 +79,19 @@ def test_errors_use_openai_shape(client):
 
 
 def test_vllm_style_load_and_unload(server, client, tmp_path):
-    folder = tmp_path / "runtime-lora"
+    folder = server.adapter_root / "runtime-lora"
     write_peft_folder(random_adapter("x", llama_base_shapes(30, 576, 1536, 192), seed=12, init_std=0.05), folder)
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert c.post("/v1/load_lora_adapter", json={"lora_name": "rt", "lora_path": str(folder)}).status_code == 200
         assert "rt" in {m.id for m in client.models.list().data}
         assert client.completions.create(model="rt", prompt="Hi", max_tokens=3).choices[0].text is not None
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "rt"}).status_code == 200
-        missing = c.post("/v1/load_lora_adapter", json={"lora_name": "rt2", "lora_path": str(tmp_path / "none")})
+        missing = c.post("/v1/load_lora_adapter", json={"lora_name": "rt2", "lora_path": str(server.adapter_root / "none")})
         assert missing.status_code == 422 and missing.json()["error"]["type"] == "invalid_request_error"
+        write_peft_folder(random_adapter("y", llama_base_shapes(30, 576, 1536, 192), seed=13), tmp_path / "outside")
+        (server.adapter_root / "link").symlink_to(tmp_path / "outside")
+        for path in (tmp_path / "outside", server.adapter_root / "link", "/etc"):  # all outside the root
+            refused = c.post("/v1/load_lora_adapter", json={"lora_name": "rt3", "lora_path": str(path)})
+            assert refused.status_code == 422
+            assert refused.json()["error"]["message"] == missing.json()["error"]["message"]  # says nothing more
     assert "rt" not in {m.id for m in client.models.list().data}
