@@ -165,8 +165,12 @@ def test_prometheus_scrapes_metrics_of_the_compose_services():
     services = compose()["services"]
     config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     targets = []
+    secret = compose()["secrets"]["metrics_key"]
+    assert secret["environment"] == "LORAPLEX_METRICS_KEYS"  # the key the servers accept for /metrics
+    assert "metrics_key" in services["prometheus"]["secrets"]
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
+        assert job["authorization"]["credentials_file"] == "/run/secrets/metrics_key"
         targets += [t for group in job["static_configs"] for t in group["targets"]]
     assert "loraplex:8000" in targets
     for target in targets:
