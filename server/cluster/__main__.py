@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     return ours, parse_settings(rest)
 
 
-def build(settings: Settings, replicas: int, adapters_per_replica: int, cpus: float, gpus: float):
+def build(settings: Settings, model_id: str, replicas: int, adapters_per_replica: int, cpus: float, gpus: float):
+    from server.cluster.gate import Gate
     from server.cluster.ingress import Ingress
     from server.cluster.replica import EngineReplica
 
@@ -45,13 +46,13 @@ def build(settings: Settings, replicas: int, adapters_per_replica: int, cpus: fl
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
     ).bind(settings, adapters_per_replica)
     return Ingress.options(max_ongoing_requests=replicas * settings.max_pending,
-                           ray_actor_options={"num_cpus": 0}).bind(engine)
+                           ray_actor_options={"num_cpus": 0}).bind(engine, Gate.from_settings(settings), model_id)
 
 
-def prepare(settings: Settings, cpus: float, gpus: float | None) -> tuple[Settings, float]:
-    """Checks and one-time work in this process, before any replica runs; returns the replicas' settings and
-    GPUs. Replicas converting the default model together would race on its cache, and a replica cleaning the
-    store could delete another one's upload in progress."""
+def prepare(settings: Settings, cpus: float, gpus: float | None) -> tuple[Settings, float, str]:
+    """Checks and one-time work in this process, before any replica runs; returns the replicas' settings, their
+    GPUs and the base model's id. Replicas converting the default model together would race on its cache, and
+    a replica cleaning the store could delete another one's upload in progress."""
     from adapters import AdapterStore
     from server.model.loader import resolve_model
 
@@ -60,9 +61,10 @@ def prepare(settings: Settings, cpus: float, gpus: float | None) -> tuple[Settin
         gpus = 1.0 if settings.torch_device().type == "cuda" else 0.0
     if gpus == 0 and settings.threads is None:  # one torch thread team per Ray CPU, not per core of the machine
         settings = settings.model_copy(update={"threads": max(1, math.floor(cpus))})
-    resolve_model(settings.model_path)
+    folder = resolve_model(settings.model_path)
     AdapterStore(settings.store_dir).clean_leftovers()
-    return absolute_paths(settings), gpus
+    model_id = os.path.basename(os.path.normpath(folder.path))  # as each replica's Runtime names it
+    return absolute_paths(settings), gpus, model_id
 
 
 def absolute_paths(settings: Settings) -> Settings:
@@ -88,7 +90,7 @@ def start_ray(address: str | None, replicas: int, cpus: float, gpus: float) -> N
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, settings = parse_args(argv)
-    settings, gpus = prepare(settings, args.cpus_per_replica, args.gpus_per_replica)
+    settings, gpus, model_id = prepare(settings, args.cpus_per_replica, args.gpus_per_replica)
     start_ray(args.address, args.replicas, args.cpus_per_replica, gpus)
     import ray
     from ray import serve
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build(settings, args.replicas, args.adapters_per_replica, args.cpus_per_replica, gpus),
+        serve.run(build(settings, model_id, args.replicas, args.adapters_per_replica, args.cpus_per_replica, gpus),
                   name="loraplex", route_prefix="/")
         log.info("loraplex: %d replicas serving on http://%s:%d (Ctrl-C stops)", args.replicas, settings.host,
                  settings.port)

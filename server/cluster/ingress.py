@@ -4,9 +4,14 @@ Generation requests carry their adapter to Ray Serve as the multiplexed model id
 `/generate`, the `model` field of the OpenAI routes), so they reach a replica that already holds that
 adapter. Everything else goes to any replica: adapters live in a store every replica shares. This process
 never loads torch or the model.
+
+A request is admitted (`gate.py`) from its head alone, before its body is read or a replica chosen; its body
+is read only up to the route's limit; and a generation request naming an adapter its key may not use is
+answered here as a replica would answer it, so no replica loads that adapter for it.
 """
 # No `from __future__ import annotations`: FastAPI must see `Request` itself in the rewritten route signature.
 
+import asyncio
 import json
 import logging
 
@@ -16,7 +21,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from server.cluster.forwarding import BASE_MODEL_ID, ForwardedRequest
-from server.routes.errors import error_json
+from server.cluster.gate import BodyTimeout, BodyTooLarge, Gate
+from server.errors import AdapterNotFound, EngineUnavailable, LoraplexError, Unauthorized
+from server.routes.errors import error_json, status_of
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +33,42 @@ _DROPPED_HEADERS = {b"content-length", b"transfer-encoding", b"x-request-id"}  #
 api = FastAPI(title="loraplex (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def multiplexed_model_id(method: str, path: str, body: bytes) -> str | None:
-    """The adapter a generation request names, BASE_MODEL_ID for none; None for requests of any other kind.
-    A body that does not parse still goes to a replica, whose validation answers it."""
-    field = ADAPTER_FIELD.get(path) if method == "POST" else None
-    if field is None:
-        return None
+def named_adapter(field: str, body: bytes, base_model_id: str) -> str | None:
+    """The adapter a generation request's body names in `field`; None for the base model. A body that does
+    not parse still goes to a replica, whose validation answers it."""
     try:
         name = json.loads(body).get(field)
     except (ValueError, AttributeError):
-        return BASE_MODEL_ID
-    return name if isinstance(name, str) and name else BASE_MODEL_ID
+        return None
+    if not isinstance(name, str) or not name or (field == "model" and name == base_model_id):
+        return None
+    return name
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused once it is known to pass `limit` (from Content-Length before reading, or at the limit
+    for a chunked body) or when it takes longer than `timeout_s` to arrive."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    return b"".join(chunks)
+
+
+def refusal(exc: LoraplexError, request: Request) -> Response:
+    """An error the ingress answers itself, as a replica would word it. The connection closes: a body not read
+    may still be on its way, and Serve's proxy would go on reading it."""
+    headers = {"Connection": "close"} | ({"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {})
+    return error_json(status_of(exc), exc.code, exc.message, request, headers)
 
 
 async def _relay(chunks):
@@ -51,25 +83,42 @@ async def _relay(chunks):
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle):
+    def __init__(self, engine: DeploymentHandle, gate: Gate, base_model_id: str):
         self.engine = engine
+        self.gate = gate
+        self.base_model_id = base_model_id  # what the OpenAI routes' `model` names for no adapter
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                    include_in_schema=False)
     async def forward(self, request: Request) -> Response:
-        body = await request.body()
-        forwarded = ForwardedRequest(request.method, request.url.path, request.url.query.encode(),
-                                     request.headers.raw, body)
-        model_id = multiplexed_model_id(request.method, request.url.path, body)
-        handle = self.engine.options(stream=True, **({"multiplexed_model_id": model_id} if model_id else {}))
-        chunks = handle.forward.remote(forwarded)
+        try:
+            forwarded, routing = await self.forwarded_request(request)
+            return await self.relay(forwarded, routing)
+        except LoraplexError as e:
+            return refusal(e, request)
+
+    async def forwarded_request(self, request: Request) -> tuple[ForwardedRequest, dict]:
+        """The request as a replica gets it, and how to route it; raises what the gate refused."""
+        method, path = request.method, request.url.path
+        principal = self.gate.admit(method, path, request.headers.get("authorization", ""))
+        body = await read_body(request, self.gate.body_limit(method, path), self.gate.body_timeout_s)
+        field = ADAPTER_FIELD.get(path) if method == "POST" else None
+        adapter = named_adapter(field, body, self.base_model_id) if field else None
+        if not principal.may_use(adapter):  # a tenant's private adapter looks absent to other keys
+            raise AdapterNotFound(f"adapter {adapter!r} is not registered")
+        forwarded = ForwardedRequest(method, path, request.url.query.encode(), request.headers.raw, body)
+        return forwarded, ({"multiplexed_model_id": adapter or BASE_MODEL_ID} if field else {})
+
+    async def relay(self, forwarded: ForwardedRequest, routing: dict) -> Response:
+        chunks = self.engine.options(stream=True, **routing).forward.remote(forwarded)
         try:
             status, raw_headers = await chunks.__anext__()
         except Exception as e:  # a replica died or none is up
-            log.warning("no engine replica answered %s %s: %s", request.method, request.url.path, e)
+            log.warning("no engine replica answered %s %s: %s", forwarded.method, forwarded.path, e)
             chunks.cancel()
-            return error_json(503, "engine_unavailable", "no engine replica could take the request", request)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers if k.lower() not in _DROPPED_HEADERS}
+            raise EngineUnavailable("no engine replica could take the request") from e
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers
+                   if k.lower() not in _DROPPED_HEADERS}
         if headers.get("content-type", "").startswith("text/event-stream"):
             return StreamingResponse(_relay(chunks), status_code=status, headers=headers)
         return Response(b"".join([chunk async for chunk in chunks]), status_code=status, headers=headers)

@@ -2,24 +2,24 @@
 
 Every replica reads and writes one store directory. A replica keeps in memory only the adapters its router
 asked it to hold (`hold`/`release`, driven by Ray Serve's multiplexing LRU) and the pinned ones registered
-at start-up (the shipped adapters, `persist=False`). Every lookup stats the adapter's folder: the store
-saves and replaces by renaming a new folder into place and deletes by renaming it away, so a changed
-stamp means another replica changed the adapter and a missing folder means it was deleted. A replica
-therefore notices every upload, replace and delete on its next request, with no messages between replicas.
+at start-up (the shipped adapters, `persist=False`). Every lookup reads which version of the adapter the
+store holds: the store publishes each save and replace as a new version folder and points the name at it
+in one rename, and deletes by taking the name away, so a changed version means another replica changed the
+adapter and no version means it was deleted. A replica therefore notices every upload, replace and delete
+on its next request, with no messages between replicas, and never misses an adapter while it is replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 from adapters import Adapter, AdapterRegistry, peft_folder_files, read_peft_folder, validate
 from server.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, LoraplexError
 
 log = logging.getLogger(__name__)
 
-Stamp = tuple[int, int, int]  # (inode, mtime_ns, ctime_ns) of an adapter's folder in the store
+Stamp = str  # the store's version of an adapter: a folder name no other save ever gets
 
 
 class SharedStoreRegistry(AdapterRegistry):
@@ -65,7 +65,7 @@ class SharedStoreRegistry(AdapterRegistry):
         with self._lock:
             if self._stamps.get(name) == stamp:
                 return self._adapters[name]
-        adapter = self._read(name)
+        stamp, adapter = self._read(name)
         with self._lock:
             if name in self._stamps:
                 self._retire(self._adapters.get(name))
@@ -134,20 +134,17 @@ class SharedStoreRegistry(AdapterRegistry):
 
     def _stamp(self, name: str) -> Stamp | None:
         try:
-            st = os.stat(self.store.path(name))
-        except (FileNotFoundError, NotADirectoryError, AdapterInvalid):
+            return self.store.version(name)
+        except AdapterInvalid:  # a name the store could never hold
             return None
-        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
-    def _read(self, name: str) -> Adapter:
-        try:
-            adapter = read_peft_folder(self.store.path(name), name)
-        except (FileNotFoundError, AdapterInvalid) as e:
-            if self._stamp(name) is None:  # deleted while we read it
-                raise AdapterNotFound(f"adapter {name!r} is not registered") from e
-            raise
-        validate(adapter, self.base, self.limits)
-        return adapter
+    def _read(self, name: str) -> tuple[Stamp, Adapter]:
+        """The live version's stamp and adapter; a replace while reading yields the new version."""
+        found = self.store.read(name, lambda folder: read_peft_folder(folder, name))
+        if found is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        validate(found[1], self.base, self.limits)
+        return found
 
     def _describe(self, name: str) -> Adapter:
         stamp = self._stamp(name)
@@ -157,7 +154,8 @@ class SharedStoreRegistry(AdapterRegistry):
             cached = self._catalogue.get(name)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        entry = dataclasses.replace(self._read(name), weights={})
+        stamp, adapter = self._read(name)
+        entry = dataclasses.replace(adapter, weights={})
         with self._lock:
             self._catalogue[name] = (stamp, entry)
         return entry

@@ -2,7 +2,8 @@
 
 Each adapter must answer exactly as the single-process server answers it, its requests must stay on the
 replica holding it, and uploads, replaces and deletes made through one replica must reach the other through
-the shared store. The last tests drive the shared-store registry directly on tiny tensors.
+the shared store. The ingress must refuse what a key may not do before any replica sees the request. The last
+tests drive the shared-store registry directly on tiny tensors.
 """
 
 import json
@@ -10,9 +11,11 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +37,8 @@ ADAPTER_SEEDS = {"red": 1, "green": 2, "blue": 3, "gold": 4}
 PROMPT = "The sea is"
 REPLICA = "x-loraplex-replica"
 ADMIN_KEY = "cluster-test-admin-key-0123"
+USER_KEY = "cluster-test-user-key-0123"
+TENANT_KEY = "cluster-test-tenant-key-0123"  # may use "red" and nothing else
 
 
 class ClusterProcess:
@@ -49,10 +54,13 @@ class ClusterProcess:
                     "--port", str(self.port), "--store-dir", str(store_dir), "--max-batch", "16",
                     "--max-seq-len", "1024", *extra_args]
         self.log_path = log_path
+        self.keys_file = store_dir.parent / "keys.json"
+        self.keys_file.write_text(json.dumps([{"key": TENANT_KEY, "role": "user", "adapters": ["red"]}]))
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> None:
-        env = {**os.environ, "RAY_TMPDIR": self.ray_dir, "RAY_USAGE_STATS_ENABLED": "0", "LORAPLEX_ADMIN_KEYS": ADMIN_KEY}
+        env = {**os.environ, "RAY_TMPDIR": self.ray_dir, "RAY_USAGE_STATS_ENABLED": "0", "LORAPLEX_ADMIN_KEYS": ADMIN_KEY,
+               "LORAPLEX_USER_KEYS": USER_KEY, "LORAPLEX_KEYS_FILE": str(self.keys_file)}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -62,8 +70,8 @@ class ClusterProcess:
             self.stop()
             raise
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    def client(self, key: str = ADMIN_KEY) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {key}"})
 
     def stop(self) -> list[str]:
         """SIGTERM (serve.shutdown, ray.shutdown), then SIGKILL for whatever is left; returns what was left."""
@@ -203,6 +211,64 @@ def test_replace_and_delete_through_one_replica_reach_the_other(cluster, tmp_pat
     assert reference_answers(tmp_path / "store", tmp_path / "reference.log", ["blue"]) == {"blue": after.pop()}
 
 
+def status_before_body(port: int, path: str, length: int, key: str | None = None) -> int:
+    """The status a POST gets after sending only its head, which declares a body of `length` bytes. The
+    answer must come, and the connection close (so no proxy goes on reading a body), within the timeout."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n" + (f"Authorization: Bearer {key}\r\n" if key else "") + "\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def refused_by_ingress(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert REPLICA not in response.headers, "answered by the ingress: no replica saw the request"
+
+
+def test_the_ingress_refuses_a_request_without_a_key_before_reading_it_or_routing_it(cluster):
+    anonymous = httpx.post(f"{cluster.url}/generate", json={"prompt": PROMPT, "adapter": "red"}, timeout=30)
+    refused_by_ingress(anonymous, 401, "unauthorized")
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{cluster.url}/metrics", timeout=30).status_code == 401
+    assert httpx.get(f"{cluster.url}/health", timeout=30).status_code == 200, "liveness stays public"
+
+    started = time.monotonic()
+    assert status_before_body(cluster.port, "/generate", 300 << 20) == 401
+    assert status_before_body(cluster.port, "/generate", 300 << 20, ADMIN_KEY) == 413
+    assert status_before_body(cluster.port, "/adapters", 300 << 20, ADMIN_KEY) == 413
+    assert time.monotonic() - started < 10, "a declared size is judged before any of the body is read"
+
+    with cluster.client() as c:  # a chunked body declares no size: it is cut at the limit
+        cut = c.post("/generate", content=(b" " * (1 << 20) for _ in range(3)),
+                     headers={"Content-Type": "application/json"})
+        refused_by_ingress(cut, 413, "too_large")
+
+
+def test_a_user_key_cannot_delete_and_a_tenant_key_finds_no_other_tenants_adapter(cluster):
+    with cluster.client() as admin:
+        stored = [a["name"] for a in admin.get("/adapters").json()["adapters"]]
+        for name in ("red", "green"):
+            if name not in stored:
+                assert upload(admin, name, ADAPTER_SEEDS[name]).status_code == 201
+    with cluster.client(USER_KEY) as user:
+        refused_by_ingress(user.delete("/adapters/red"), 403, "forbidden")
+        refused_by_ingress(upload(user, "violet", 5), 403, "forbidden")
+        assert "red" in [a["name"] for a in user.get("/adapters").json()["adapters"]]
+    with cluster.client(TENANT_KEY) as tenant:
+        other = generate(tenant, "green")
+        refused_by_ingress(other, 404, "adapter_not_found")
+        assert other.json()["error"]["message"] == "adapter 'green' is not registered"
+        openai = tenant.post("/v1/completions", json={"model": "green", "prompt": PROMPT, "max_tokens": 4})
+        refused_by_ingress(openai, 404, "adapter_not_found")
+        own = generate(tenant, "red")
+        assert own.status_code == 200 and REPLICA in own.headers, own.text
+
+
 # ---- the shared-store registry on tiny tensors: two registries over one folder stand for two replicas
 
 TINY = llama_base_shapes(2, 16, 32, 8)
@@ -258,3 +324,29 @@ def test_pinned_adapters_and_the_limit_count_across_replicas(two_replicas):
     a.register_upload("two", tiny_files("two", 2))
     with pytest.raises(AdapterTooLarge):  # b: two stored + one pinned = max_adapters
         b.register_upload("three", tiny_files("three", 3))
+
+
+def test_a_replica_never_misses_an_adapter_that_another_replaces(two_replicas):
+    a, b = two_replicas
+    a.register_upload("one", tiny_files("one", 1))
+    b.hold("one")
+    stop, misses = threading.Event(), []
+
+    def look() -> None:
+        while not stop.is_set():
+            try:
+                b.get("one")
+            except AdapterNotFound as e:
+                misses.append(e)
+
+    reader = threading.Thread(target=look)
+    reader.start()
+    try:
+        for seed in range(2, 40):
+            a.register_upload("one", tiny_files("one", seed), replace=True)
+    finally:
+        stop.set()
+        reader.join()
+    assert not misses
+    assert torch.equal(b.get("one").weights["layers.0.q_proj"].A,
+                       a.get("one").weights["layers.0.q_proj"].A), "b holds the last version"
