@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from server.auth import KeyRing
 from server.edge import EdgeGuard
+from server.gate import Gate
 from server.heap import CollectionTimer, freeze_startup_objects
 from server.request_log import RequestLogMiddleware
 from server.routes import adapters, errors, generate, health, metrics, openai
@@ -49,8 +50,8 @@ def check_security(settings: Settings, keyring: KeyRing) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    keyring = KeyRing.from_settings(settings.admin_keys, settings.user_keys, settings.keys_file,
-                                    settings.metrics_keys)
+    gate = Gate.from_settings(settings)
+    keyring = gate.keys
     check_security(settings, keyring)
 
     @asynccontextmanager
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
                   description="One frozen base LLM, many LoRA adapters.")
     app.state.keyring = keyring
-    app.add_middleware(EdgeGuard, settings=settings, keyring=keyring)
+    app.add_middleware(EdgeGuard, gate=gate)
     app.add_middleware(RequestLogMiddleware)  # outermost: refusals at the edge are logged too
     errors.install(app)
     for module in (generate, adapters, health, metrics, openai):

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 
 
 def build(settings: Settings, model_id: str, replicas: int, adapters_per_replica: int, cpus: float, gpus: float):
-    from server.cluster.gate import Gate
+    from server.gate import Gate
     from server.cluster.ingress import Ingress
     from server.cluster.replica import EngineReplica
 

@@ -5,13 +5,12 @@ Generation requests carry their adapter to Ray Serve as the multiplexed model id
 adapter. Everything else goes to any replica: adapters live in a store every replica shares. This process
 never loads torch or the model.
 
-A request is admitted (`gate.py`) from its head alone, before its body is read or a replica chosen; its body
+A request is admitted (`server/gate.py`, as the single-process server does) from its head alone, before its body is read or a replica chosen; its body
 is read only up to the route's limit; and a generation request naming an adapter its key may not use is
 answered here as a replica would answer it, so no replica loads that adapter for it.
 """
 # No `from __future__ import annotations`: FastAPI must see `Request` itself in the rewritten route signature.
 
-import asyncio
 import json
 import logging
 
@@ -21,9 +20,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from server.cluster.forwarding import BASE_MODEL_ID, ForwardedRequest
-from server.cluster.gate import BodyTimeout, BodyTooLarge, Gate
-from server.errors import AdapterNotFound, EngineUnavailable, LoraplexError, Unauthorized
-from server.routes.errors import error_json, status_of
+from server.errors import AdapterNotFound, EngineUnavailable, LoraplexError
+from server.gate import Gate
+from server.routes.errors import refusal
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +42,6 @@ def named_adapter(field: str, body: bytes, base_model_id: str) -> str | None:
     if not isinstance(name, str) or not name or (field == "model" and name == base_model_id):
         return None
     return name
-
-
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused once it is known to pass `limit` (from Content-Length before reading, or at the limit
-    for a chunked body) or when it takes longer than `timeout_s` to arrive."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
-    return b"".join(chunks)
-
-
-def refusal(exc: LoraplexError, request: Request) -> Response:
-    """An error the ingress answers itself, as a replica would word it. The connection closes: a body not read
-    may still be on its way, and Serve's proxy would go on reading it."""
-    headers = {"Connection": "close"} | ({"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {})
-    return error_json(status_of(exc), exc.code, exc.message, request, headers)
 
 
 async def _relay(chunks):
@@ -101,7 +74,7 @@ class Ingress:
         """The request as a replica gets it, and how to route it; raises what the gate refused."""
         method, path = request.method, request.url.path
         principal = self.gate.admit(method, path, request.headers.get("authorization", ""))
-        body = await read_body(request, self.gate.body_limit(method, path), self.gate.body_timeout_s)
+        body = await self.gate.read_body(method, path, request.headers.get("content-length", ""), request.stream())
         field = ADAPTER_FIELD.get(path) if method == "POST" else None
         adapter = named_adapter(field, body, self.base_model_id) if field else None
         if not principal.may_use(adapter):  # a tenant's private adapter looks absent to other keys

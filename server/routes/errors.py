@@ -50,6 +50,13 @@ def error_json(status: int, code: str, message: str, request: Request | None = N
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def refusal(exc: LoraplexError, request: Request) -> JSONResponse:
+    """An error answered before the body was read (server.gate). The connection closes: the unread body may
+    still be on its way, and a proxy in front would go on reading it."""
+    headers = {"Connection": "close"} | _headers(exc)
+    return error_json(status_of(exc), exc.code, exc.message, request, headers)
+
+
 def status_of(exc: LoraplexError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
