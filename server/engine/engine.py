@@ -265,7 +265,7 @@ class Engine:
     def _drop_overflowed(self, logits, seqs: list[Sequence]) -> tuple:
         """Ends the requests whose logits are not finite (an adapter whose numbers overflow) and returns the
         rest: rows are computed independently, so the others' logits are still right."""
-        finite = torch.isfinite(logits).all(dim=-1)
+        finite = torch.isfinite(logits.sum(dim=-1))  # an inf or NaN anywhere in a row makes its sum one
         if bool(finite.all()):
             return logits, seqs
         keep = finite.tolist()
