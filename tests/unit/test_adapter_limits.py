@@ -1,0 +1,87 @@
+"""What an upload cannot do to the server: hang it with a regex, crash parsing with a config, poison outputs
+with huge weights, or take more memory than the limits allow."""
+
+import json
+import logging
+import time
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from adapters import AdapterLimits, AdapterRegistry, AdapterStore, llama_base_shapes, peft_folder_files, random_adapter
+from adapters.peft_config import parse_config
+from server.errors import AdapterInvalid, AdapterTooLarge
+
+BASE = llama_base_shapes(num_layers=2, hidden=16, intermediate=32, kv_dim=8)
+# Exponential backtracking for Python's re on a module path such as "model.layers.0.self_attn.q_proj":
+# each character more doubles the time, past a minute at that path's length.
+CATASTROPHIC = r"(?:.|.)*\d\d"
+
+
+def registry(root, **limits) -> AdapterRegistry:
+    return AdapterRegistry(AdapterStore(root), BASE, AdapterLimits(**limits))
+
+
+def q_proj_weights(dtype=torch.float32, a_value=None, layers=(0,)) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for layer in layers:
+        key = f"model.layers.{layer}.self_attn.q_proj"
+        A = torch.randn(4, 16) * 0.1 if a_value is None else torch.full((4, 16), a_value)
+        tensors[f"{key}.lora_A.weight"] = A.to(dtype)
+        tensors[f"{key}.lora_B.weight"] = (torch.randn(16, 4) * 0.01).to(dtype)
+    return tensors
+
+
+def peft_files(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]} | config
+    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": save(tensors)}
+
+
+def upload(tmp_path, config: dict, tensors=None, **limits):
+    return registry(tmp_path, **limits).register_upload("up", peft_files(config, tensors or q_proj_weights()))
+
+
+# ---- regexes in adapter_config.json
+
+@pytest.mark.parametrize("config", [
+    {"rank_pattern": {CATASTROPHIC: 2}},
+    {"alpha_pattern": {"layers.1.self_attn.q_proj": 16, CATASTROPHIC: 2}},
+    {"target_modules": CATASTROPHIC},
+])
+def test_catastrophic_regex_is_refused_in_bounded_time(tmp_path, config):
+    start = time.monotonic()
+    with pytest.raises(AdapterInvalid, match="took too long.*use simpler patterns"):
+        upload(tmp_path, config)
+    assert time.monotonic() - start < 20
+
+
+def test_regex_that_expands_when_compiled_is_refused(tmp_path):
+    with pytest.raises(AdapterInvalid, match="counted repeats written out"):
+        upload(tmp_path, {"rank_pattern": {"(?:q{300}){300}": 2}})
+
+
+def test_ordinary_patterns_still_apply(tmp_path):
+    config = {"target_modules": r".*\.q_proj", "alpha_pattern": {r"layers\.\d{1,2}\.self_attn\.q_proj": 2}}
+    adapter = upload(tmp_path, config)
+    assert adapter.weights["layers.0.q_proj"].scale == 2 / 4
+
+
+def test_regex_syntax_is_python_re_as_in_peft():
+    with pytest.raises(AdapterInvalid, match="invalid regex"):
+        parse_config(json.dumps({"r": 4, "lora_alpha": 8, "rank_pattern": {r"\p{L}+": 2}}).encode())
+
+
+# ---- parsing adapter_config.json
+
+@pytest.mark.parametrize("raw, reason", [
+    (b'{"r": ' + b"9" * 5000 + b', "lora_alpha": 8}', "number with too many digits"),
+    (b"[" * 30000 + b"]" * 30000, "nests arrays or objects too deeply"),
+    (b'{"r": 4, "lora_alpha": 8}' + b" " * 65536, "the limit is 65536"),
+    (b'{"r": ' + b"9" * 4000 + b', "lora_alpha": 8}', "r must be a positive integer up to 65536"),
+    (b'{"r": 4, "lora_alpha": ' + b"9" * 4000 + b"}", "lora_alpha must be a finite number"),
+])
+def test_hostile_config_is_invalid_not_a_crash(raw, reason):
+    with pytest.raises(AdapterInvalid, match=reason) as err:
+        parse_config(raw)
+    assert len(str(err.value)) < 300
