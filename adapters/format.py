@@ -8,13 +8,14 @@ message is all the uploader gets to see.
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from adapters.peft_config import CONFIG_FILE, AdapterConfig, config_json, parse_config
+from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES, AdapterConfig, config_json, parse_config
 from server.errors import AdapterInvalid, AdapterTooLarge
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -24,10 +25,14 @@ _GROUP = {p: "self_attn" for p in PROJECTIONS[:4]} | {p: "mlp" for p in PROJECTI
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # PEFT writes "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"; some tools drop the
 # wrapper prefixes, and older PEFT keeps the adapter name as an infix ("lora_A.default.weight").
+# ASCII: int() reads other scripts' digits too, so "layers.٣" would alias "layers.3".
 _KEY = re.compile(
     r"(?:base_model\.model\.)?(?:model\.)?layers\.(0|[1-9]\d*)\.(self_attn|mlp)\.(\w+)"
-    r"\.lora_([AB])(?:\.[\w-]+)?\.weight"
+    r"\.lora_([AB])(?:\.[\w-]+)?\.weight",
+    re.ASCII,
 )
+# Refused past this: |scale|·r·max|A|·max|B| bounds every entry of scale·B·A; a trained adapter's is far below 1.
+_MAX_UPDATE = 1e3
 
 BaseShapes = dict[str, tuple[int, int]]  # "layers.{i}.{proj}" -> (out_features, in_features)
 
@@ -52,6 +57,11 @@ class Adapter:
     target_modules: tuple[str, ...]
     size_bytes: int  # tensor bytes as stored, before widening to float32
 
+    @cached_property
+    def held_bytes(self) -> int:
+        """Bytes the weights take in memory (float32 whatever they were stored as): what limits count."""
+        return sum(t.numel() * t.element_size() for w in self.weights.values() for t in (w.A, w.B))
+
     @property
     def layer_indices(self) -> tuple[int, ...]:
         return tuple(sorted({_layer(key) for key in self.weights}))
@@ -62,6 +72,7 @@ class AdapterLimits:
     max_rank: int = 64
     max_bytes: int = 64 * 1024 * 1024
     max_adapters: int = 1000
+    max_total_bytes: int = 4096 * 1024 * 1024  # all registered adapters' held_bytes together
 
 
 def validate_name(name: str) -> str:
@@ -157,7 +168,8 @@ def read_peft_folder(path: Path, name: str) -> Adapter:
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterInvalid(f"missing {CONFIG_FILE}")
-    config = parse_config(config_path.read_bytes())
+    with config_path.open("rb") as f:
+        config = parse_config(f.read(MAX_CONFIG_BYTES + 1))  # one byte past the limit is enough to refuse it
     pairs = _pairs(_read_safetensors(Path(path) / WEIGHTS_FILE))
     _check_targeted(config, pairs)
     return _build(
@@ -230,9 +242,10 @@ def validate(adapter: Adapter, base: BaseShapes, limits: AdapterLimits) -> None:
     validate_name(adapter.name)
     if not adapter.weights:
         raise AdapterInvalid(f"adapter {adapter.name!r} has no LoRA weights")
-    if adapter.size_bytes > limits.max_bytes:
+    if adapter.held_bytes > limits.max_bytes:
         raise AdapterTooLarge(
-            f"adapter {adapter.name!r} holds {adapter.size_bytes} bytes of weights; the limit is {limits.max_bytes}"
+            f"adapter {adapter.name!r} holds {adapter.held_bytes} bytes of weights in memory (as float32); "
+            f"the limit is {limits.max_bytes}"
         )
     for module, weights in adapter.weights.items():
         _validate_module(module, weights, base, limits)
@@ -260,6 +273,18 @@ def _validate_module(module: str, w: LoraWeights, base: BaseShapes, limits: Adap
             raise AdapterInvalid(f"{module}: {half} contains NaN or inf")
     if not math.isfinite(w.scale):
         raise AdapterInvalid(f"{module}: scale {w.scale} is not finite")
+    _check_magnitude(module, w)
+
+
+def _check_magnitude(module: str, w: LoraWeights) -> None:
+    a_max, b_max = w.A.abs().max().item(), w.B.abs().max().item()
+    bound = abs(w.scale) * w.rank * a_max * b_max
+    if bound > _MAX_UPDATE:
+        raise AdapterInvalid(f"{module}: scale {w.scale:g}, r={w.rank}, max|lora_A| {a_max:g} and max|lora_B| "
+                             f"{b_max:g} could change a weight by up to {bound:g}; the limit is {_MAX_UPDATE:g}")
+    # Alone too: B·scale is formed in float32 or less, where a huge scale turns an all-zero B into NaN.
+    if abs(w.scale) > _MAX_UPDATE:
+        raise AdapterInvalid(f"{module}: scale {w.scale:g} (alpha / r) is beyond the limit of {_MAX_UPDATE:g}")
 
 
 def _expect_shape(module: str, half: str, tensor: torch.Tensor, expected: tuple[int, int], meaning: str) -> None:

@@ -72,6 +72,7 @@ def test_half_precision_is_widened_and_sized_as_stored(tmp_path):
     adapter = read_peft_folder(peft_folder(tmp_path, config(), tensors), "half")
     assert adapter.weights["layers.0.q_proj"].A.dtype == torch.float32
     assert adapter.size_bytes == 2 * (4 * 16 + 16 * 4)
+    assert adapter.held_bytes == 4 * (4 * 16 + 16 * 4)
     validate(adapter, BASE, LIMITS)
 
 
@@ -196,8 +197,8 @@ def test_rank_and_size_limits():
     with pytest.raises(AdapterTooLarge, match="rank 8 exceeds"):
         validate(adapter, BASE, AdapterLimits(max_rank=4))
     with pytest.raises(AdapterTooLarge, match="bytes"):
-        validate(adapter, BASE, AdapterLimits(max_bytes=adapter.size_bytes - 1))
-    validate(adapter, BASE, AdapterLimits(max_rank=8, max_bytes=adapter.size_bytes))
+        validate(adapter, BASE, AdapterLimits(max_bytes=adapter.held_bytes - 1))
+    validate(adapter, BASE, AdapterLimits(max_rank=8, max_bytes=adapter.held_bytes))
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "", ".hidden", "a..b", "x" * 65, "a b", "-x"])

@@ -85,3 +85,47 @@ def test_hostile_config_is_invalid_not_a_crash(raw, reason):
     with pytest.raises(AdapterInvalid, match=reason) as err:
         parse_config(raw)
     assert len(str(err.value)) < 300
+
+
+# ---- tensor keys
+
+@pytest.mark.parametrize("digit", ["\u0660", "\uff10", "\u09e6"])  # Arabic-Indic, fullwidth and Bengali zero
+def test_tensor_keys_take_only_ascii_digits(tmp_path, digit):
+    tensors = {k.replace("layers.0.", f"layers.1{digit}."): v for k, v in q_proj_weights().items()}
+    with pytest.raises(AdapterInvalid, match="unsupported tensor"):
+        upload(tmp_path, {}, tensors)
+
+
+# ---- magnitudes
+
+def test_huge_alpha_is_refused_naming_the_module(tmp_path):
+    with pytest.raises(AdapterInvalid, match=r"layers.0.q_proj: scale 2.5e\+299.*limit is 1000"):
+        upload(tmp_path, {"lora_alpha": 1e300})
+
+
+def test_huge_finite_weights_are_refused_naming_the_module(tmp_path):
+    raw = {"w.safetensors": save(q_proj_weights(a_value=1e30, layers=(0, 1)))}
+    with pytest.raises(AdapterInvalid, match="layers.0.q_proj: .*could change a weight by up to"):
+        registry(tmp_path).register_upload("big", raw, rank=4, alpha=8.0)
+
+
+def test_huge_scale_is_refused_even_with_zero_lora_b(tmp_path):
+    tensors = q_proj_weights()
+    tensors["model.layers.0.self_attn.q_proj.lora_B.weight"].zero_()
+    with pytest.raises(AdapterInvalid, match="layers.0.q_proj: scale .* beyond the limit"):
+        upload(tmp_path, {"lora_alpha": 1e300}, tensors)
+
+
+def test_trained_size_weights_pass(tmp_path):
+    assert upload(tmp_path, {"lora_alpha": 32}).weights["layers.0.q_proj"].scale == 8
+
+
+# ---- memory: counted as held (float32)
+
+def test_fp8_weights_count_four_times_their_stored_size(tmp_path):
+    raw = {"w.safetensors": save(q_proj_weights(dtype=torch.float8_e4m3fn))}
+    held = 4 * 2 * 4 * 16
+    adapter = registry(tmp_path / "a", max_bytes=held).register_upload("fp8", raw, rank=4, alpha=8.0)
+    assert (adapter.size_bytes, adapter.held_bytes) == (held // 4, held)
+    with pytest.raises(AdapterTooLarge, match=f"holds {held} bytes .* limit is {held - 1}"):
+        registry(tmp_path / "b", max_bytes=held - 1).register_upload("fp8", raw, rank=4, alpha=8.0)
