@@ -53,6 +53,9 @@ class AdapterRegistry:
                 continue
             try:
                 self.add(read_peft_folder(self.store.path(name), name), persist=False)
+            except AdapterTooLarge as e:  # over this server's limits, not broken: kept for a server with room
+                log.warning("stored adapter %r not loaded: %s", name, e)
+                continue
             except (LoraplexError, OSError) as e:
                 dest = self.store.quarantine(name)
                 log.warning("stored adapter %r failed to load and was moved to %s: %s", name, dest, e)
@@ -75,6 +78,7 @@ class AdapterRegistry:
         validate(adapter, self.base, self.limits)
         with self._lock:
             self._check_room(name, replace)
+            self._check_memory(adapter)
             self.store.save(name, stored_files, replace=replace)
             self._retire(self._adapters.get(name))
             self._adapters[name] = adapter
@@ -84,6 +88,7 @@ class AdapterRegistry:
         validate(adapter, self.base, self.limits)
         with self._lock:
             self._check_room(adapter.name)
+            self._check_memory(adapter)
             if persist:
                 self.store.save(adapter.name, peft_folder_files(adapter))
             self._adapters[adapter.name] = adapter
@@ -97,6 +102,17 @@ class AdapterRegistry:
             raise AdapterTooLarge(
                 f"registry full: {len(self._adapters)} adapters registered (max_adapters="
                 f"{self.limits.max_adapters}); remove one first"
+            )
+
+    def _check_memory(self, adapter: Adapter) -> None:
+        """Under self._lock: refuses an adapter that would take the held weights past max_total_bytes. A
+        replace counts only the difference: the old version goes once the requests using it finish."""
+        old = self._adapters.get(adapter.name)
+        held = sum(a.held_bytes for a in self._adapters.values()) - (old.held_bytes if old else 0)
+        if held + adapter.held_bytes > self.limits.max_total_bytes:
+            raise AdapterTooLarge(
+                f"adapter memory full: {adapter.name!r} needs {adapter.held_bytes} bytes and the registered "
+                f"adapters hold {held} of max_total_bytes={self.limits.max_total_bytes}; remove one first"
             )
 
     def get(self, name: str) -> Adapter:

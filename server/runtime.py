@@ -82,7 +82,8 @@ class Runtime:
         self.registry = self.registry_type(
             AdapterStore(settings.store_dir), self.loaded.transformer.lora_target_shapes(),
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
-                          max_adapters=settings.max_adapters))
+                          max_adapters=settings.max_adapters,
+                          max_total_bytes=settings.max_adapter_memory_mb * 2**20))
         loaded_names = self.registry.load_stored()
         if settings.preload_dir is not None:
             loaded_names += preload(self.registry, settings.preload_dir, settings.max_adapter_bytes)

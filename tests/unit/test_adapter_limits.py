@@ -129,3 +129,39 @@ def test_fp8_weights_count_four_times_their_stored_size(tmp_path):
     assert (adapter.size_bytes, adapter.held_bytes) == (held // 4, held)
     with pytest.raises(AdapterTooLarge, match=f"holds {held} bytes .* limit is {held - 1}"):
         registry(tmp_path / "b", max_bytes=held - 1).register_upload("fp8", raw, rank=4, alpha=8.0)
+
+
+def test_total_memory_is_capped_and_freed_by_remove(tmp_path):
+    one = random_adapter("one", BASE, rank=4).held_bytes
+    reg = registry(tmp_path, max_total_bytes=2 * one)
+    reg.register_upload("a", peft_folder_files(random_adapter("a", BASE, rank=4, seed=1)))
+    reg.register_upload("b", peft_folder_files(random_adapter("b", BASE, rank=4, seed=2)))
+    with pytest.raises(AdapterTooLarge, match=f"max_total_bytes={2 * one}"):
+        reg.register_upload("c", peft_folder_files(random_adapter("c", BASE, rank=4, seed=3)))
+    with pytest.raises(AdapterTooLarge, match="max_total_bytes"):
+        reg.add(random_adapter("c", BASE, rank=4, seed=3), persist=False)
+    assert reg.store.names() == ["a", "b"]
+    reg.remove("a")
+    reg.register_upload("c", peft_folder_files(random_adapter("c", BASE, rank=4, seed=3)))
+
+
+def test_replace_counts_only_the_difference(tmp_path):
+    small, large = (random_adapter("x", BASE, rank=r) for r in (2, 4))
+    reg = registry(tmp_path, max_total_bytes=small.held_bytes + large.held_bytes)
+    reg.register_upload("a", peft_folder_files(small))
+    reg.register_upload("b", peft_folder_files(large))
+    reg.register_upload("b", peft_folder_files(random_adapter("b", BASE, rank=4, seed=9)), replace=True)
+    with pytest.raises(AdapterTooLarge, match="max_total_bytes"):
+        reg.register_upload("a", peft_folder_files(large), replace=True)
+    assert reg.get("a").rank == 2
+
+
+def test_start_up_skips_stored_adapters_that_do_not_fit(tmp_path, caplog):
+    first = registry(tmp_path)
+    for name in ("a", "b", "c"):
+        first.register_upload(name, peft_folder_files(random_adapter(name, BASE, rank=4)))
+    one = first.get("a").held_bytes
+    with caplog.at_level(logging.WARNING, logger="adapters.registry"):
+        assert registry(tmp_path, max_total_bytes=2 * one).load_stored() == ["a", "b"]
+    assert "'c' not loaded" in caplog.text and "max_total_bytes" in caplog.text
+    assert AdapterStore(tmp_path).names() == ["a", "b", "c"]  # kept, not quarantined
