@@ -13,11 +13,10 @@ import stat
 from pathlib import Path
 
 from adapters.format import WEIGHTS_FILE
-from adapters.peft_config import CONFIG_FILE
+from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES
 from server.errors import AdapterInvalid, AdapterTooLarge
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE)
-CONFIG_MAX_BYTES = 1 << 20
 
 
 def read_adapter_folder(path: str | Path, roots: list[Path], max_bytes: int) -> dict[str, bytes]:
@@ -49,7 +48,7 @@ def check_adapter_folder(path: str | Path, roots: list[Path], max_bytes: int) ->
 
 
 def _limit(name: str, max_bytes: int) -> int:
-    return CONFIG_MAX_BYTES if name == CONFIG_FILE else max_bytes
+    return MAX_CONFIG_BYTES if name == CONFIG_FILE else max_bytes
 
 
 def _read_at_most(path: Path, limit: int) -> bytes:
