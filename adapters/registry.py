@@ -107,13 +107,18 @@ class AdapterRegistry:
     def _check_memory(self, adapter: Adapter) -> None:
         """Under self._lock: refuses an adapter that would take the held weights past max_total_bytes. A
         replace counts only the difference: the old version goes once the requests using it finish."""
-        old = self._adapters.get(adapter.name)
-        held = sum(a.held_bytes for a in self._adapters.values()) - (old.held_bytes if old else 0)
+        held = self._held()
+        old = next((a for a in held if a.name == adapter.name), None)
+        held = sum(a.held_bytes for a in held) - (old.held_bytes if old else 0)
         if held + adapter.held_bytes > self.limits.max_total_bytes:
             raise AdapterTooLarge(
                 f"adapter memory full: {adapter.name!r} needs {adapter.held_bytes} bytes and the registered "
                 f"adapters hold {held} of max_total_bytes={self.limits.max_total_bytes}; remove one first"
             )
+
+    def _held(self) -> list[Adapter]:
+        """The adapters whose weights this registry holds in memory."""
+        return list(self._adapters.values())
 
     def get(self, name: str) -> Adapter:
         with self._lock:

@@ -90,10 +90,15 @@ class SharedStoreRegistry(AdapterRegistry):
         validate(adapter, self.base, self.limits)
         with self._lock:
             self._check_room(adapter.name)
+            self._check_memory(adapter)
             if persist:
                 self.store.save(adapter.name, peft_folder_files(adapter))
             else:
                 self._pinned[adapter.name] = adapter
+
+    def _held(self) -> list[Adapter]:
+        # the pinned adapters and the copies the router asked for (at most --adapters-per-replica)
+        return [*self._pinned.values(), *self._adapters.values()]
 
     def register_upload(self, name, files, rank=None, alpha=None, replace=False) -> Adapter:
         adapter = super().register_upload(name, files, rank, alpha, replace)

@@ -165,3 +165,15 @@ def test_start_up_skips_stored_adapters_that_do_not_fit(tmp_path, caplog):
         assert registry(tmp_path, max_total_bytes=2 * one).load_stored() == ["a", "b"]
     assert "'c' not loaded" in caplog.text and "max_total_bytes" in caplog.text
     assert AdapterStore(tmp_path).names() == ["a", "b", "c"]  # kept, not quarantined
+
+
+def test_a_cluster_replica_counts_its_pinned_adapters_and_held_copies(tmp_path):
+    from server.cluster.shared_registry import SharedStoreRegistry
+
+    one = random_adapter("one", BASE, rank=4).held_bytes
+    reg = SharedStoreRegistry(AdapterStore(tmp_path), BASE, AdapterLimits(max_total_bytes=2 * one))
+    reg.add(random_adapter("pinned", BASE, rank=4, seed=1), persist=False)
+    reg.register_upload("stored", peft_folder_files(random_adapter("stored", BASE, rank=4, seed=2)))
+    reg.hold("stored")
+    with pytest.raises(AdapterTooLarge, match="max_total_bytes"):
+        reg.add(random_adapter("another", BASE, rank=4, seed=3), persist=False)
