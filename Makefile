@@ -6,7 +6,7 @@ PORT   ?= 8000
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve serve-ray test test-unit bench clean browser-deps
+.PHONY: install serve serve-ray test test-unit bench soak clean browser-deps
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test-unit: install
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# memory under 10 minutes of mixed traffic with adapter uploads, replaces and deletes (bench/README.md)
+soak: install
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
