@@ -265,3 +265,33 @@ def test_dev_mode_refuses_other_host_names_and_cross_site_writes(server):
                       headers={"Origin": server.url, "Sec-Fetch-Site": "same-origin"})
         assert same.status_code == 200
         assert c.get("/", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+
+
+# 8. smaller ones: hostile adapter configs are refused quickly at upload, and the server stays up
+
+@pytest.mark.parametrize("config_change", [
+    {"rank_pattern": {"(?:.|.)*[0-9][0-9]": 4}},   # backtracks exponentially on a module path
+    {"r": int("9" * 4000)},
+    {"lora_alpha": 1e300},
+], ids=["catastrophic-regex", "4000-digit-r", "huge-alpha"])
+def test_hostile_adapter_configs_are_refused_quickly(keyed, config_change):
+    files = adapter_files(seed=5)
+    config = json.loads(files["adapter_config.json"]) | config_change
+    files["adapter_config.json"] = json.dumps(config).encode()
+    started = time.monotonic()
+    with keyed.client() as c:
+        refused = c.post("/adapters", data={"name": "hostile"}, files=[("files", (n, d)) for n, d in files.items()],
+                         headers=bearer(ADMIN))
+        assert refused.status_code == 422, refused.text[:300]
+        assert len(refused.text) < 1000  # the config's values are not echoed at length
+        assert c.get("/health").status_code == 200
+    assert time.monotonic() - started < 10
+
+
+def test_a_deeply_nested_config_is_refused(keyed):
+    files = adapter_files(seed=6)
+    files["adapter_config.json"] = b"[" * 30_000 + b"]" * 30_000  # under the size limit, past the recursion one
+    with keyed.client() as c:
+        refused = c.post("/adapters", data={"name": "nested"}, files=[("files", (n, d)) for n, d in files.items()],
+                         headers=bearer(ADMIN))
+        assert refused.status_code == 422, refused.text[:300]
