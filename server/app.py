@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.auth import KeyRing
-from server.edge import EdgeGuard
+from server.edge import EdgeGuard, is_loopback_name
 from server.gate import Gate
 from server.heap import CollectionTimer, freeze_startup_objects
 from server.request_log import RequestLogMiddleware
@@ -29,19 +28,10 @@ class InsecureBind(Exception):
     pass
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_security(settings: Settings, keyring: KeyRing) -> None:
     if keyring.enabled:
         return
-    if not is_loopback(settings.host):
+    if not is_loopback_name(settings.host):
         raise InsecureBind(f"no API keys are configured, so loraplex only binds to loopback, not {settings.host}: "
                            "set LORAPLEX_ADMIN_KEYS / LORAPLEX_USER_KEYS or LORAPLEX_KEYS_FILE")
     log.warning("*** DEVELOPMENT MODE: no API keys configured; every caller is admin. Bound to %s only. ***",

@@ -14,20 +14,15 @@ import httpx
 import pytest
 
 from tests.integration.server_process import ServerProcess
+from tests.integration.test_hardening import ADMIN, USER, bearer
 from tests.integration.test_http_api import adapter_files
 
 pytestmark = pytest.mark.integration
 
-ADMIN = "admin-key-0123456789abcdef"
-USER = "user-key-0123456789abcdef"
 RED = "red-tenant-admin-0123456789"     # an admin of its own adapters only
 BLUE = "blue-tenant-admin-0123456789"
 METRICS = "metrics-key-0123456789abcdef"
 BODY_TIMEOUT_S = 3
-
-
-def bearer(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")
