@@ -1,6 +1,6 @@
 """What a connection may cost before its request reaches the app: how long it may take to send a request head
 (--header-timeout-s), how many may be open at once (--max-connections), how long one may sit idle between
-requests. The body's deadline (--body-timeout-s) is the app's, since only it knows when it reads a body."""
+requests. The body's deadline (--body-timeout-s) is the edge's (server/edge.py), which reads bodies."""
 
 from __future__ import annotations
 
