@@ -1,10 +1,16 @@
-"""The OpenAI-compatible wire format (the subset loraplex serves), defined once."""
+"""The OpenAI-compatible wire format (the subset loraplex serves), defined once.
+
+Every field OpenAI defines either works or is refused naming it (400): a client that asked for JSON output,
+tools or penalties must learn that from an error, not from free text under a 200. Fields not served yet are
+accepted only at OpenAI's own default (`_AT_DEFAULT_ONLY`); unknown fields are refused, except the
+documented extensions (vLLM's `top_k`, `ignore_eos`).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from server.schemas import SEED_MIN, SEED_MAX
 
@@ -13,9 +19,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# a field not served yet -> the values that mean "not asked for" (OpenAI's defaults)
+_AT_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1), "suffix": (None,),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,), "store": (None, False),
+}
+
+
+def _refuse_unless_default(value, info: ValidationInfo):
+    if value not in _AT_DEFAULT_ONLY[info.field_name]:
+        raise ValueError(f"`{info.field_name}` is not supported by this server yet; leave it out")
+    return value
+
+
 class _SamplingFields(BaseModel):
-    # Unknown fields are ignored rather than refused: clients send many we do not use (user, metadata...).
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -28,6 +49,18 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")
+    # the caller's own bookkeeping: no effect on the output
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    # not served yet (see _AT_DEFAULT_ONLY)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    store: bool | None = None
+
+    _not_served = field_validator("presence_penalty", "frequency_penalty", "logit_bias", "store")(
+        _refuse_unless_default)
 
     @field_validator("stop")
     @classmethod
@@ -42,6 +75,10 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    _not_served_here = field_validator("best_of", "suffix")(_refuse_unless_default)
 
     @field_validator("prompt")
     @classmethod
@@ -61,15 +98,18 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # a participant's name: OpenAI's templates do not show it either
 
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
@@ -81,6 +121,21 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # only says something together with tools
+    functions: list | None = None
+    function_call: str | dict | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict | None = None
+
+    _not_served_here = field_validator("response_format", "tools", "tool_choice", "functions", "function_call",
+                                       "modalities", "audio", "prediction", "reasoning_effort",
+                                       "web_search_options")(_refuse_unless_default)
 
 
 class LoadLoraRequest(BaseModel):

@@ -40,11 +40,13 @@ def _headers(exc: LoraplexError) -> dict[str, str]:
 
 
 def error_json(status: int, code: str, message: str, request: Request | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
+               headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
     if request is not None and request.url.path.startswith("/v1/"):
-        # OpenAI's error shape, which its client libraries parse into typed exceptions
+        # OpenAI's error shape and statuses (invalid parameters are 400, as OpenAI and vLLM answer), which
+        # its client libraries parse into typed exceptions (BadRequestError)
+        status = 400 if status == 422 else status
         kind = "invalid_request_error" if status < 500 else "server_error"
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     else:
         body = {"error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -71,11 +73,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        parts = []
+        parts, fields = [], []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return error_json(422, "invalid_request", "; ".join(parts) or "invalid request", request)
+            fields.append(where)
+        return error_json(422, "invalid_request", "; ".join(parts) or "invalid request", request,
+                          param=next((f for f in fields if f), None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -74,8 +74,26 @@ def test_errors_use_openai_shape(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="no-such-adapter", messages=CHAT, max_tokens=4)
     assert err.value.body["code"] == "adapter_not_found"
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, n=2)
+    assert err.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("presence_penalty", 0.5), ("logit_bias", {"42": 5}), ("no_such_field", 1),
+])
+def test_a_field_not_served_is_refused_naming_it_never_ignored(client, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, extra_body={field: value})
+    assert err.value.body["param"] == field and field in err.value.body["message"]
+
+
+def test_fields_at_openais_defaults_and_bookkeeping_fields_are_accepted(client):
+    reply = client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=2, n=1, presence_penalty=0,
+                                           frequency_penalty=0, response_format={"type": "text"}, user="u-1")
+    assert reply.choices[0].message.content is not None
 
 
 def test_vllm_style_load_and_unload(server, client, tmp_path):
@@ -87,11 +105,11 @@ def test_vllm_style_load_and_unload(server, client, tmp_path):
         assert client.completions.create(model="rt", prompt="Hi", max_tokens=3).choices[0].text is not None
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "rt"}).status_code == 200
         missing = c.post("/v1/load_lora_adapter", json={"lora_name": "rt2", "lora_path": str(server.adapter_root / "none")})
-        assert missing.status_code == 422 and missing.json()["error"]["type"] == "invalid_request_error"
+        assert missing.status_code == 400 and missing.json()["error"]["type"] == "invalid_request_error"
         write_peft_folder(random_adapter("y", llama_base_shapes(30, 576, 1536, 192), seed=13), tmp_path / "outside")
         (server.adapter_root / "link").symlink_to(tmp_path / "outside")
         for path in (tmp_path / "outside", server.adapter_root / "link", "/etc"):  # all outside the root
             refused = c.post("/v1/load_lora_adapter", json={"lora_name": "rt3", "lora_path": str(path)})
-            assert refused.status_code == 422
+            assert refused.status_code == 400
             assert refused.json()["error"]["message"] == missing.json()["error"]["message"]  # says nothing more
     assert "rt" not in {m.id for m in client.models.list().data}
