@@ -19,6 +19,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     flags = {"model": "model_path", "host": "host", "port": "port", "device": "device", "dtype": "dtype",
              "lora-mode": "lora_mode", "store-dir": "store_dir", "threads": "threads", "max-batch": "max_batch",
              "max-seq-len": "max_seq_len", "lora-slots": "lora_slots", "linear-backend": "linear_backend",
+             "quantization": "quantization",
              "preload-dir": "preload_dir", "prefix-cache-mb": "prefix_cache_mb",
              "max-prefill-tokens": "max_prefill_tokens", "admission-wait-ms": "admission_wait_ms",
              "admission-wait-fraction": "admission_wait_fraction", "header-timeout-s": "header_timeout_s",

@@ -46,6 +46,8 @@ class Metrics:
         self.prefix_hit_tokens = Counter("loraplex_prefix_cache_hit_tokens",
                                          "prompt tokens whose KV came from the prefix cache", registry=r)
         self.prefix_bytes = Gauge("loraplex_prefix_cache_bytes", "KV held by the prefix cache", registry=r)
+        self.base_weight_bytes = Gauge("loraplex_base_weight_bytes", "bytes of base weights resident (in their "
+                                       "served format)", registry=r)
         self.rejected = Counter("loraplex_rejected_requests", "requests refused by a limit", ["reason"], registry=r)
 
     def observe_gc(self, generation: int, seconds: float) -> None:

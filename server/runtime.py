@@ -24,6 +24,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import InvalidRequest
 from server.heap import back_with_huge_pages, huge_page_bytes, keep_freed_memory
+from server.kernels.block_linear import block_kernel
 from server.lora import policy
 from server.lora.layers import LoraSlots, SiteLayout
 from server.lora.manager import AdapterSlots
@@ -73,7 +74,10 @@ class Runtime:
         self.folder = resolve_model(settings.model_path)
         self.model_id = os.path.basename(os.path.normpath(self.folder.path))
         backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
-        self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend)
+        quantization = resolve_quantization(settings.quantization, self.device)
+        self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)
+        self.weight_format = quantization if quantization != "none" else str(self.dtype).removeprefix("torch.")
+        self.base_weight_bytes = sum(t.numel() * t.element_size() for t in self.loaded.transformer.linear_tensors())
         if self.device.type == "cpu":
             back_with_huge_pages(self.loaded.transformer.linear_tensors())
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
@@ -92,19 +96,25 @@ class Runtime:
         kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
         prefix_cache = PrefixCache(kv, settings.prefix_block_tokens, settings.prefix_cache_mb * 2**20) \
             if settings.prefix_cache_mb else None
-        scheduler = Scheduler(kv, self.adapter_slots, settings.max_prefill_tokens, policy.admits_mixed(settings.lora_mode),
+        # merging into a quantized base computes the adapter's projections from a full-precision scratch:
+        # not measured faster than the side branch yet, so auto keeps such a base unmerged
+        lora_mode = "unmerged" if quantization != "none" and settings.lora_mode == "auto" else settings.lora_mode
+        self.lora_mode = lora_mode
+        scheduler = Scheduler(kv, self.adapter_slots, settings.max_prefill_tokens, policy.admits_mixed(lora_mode),
                               prefix_cache)
         self.metrics = Metrics()
+        self.metrics.base_weight_bytes.set(self.base_weight_bytes)
         self.engine = Engine(self.loaded, ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
-                             self.tokenizer, settings.lora_mode, eos_ids(self.folder.config, self.tokenizer),
+                             self.tokenizer, lora_mode, eos_ids(self.folder.config, self.tokenizer),
                              metrics=self.metrics, max_pending=settings.max_pending,
                              timeout_s=settings.request_timeout_s,
                              admission=AdmissionWait(settings.admission_wait_ms / 1e3,
                                                      settings.admission_wait_fraction))
         huge = huge_page_bytes()
-        log.info("model %s on %s/%s (linear: %s), %d stored adapters loaded; %s MiB of memory in huge pages",
-                 self.model_id, self.device, str(self.dtype).removeprefix("torch."), backend, len(loaded_names),
-                 "?" if huge is None else huge >> 20)
+        log.info("model %s on %s/%s (linear: %s, base weights %s: %d MiB), %d stored adapters loaded; %s MiB of "
+                 "memory in huge pages", self.model_id, self.device, str(self.dtype).removeprefix("torch."),
+                 backend if quantization == "none" else "block kernel" if block_kernel() else "reference",
+                 self.weight_format, self.base_weight_bytes >> 20, len(loaded_names), "?" if huge is None else huge >> 20)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         if messages is not None:
@@ -130,6 +140,15 @@ class Runtime:
     def stop(self) -> None:
         self.engine.stop()
         self._thread.join(timeout=60)
+
+
+def resolve_quantization(name: str, device: torch.device) -> str:
+    """auto serves the checkpoint in its dtype (a GGUF's own types are not served natively yet)."""
+    if name in ("auto", "none"):
+        return "none"
+    if device.type != "cpu":
+        raise ValueError(f"--quantization {name} runs on CPU only so far; on {device} serve in --dtype")
+    return name
 
 
 def preload(registry, folder, max_bytes: int) -> list[str]:

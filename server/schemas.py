@@ -70,6 +70,8 @@ class Health(BaseModel):
     device: str | None = None
     dtype: str | None = None
     lora_mode: str | None = None
+    weight_format: str | None = None     # float32, bfloat16, int8, int4: how the base weights are held
+    base_weight_bytes: int | None = None
     adapters: int | None = None
     resident_adapters: int | None = None
     running: int | None = None

@@ -89,6 +89,8 @@ class Health:
     device: str | None = None
     dtype: str | None = None
     lora_mode: str | None = None
+    weight_format: str | None = None
+    base_weight_bytes: int | None = None
     adapters: int | None = None
     resident_adapters: int | None = None
     running: int | None = None

@@ -9,16 +9,19 @@ from server.model.config import ModelConfig
 from server.model.linear import Linear
 from server.model.llama import FUSED_SITES, DecoderLayer, Transformer, hf_weight_name
 from server.model.loader import ModelFolder
+from server.model.quantized_linear import QuantizedLinear, quantize
 
 
 class LoadedModel:
     """The transformer plus the read-only checkpoint it came from (the exact-restore source for hot-swap)."""
 
-    def __init__(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype, backend: str):
+    def __init__(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype, backend: str,
+                 quantization: str = "none"):
         self.folder = folder
         self.config = ModelConfig.from_hf(folder.config)
         self.checkpoint = MappedCheckpoint(folder.weight_files())
-        self.transformer = build_transformer(self.config, self.checkpoint, device, dtype, backend)
+        self.quantization = quantization
+        self.transformer = build_transformer(self.config, self.checkpoint, device, dtype, backend, quantization)
 
 
 def _tensor(ckpt: MappedCheckpoint, name: str, device, dtype) -> torch.Tensor:
@@ -32,7 +35,14 @@ def _fused(ckpt, names: list[str], device, dtype) -> torch.Tensor:
 
 
 def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype,
-                      backend: str) -> Transformer:
+                      backend: str, quantization: str = "none") -> Transformer:
+    """`quantization` int8/int4 quantizes each projection as it is read, so the whole model never exists in
+    full precision; the lm_head then is int8 (the embedding table stays in `dtype` for lookups)."""
+    def linear(weight, bias, fmt: str, editable: bool = True):
+        if fmt == "none":
+            return Linear(weight, bias, backend, editable)
+        return QuantizedLinear(quantize(weight, fmt), bias, fmt)
+
     layers = []
     for i in range(cfg.num_layers):
         linears = {}
@@ -41,14 +51,14 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.de
             bias = None
             if site == "qkv" and cfg.attention_bias:
                 bias = _fused(ckpt, [hf_weight_name(i, p).replace(".weight", ".bias") for p in projs], device, dtype)
-            linears[site] = Linear(weight, bias, backend)
+            linears[site] = linear(weight, bias, quantization)
         norms = (_tensor(ckpt, f"model.layers.{i}.input_layernorm.weight", device, dtype),
                  _tensor(ckpt, f"model.layers.{i}.post_attention_layernorm.weight", device, dtype))
         layers.append(DecoderLayer(i, cfg, linears, norms))
     embed = _tensor(ckpt, "model.embed_tokens.weight", device, dtype)
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else "lm_head.weight"
     # The tied head shares the embedding's storage on the plain path; the packed kernel is a separate layout.
-    head = Linear(embed if head_name == "model.embed_tokens.weight" else _tensor(ckpt, head_name, device, dtype),
-                  None, backend, editable=False)
+    head = linear(embed if head_name == "model.embed_tokens.weight" else _tensor(ckpt, head_name, device, dtype),
+                  None, "none" if quantization == "none" else "int8", editable=False)
     norm = _tensor(ckpt, "model.norm.weight", device, dtype)
     return Transformer(cfg, embed, layers, norm, head, device)

@@ -17,6 +17,7 @@ async def health(request: Request):
         return Health(status="ok")
     scheduler = rt.engine.scheduler
     return Health(status="ok", model=rt.model_id, device=str(rt.device), dtype=str(rt.dtype).removeprefix("torch."),
-                  lora_mode=rt.settings.lora_mode, adapters=len(rt.registry),
+                  lora_mode=rt.lora_mode, weight_format=rt.weight_format, base_weight_bytes=rt.base_weight_bytes,
+                  adapters=len(rt.registry),
                   resident_adapters=len(rt.adapter_slots.resident()), running=len(scheduler.running),
                   waiting=len(scheduler.waiting))

@@ -1,0 +1,112 @@
+"""QLoRA on the real default model: base weights quantized at load (int8, int4), LoRA in full precision.
+
+Quality is held to the fp32 model on held-out text (teacher-forced, 2,048 tokens), and the serving engine
+on a quantized base keeps its promises: mixed batches equal requests alone, forced merged mode equals the
+side branch, a shipped persona still answers in persona, and /health tells the format and its bytes.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine.kv_cache import KVCache
+from server.engine.request import SamplingParams
+from server.model.linear import resolve_backend
+from server.model.weights import LoadedModel
+from server.runtime import Runtime, preload
+from server.settings import Settings
+from tests.integration.test_engine_batching import run_alone, run_together
+from tests.integration.test_reference_logits import prefill
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CHUNK = 512
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def held_out(default_model_folder) -> torch.Tensor:
+    """2,048 tokens of English the model never saw in training (this project's own docs), as 4 chunks."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_folder.path))
+    text = (ROOT / "README.md").read_text() + (ROOT / "bench" / "README.md").read_text()
+    return torch.tensor(tokenizer(text).input_ids[: 4 * CHUNK]).view(4, CHUNK)
+
+
+def teacher_forced_logits(folder, quantization: str, chunks: torch.Tensor) -> torch.Tensor:
+    cpu = torch.device("cpu")
+    model = LoadedModel(folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32), quantization)
+    return torch.stack([prefill(model, chunk, 1, KVCache(model.config, 1, CHUNK, cpu, torch.float32))[0]
+                        for chunk in chunks])
+
+
+@pytest.fixture(scope="module")
+def logits(default_model_folder, held_out, one_torch_thread) -> dict[str, torch.Tensor]:
+    return {q: teacher_forced_logits(default_model_folder, q, held_out) for q in ("none", "int8", "int4")}
+
+
+def perplexity(logits: torch.Tensor, chunks: torch.Tensor) -> float:
+    return math.exp(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("fmt,ppl_within,top1_at_least", [("int8", 0.02, 0.93), ("int4", 0.06, 0.93)])
+def test_quantized_base_stays_close_to_fp32_on_held_out_text(logits, held_out, fmt, ppl_within, top1_at_least):
+    base, quantized = perplexity(logits["none"], held_out), perplexity(logits[fmt], held_out)
+    agreement = (logits[fmt].argmax(-1) == logits["none"].argmax(-1)).float().mean().item()
+    print(f"{fmt}: perplexity {quantized:.3f} vs fp32 {base:.3f}; top-1 agreement {agreement:.3f}")
+    assert abs(quantized / base - 1) <= ppl_within
+    assert agreement >= top1_at_least
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory):
+    runtime = Runtime(Settings(store_dir=tmp_path_factory.mktemp("store"), max_batch=8, max_seq_len=512, threads=1,
+                               quantization="int4"))
+    preload(runtime.registry, ROOT / "adapters" / "shipped", runtime.settings.max_adapter_bytes)
+    yield runtime
+    runtime.stop()
+
+
+def test_a_quantized_base_is_served_unmerged_in_a_quarter_of_the_bytes(int4, tmp_path):
+    assert int4.weight_format == "int4" and int4.lora_mode == "unmerged"
+    fp32 = LoadedModel(int4.folder, torch.device("cpu"), torch.float32, "torch")
+    fp32_bytes = sum(t.numel() * t.element_size() for t in fp32.transformer.linear_tensors())
+    assert int4.base_weight_bytes <= 0.25 * fp32_bytes
+
+
+def test_mixed_batch_on_a_quantized_base_equals_each_request_alone(int4):
+    prompts = [int4.encode(messages=[{"role": "user", "content": q}])
+               for q in ("Any advice on tennis?", "What is the capital of France?")]
+    keys = [(p, name) for p in range(2) for name in (None, "pirate", "butler")]
+    adapter = lambda name: int4.registry.get(name) if name else None  # noqa: E731
+    alone = [run_alone(int4, prompts[p], GREEDY, adapter(name)) for p, name in keys]
+    together = run_together(int4, [(prompts[p], GREEDY, adapter(name)) for p, name in keys])
+    for key, got, want in zip(keys, together, alone):
+        assert got.token_ids == want.token_ids, key
+    assert len({tuple(c.token_ids) for c in alone[:3]}) == 3  # base and two personas answer differently
+
+
+def test_a_shipped_persona_keeps_its_voice_on_a_quantized_base(int4):
+    prompt = int4.encode(messages=[{"role": "user", "content": "Any advice on tennis?"}])
+    reply = run_alone(int4, prompt, SamplingParams(max_new_tokens=48, temperature=0.0), int4.registry.get("pirate"))
+    assert any(marker in reply.text for marker in ("Arr", "matey", "hoist")), reply.text
+
+
+def test_forced_merged_mode_on_a_quantized_base_equals_the_side_branch(int4, tmp_path):
+    merged = Runtime(Settings(store_dir=tmp_path, max_batch=2, max_seq_len=512, threads=1, quantization="int4",
+                              lora_mode="merged"))
+    try:
+        prompt = int4.encode(messages=[{"role": "user", "content": "Any advice on tennis?"}])
+        adapter = int4.registry.get("butler")
+        base_before = run_alone(merged, prompt, GREEDY).token_ids
+        got = run_alone(merged, prompt, GREEDY, adapter)
+        assert merged.engine.stats.merges >= 1
+        assert got.token_ids == run_alone(int4, prompt, GREEDY, adapter).token_ids
+        assert run_alone(merged, prompt, GREEDY).token_ids == base_before  # restored
+    finally:
+        merged.stop()
