@@ -76,7 +76,7 @@ class Runtime:
         backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
         quantization = resolve_quantization(settings.quantization, self.device)
         self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)
-        self.weight_format = quantization if quantization != "none" else str(self.dtype).removeprefix("torch.")
+        self.weight_format = self.loaded.weight_format
         self.base_weight_bytes = sum(t.numel() * t.element_size() for t in self.loaded.transformer.linear_tensors())
         if self.device.type == "cpu":
             back_with_huge_pages(self.loaded.transformer.linear_tensors())
@@ -143,7 +143,8 @@ class Runtime:
 
 
 def resolve_quantization(name: str, device: torch.device) -> str:
-    """auto serves the checkpoint in its dtype (a GGUF's own types are not served natively yet)."""
+    """auto serves the checkpoint in its dtype: the quantized path is not yet faster at every batch size (see
+    bench/README.md), so the GGUF's own blocks are asked for by name (gguf)."""
     if name in ("auto", "none"):
         return "none"
     if device.type != "cpu":

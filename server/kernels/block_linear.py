@@ -112,12 +112,15 @@ def _pack(bits: int, shape, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -
 
 
 class BlockKernel:
-    def __init__(self, library: ctypes.CDLL):
+    """`avx512=True` takes the AVX-512 tile where the CPU has it (chosen in C at each call), else the AVX2 one."""
+
+    def __init__(self, library: ctypes.CDLL, avx512: bool = True):
         self._fn = library.block_linear
         self._fn.restype = None
         self._fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                              ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                             ctypes.c_long, ctypes.c_int]
+                             ctypes.c_long, ctypes.c_int, ctypes.c_int]
+        self.avx512 = avx512
 
     def __call__(self, x: torch.Tensor, w: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead, inp = x.shape[:-1], x.shape[-1]
@@ -128,7 +131,7 @@ class BlockKernel:
         y = torch.empty(x2.shape[0], panels * PANEL, dtype=torch.float32)
         if x2.shape[0]:
             self._fn(x2.data_ptr(), x2.shape[0], inp, x2.stride(0), w.q.data_ptr(), w.bits, w.d.data_ptr(),
-                     w.m.data_ptr(), panels, y.data_ptr(), y.stride(0), torch.get_num_threads())
+                     w.m.data_ptr(), panels, y.data_ptr(), y.stride(0), torch.get_num_threads(), int(self.avx512))
         if y.shape[1] != w.out_features:
             y = y[:, : w.out_features]
         if bias is not None:
@@ -142,12 +145,25 @@ def block_kernel() -> BlockKernel | None:
     library = load_library("block_linear")
     if library is None:
         return None
-    kernel = BlockKernel(library)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(40, 96, generator=generator)
     x = torch.randn(5, 96, generator=generator)
-    for w in (quantize_int4(weight), quantize_int8(weight)):
-        if not torch.allclose(kernel(x, w), linear_reference(x, w), atol=1e-4, rtol=1e-4):
-            log.warning("block_linear kernel disagrees with its reference here; quantized weights use the reference")
-            return None
+    for kernel in (BlockKernel(library, avx512=False), BlockKernel(library)):
+        for w in (quantize_int4(weight), quantize_int8(weight)):
+            if not torch.allclose(kernel(x, w), linear_reference(x, w), atol=1e-4, rtol=1e-4):
+                log.warning("block_linear kernel disagrees with its reference here; quantized weights use the "
+                            "reference")
+                return None
     return kernel
+
+
+@functools.cache
+def block_kernel_variants() -> dict[str, BlockKernel]:
+    """Each tile that runs here, by name, for tests that hold every one to the reference."""
+    kernel = block_kernel()
+    if kernel is None:
+        return {}
+    variants = {"avx2": BlockKernel(load_library("block_linear"), avx512=False)}
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        variants["avx512"] = kernel
+    return variants

@@ -21,8 +21,10 @@ from server.kernels.pointwise import pointwise_kernels
 
 # (library, function) in the order of decoder_layers.c's F_* fields
 _FUNCTIONS = (("panel_linear", "panel_linear"), ("pointwise", "rms_norm"), ("pointwise", "rope"),
-              ("pointwise", "silu_mul"), ("decode_attention", "decode_attention"), ("lora_grouped", "lora_slot_groups"))
-WEIGHT_FIELDS = 10  # per layer: input norm, qkv panels and their count, o and count, post norm, gate_up, down
+              ("pointwise", "silu_mul"), ("decode_attention", "decode_attention"), ("lora_grouped", "lora_slot_groups"),
+              ("block_linear", "block_linear"))
+OPERAND_FIELDS = 5  # per projection: data, panels, bits (0: fp32 panels), scales, offsets
+WEIGHT_FIELDS = 2 + 4 * OPERAND_FIELDS  # per layer: input norm, qkv, o, post norm, gate_up, down
 
 
 class DecoderLayersKernel:

@@ -10,7 +10,9 @@
  * one-row step; timed at 6.5 us each on a Zen 5 one. Here they are plain C calls between the same kernels.
  *
  * Layouts: h [n][hidden], updated in place; weights, per layer, W_FIELDS longs (see the enum): norm
- * weights and panels ([n_panels][in][16], see panel_linear.c); cos, sin [n][d] (row stride ldcs); K, V the
+ * weights, and per projection its operand: P_BITS 0 for fp32 panels at P_DATA ([n_panels][in][16], see
+ * panel_linear.c), 4 or 8 for quantized blocks (q at P_DATA, scales and offsets at P_SCALES, P_OFFSETS, see
+ * block_linear.c); cos, sin [n][d] (row stride ldcs); K, V the
  * cache [layers][slots][kv_heads][max_len][d] by strides, row i's sequence in slot slots[i] (NULL: slot i),
  * as decode_attention.c takes it; LoRA as lora_grouped.c takes it per site, from the table
  * [layers][4 sites][groups][2 + 3 * n_proj] and out0, out_n [4 sites][n_proj] (n_groups 0: no adapters);
@@ -18,13 +20,16 @@
  */
 #include <string.h>
 
-enum { W_INPUT_NORM, W_QKV, W_QKV_PANELS, W_O, W_O_PANELS, W_POST_NORM, W_GATE_UP, W_GATE_UP_PANELS, W_DOWN,
-       W_DOWN_PANELS, W_FIELDS };
-enum { F_PANEL, F_RMS_NORM, F_ROPE, F_SILU_MUL, F_ATTENTION, F_LORA, F_FIELDS };
+enum { P_DATA, P_PANELS, P_BITS, P_SCALES, P_OFFSETS, P_FIELDS };  /* one projection's operand */
+enum { W_INPUT_NORM, W_QKV, W_O = W_QKV + P_FIELDS, W_POST_NORM = W_O + P_FIELDS, W_GATE_UP,
+       W_DOWN = W_GATE_UP + P_FIELDS, W_FIELDS = W_DOWN + P_FIELDS };
+enum { F_PANEL, F_RMS_NORM, F_ROPE, F_SILU_MUL, F_ATTENTION, F_LORA, F_BLOCK, F_FIELDS };
 enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTERMEDIATE, D_FIELDS };
 enum { SITE_QKV, SITE_O, SITE_GATE_UP, SITE_DOWN, SITES };
 
 typedef void (*panel_fn)(const float *, long, long, long, const float *, long, float *, long, int);
+typedef void (*block_fn)(const float *, long, long, long, const unsigned char *, int, const float *, const float *,
+                         long, float *, long, int, int);
 typedef int (*rms_norm_fn)(const float *, long, const float *, long, long, float, float *, long, int);
 typedef int (*rope_fn)(float *, long, long, long, long, const float *, const float *, long, int);
 typedef int (*silu_mul_fn)(const float *, long, long, long, float *, long, int);
@@ -48,6 +53,16 @@ static int add_lora(const struct lora_step *lora, long layer, int site, const fl
                     lora->out0 + site * lora->n_proj, lora->out_n + site * lora->n_proj, threads);
 }
 
+/* y[n][whole panels] = x W^T through the kernel of the projection's format */
+static void project(const long *fns, const long *p, const float *x, long n, long in, float *y, long ldy, int threads) {
+    if (p[P_BITS] == 0)
+        ((panel_fn)fns[F_PANEL])(x, n, in, in, (const float *)p[P_DATA], p[P_PANELS], y, ldy, threads);
+    else
+        ((block_fn)fns[F_BLOCK])(x, n, in, in, (const unsigned char *)p[P_DATA], (int)p[P_BITS],
+                                 (const float *)p[P_SCALES], (const float *)p[P_OFFSETS], p[P_PANELS], y, ldy,
+                                 threads, 1);
+}
+
 static void add_rows(float *h, const float *y, long n, long cols, long ldy) {
     for (long r = 0; r < n; r++)
         for (long c = 0; c < cols; c++) h[r * cols + c] += y[r * ldy + c];
@@ -60,9 +75,9 @@ static void scratch_strides(long n_layers, const long *weights, long *ld_qkv, lo
     *ld_qkv = *ld_out = *ld_gate_up = 0;
     for (long l = 0; l < n_layers; l++) {
         const long *w = weights + l * W_FIELDS;
-        *ld_qkv = max_l(*ld_qkv, w[W_QKV_PANELS] * 16);
-        *ld_out = max_l(*ld_out, max_l(w[W_O_PANELS], w[W_DOWN_PANELS]) * 16);
-        *ld_gate_up = max_l(*ld_gate_up, w[W_GATE_UP_PANELS] * 16);
+        *ld_qkv = max_l(*ld_qkv, w[W_QKV + P_PANELS] * 16);
+        *ld_out = max_l(*ld_out, max_l(w[W_O + P_PANELS], w[W_DOWN + P_PANELS]) * 16);
+        *ld_gate_up = max_l(*ld_gate_up, w[W_GATE_UP + P_PANELS] * 16);
     }
 }
 
@@ -81,7 +96,6 @@ int decoder_layers(const long *fns, float *h, long n, long n_layers, const long 
                    const long *positions, long n_groups,
                    const long *offsets, const long *rows, const long *table, long n_proj, const long *out0,
                    const long *out_n, float *work, long work_floats, int threads) {
-    panel_fn panel = (panel_fn)fns[F_PANEL];
     rms_norm_fn rms_norm = (rms_norm_fn)fns[F_RMS_NORM];
     rope_fn rope = (rope_fn)fns[F_ROPE];
     silu_mul_fn silu_mul = (silu_mul_fn)fns[F_SILU_MUL];
@@ -97,7 +111,7 @@ int decoder_layers(const long *fns, float *h, long n, long n_layers, const long 
     for (long l = 0; l < n_layers; l++) {
         const long *w = weights + l * W_FIELDS;
         if (rms_norm(h, hidden, (const float *)w[W_INPUT_NORM], n, hidden, eps, x, hidden, threads)) return -2;
-        panel(x, n, hidden, hidden, (const float *)w[W_QKV], w[W_QKV_PANELS], qkv, ld_qkv, threads);
+        project(fns, w + W_QKV, x, n, hidden, qkv, ld_qkv, threads);
         if (add_lora(&lora, l, SITE_QKV, x, hidden, hidden, qkv, ld_qkv, threads)) return -3;
         /* q and k sit side by side: rotated in one pass as heads + kv_heads heads */
         if (rope(qkv, ld_qkv, n, heads + kv_heads, d, cos_t, sin_t, ldcs, threads)) return -4;
@@ -105,14 +119,14 @@ int decoder_layers(const long *fns, float *h, long n, long n_layers, const long 
                       V + l * layer_stride, slot_stride, head_stride, slots, positions, n, heads, kv_heads, d, scale, attn,
                       threads))
             return -5;
-        panel(attn, n, q_size, q_size, (const float *)w[W_O], w[W_O_PANELS], y, ld_out, threads);
+        project(fns, w + W_O, attn, n, q_size, y, ld_out, threads);
         if (add_lora(&lora, l, SITE_O, attn, q_size, q_size, y, ld_out, threads)) return -3;
         add_rows(h, y, n, hidden, ld_out);
         if (rms_norm(h, hidden, (const float *)w[W_POST_NORM], n, hidden, eps, x, hidden, threads)) return -2;
-        panel(x, n, hidden, hidden, (const float *)w[W_GATE_UP], w[W_GATE_UP_PANELS], gate_up, ld_gate_up, threads);
+        project(fns, w + W_GATE_UP, x, n, hidden, gate_up, ld_gate_up, threads);
         if (add_lora(&lora, l, SITE_GATE_UP, x, hidden, hidden, gate_up, ld_gate_up, threads)) return -3;
         if (silu_mul(gate_up, ld_gate_up, n, inter, act, inter, threads)) return -6;
-        panel(act, n, inter, inter, (const float *)w[W_DOWN], w[W_DOWN_PANELS], y, ld_out, threads);
+        project(fns, w + W_DOWN, act, n, inter, y, ld_out, threads);
         if (add_lora(&lora, l, SITE_DOWN, act, inter, inter, y, ld_out, threads)) return -3;
         add_rows(h, y, n, hidden, ld_out);
     }

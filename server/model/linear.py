@@ -241,6 +241,12 @@ class Linear:
         this projection (no bias): what a native caller may multiply by directly."""
         return self.kernel if self._panel is not None and self.bias is None else None
 
+    def native_operand(self) -> list[int] | None:
+        """What the native decoder stack multiplies by now, as (data, panels, bits 0, 0, 0) of the fp32
+        panels, or None where it cannot (see `panels`)."""
+        panels = self.panels()
+        return None if panels is None else [panels.data_ptr(), panels.shape[0], 0, 0, 0]
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this projection keeps for its whole life (kernels, the merge scratch, the row-major
         weight where edits go through it)."""

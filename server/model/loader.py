@@ -35,6 +35,7 @@ class ModelFolder:
     """A local Hugging Face causal-LM folder: config.json, tokenizer files and safetensors weights."""
 
     path: Path
+    gguf: Path | None = None  # the GGUF file the folder was converted from, whose blocks can be served as they are
 
     @property
     def config(self) -> dict:
@@ -87,7 +88,7 @@ def resolve_model(model_path: str | os.PathLike | None, cache_dir: Path | None =
     cache = cache_dir or default_cache_dir()
     if not (cache / WEIGHTS_FILE).is_file():
         convert_gguf(default_gguf_path(), cache)
-    return ModelFolder(cache)
+    return ModelFolder(cache, default_gguf_path())
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -3,7 +3,7 @@
 The layer-by-layer path in `server.model.llama` stays the definition: this computes the same through the
 same kernels, and tests hold the two to equal logits (decode rows) or close ones (prompt chunks, which
 attend a row at a time here and with torch's SDPA there). It serves a step when the model computes every
-projection with the panel kernel (CPU, fp32, no biases), the KV cache is fp32 on CPU, the LoRA plan, if
+projection with the panel kernel or, on a quantized base, the block kernel (CPU, fp32 activations, no biases), the KV cache is fp32 on CPU, the LoRA plan, if
 any, is the native kernel's, and no prompt chunk reaches past LONG_CHUNK_KEYS keys: row-at-a-time
 attention re-reads a sequence's keys for every row of its chunk, and by 1,000 keys SDPA was faster (256
 rows at 768: 0.94x; 128 at 384: 1.01x; 15 decode rows and a 40-token prompt 1.09x; 2-core Zen 3,
@@ -40,7 +40,7 @@ class NativeStack:
             return None
         if cfg.num_heads % cfg.num_kv_heads:
             return None
-        if any(linear.panels() is None for layer in model.layers for linear in layer.linears.values()):
+        if any(linear.native_operand() is None for layer in model.layers for linear in layer.linears.values()):
             return None
         if not all(norm.is_contiguous() for layer in model.layers for norm in (layer.input_norm, layer.post_attention_norm)):
             return None
@@ -62,22 +62,26 @@ class NativeStack:
                 return False
         if kv.k.dtype != torch.float32 or kv.k.device.type != "cpu" or kv.k.stride() != kv.v.stride():
             return False
+        weights = self._weights()
+        if weights is None:  # a projection merged into a full-precision scratch
+            return False
         cos, sin = cos.reshape(n, -1), sin.reshape(n, -1)
         if not (cos.is_contiguous() and sin.is_contiguous()):
             return False
-        self._kernel(h, self._weights(), self._dims, self._model.cfg.rms_norm_eps, self._scale, cos, sin,
+        self._kernel(h, weights, self._dims, self._model.cfg.rms_norm_eps, self._scale, cos, sin,
                      kv.k, kv.v, ctx.kv_slots, ctx.positions, lora)
         return True
 
-    def _weights(self) -> torch.Tensor:
-        """Each layer's weight addresses as the kernel takes them, read every step: a hot-swap points a
-        projection at other panels."""
+    def _weights(self) -> torch.Tensor | None:
+        """Each layer's weight operands as the kernel takes them, read every step: a hot-swap points a
+        projection at other panels (or, on a quantized base, at a scratch the stack does not take: None)."""
         rows = []
         for layer in self._model.layers:
-            qkv, o, gate_up, down = (layer.linears[site].panels() for site in ("qkv", "o", "gate_up", "down"))
-            rows.append([layer.input_norm.data_ptr(), qkv.data_ptr(), qkv.shape[0], o.data_ptr(), o.shape[0],
-                         layer.post_attention_norm.data_ptr(), gate_up.data_ptr(), gate_up.shape[0],
-                         down.data_ptr(), down.shape[0]])
+            qkv, o, gate_up, down = (layer.linears[site].native_operand() for site in ("qkv", "o", "gate_up", "down"))
+            if None in (qkv, o, gate_up, down):
+                return None
+            rows.append([layer.input_norm.data_ptr(), *qkv, *o, layer.post_attention_norm.data_ptr(), *gate_up,
+                         *down])
         weights = torch.tensor(rows, dtype=torch.int64)
         assert weights.shape[1] == WEIGHT_FIELDS
         return weights

@@ -37,8 +37,16 @@ class QuantizedLinear:
         return self._kernel(x, self.quantized, self.bias)
 
     def panels(self) -> None:
-        """No fp32 panels: the native decoder stack serves only panel-kernel models."""
+        """No fp32 panels (see `native_operand`)."""
         return None
+
+    def native_operand(self) -> list[int] | None:
+        """(q, panels, bits, scales, offsets) for the native decoder stack; None while merged (the scratch is
+        row-major fp32) or where the block kernel does not run."""
+        if self._scratch is not None or self._kernel is None or self.bias is not None:
+            return None
+        w = self.quantized
+        return [w.q.data_ptr(), w.d.shape[0], w.bits, w.d.data_ptr(), w.m.data_ptr()]
 
     def tensors(self) -> list[torch.Tensor]:
         held = [*self.quantized.tensors(), self.bias, self._scratch]

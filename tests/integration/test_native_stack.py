@@ -2,7 +2,8 @@
 
 For decode rows both run the same kernels in the same order, so logits and the KV cache they leave must be
 equal bit for bit: base rows, rows mixing adapters on q/v and on all seven projections, and after a
-hot-swap (whose merged panels the stack must read). Prompt chunks attend differently (a row at a time vs
+hot-swap (whose merged panels the stack must read), on fp32 panels and on the shipped GGUF's quantized
+blocks (where a merged projection is a full-precision scratch the stack hands back to the layers). Prompt chunks attend differently (a row at a time vs
 SDPA) and agree to rounding; a chunk reaching past the stack's key limit goes layer by layer.
 """
 
@@ -27,10 +28,12 @@ PROMPT_TOKENS = 12
 ROWS = 5
 
 
-@pytest.fixture(scope="module")
-def model(default_model_folder) -> LoadedModel:
+@pytest.fixture(scope="module", params=["none", "gguf"])
+def model(request, default_model_folder) -> LoadedModel:
+    """fp32 panels, and the shipped GGUF's own blocks (the block kernel inside the stack)."""
     cpu = torch.device("cpu")
-    loaded = LoadedModel(default_model_folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
+    loaded = LoadedModel(default_model_folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32),
+                         request.param)
     if loaded.transformer.native_stack is None:
         pytest.skip("the native decoder stack does not run here (no panel kernel or no build)")
     return loaded

@@ -1,4 +1,5 @@
-"""QLoRA on the real default model: base weights quantized at load (int8, int4), LoRA in full precision.
+"""QLoRA on the real default model: base weights served from the shipped GGUF's own blocks (gguf) or
+quantized at load (int8, int4), LoRA in full precision.
 
 Quality is held to the fp32 model on held-out text (teacher-forced, 2,048 tokens), and the serving engine
 on a quantized base keeps its promises: mixed batches equal requests alone, forced merged mode equals the
@@ -47,14 +48,17 @@ def teacher_forced_logits(folder, quantization: str, chunks: torch.Tensor) -> to
 
 @pytest.fixture(scope="module")
 def logits(default_model_folder, held_out, one_torch_thread) -> dict[str, torch.Tensor]:
-    return {q: teacher_forced_logits(default_model_folder, q, held_out) for q in ("none", "int8", "int4")}
+    return {q: teacher_forced_logits(default_model_folder, q, held_out) for q in ("none", "gguf", "int8", "int4")}
 
 
 def perplexity(logits: torch.Tensor, chunks: torch.Tensor) -> float:
     return math.exp(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1)))
 
 
-@pytest.mark.parametrize("fmt,ppl_within,top1_at_least", [("int8", 0.02, 0.93), ("int4", 0.06, 0.93)])
+# gguf is held to the same weights dequantized (the fp32 checkpoint is that file dequantized), so only the
+# kernel's summation order differs; int8 and int4 requantize the fp32 weights
+@pytest.mark.parametrize("fmt,ppl_within,top1_at_least", [("gguf", 0.01, 0.99), ("int8", 0.02, 0.93),
+                                                          ("int4", 0.06, 0.93)])
 def test_quantized_base_stays_close_to_fp32_on_held_out_text(logits, held_out, fmt, ppl_within, top1_at_least):
     base, quantized = perplexity(logits["none"], held_out), perplexity(logits[fmt], held_out)
     agreement = (logits[fmt].argmax(-1) == logits["none"].argmax(-1)).float().mean().item()
@@ -63,50 +67,77 @@ def test_quantized_base_stays_close_to_fp32_on_held_out_text(logits, held_out, f
     assert agreement >= top1_at_least
 
 
-@pytest.fixture(scope="module")
-def int4(tmp_path_factory):
+@pytest.fixture(scope="module", params=["gguf", "int4"])
+def quantized(request, tmp_path_factory):
     runtime = Runtime(Settings(store_dir=tmp_path_factory.mktemp("store"), max_batch=8, max_seq_len=512, threads=1,
-                               quantization="int4"))
+                               quantization=request.param))
     preload(runtime.registry, ROOT / "adapters" / "shipped", runtime.settings.max_adapter_bytes)
     yield runtime
     runtime.stop()
 
 
-def test_a_quantized_base_is_served_unmerged_in_a_quarter_of_the_bytes(int4, tmp_path):
-    assert int4.weight_format == "int4" and int4.lora_mode == "unmerged"
-    fp32 = LoadedModel(int4.folder, torch.device("cpu"), torch.float32, "torch")
+def test_a_quantized_base_is_served_unmerged_in_a_quarter_of_the_bytes(quantized):
+    assert quantized.weight_format in ("int4", "gguf Q4_1+Q8_0") and quantized.lora_mode == "unmerged"
+    fp32 = LoadedModel(quantized.folder, torch.device("cpu"), torch.float32, "torch")
     fp32_bytes = sum(t.numel() * t.element_size() for t in fp32.transformer.linear_tensors())
-    assert int4.base_weight_bytes <= 0.25 * fp32_bytes
+    assert quantized.base_weight_bytes <= 0.25 * fp32_bytes
 
 
-def test_mixed_batch_on_a_quantized_base_equals_each_request_alone(int4):
-    prompts = [int4.encode(messages=[{"role": "user", "content": q}])
+def test_mixed_batch_on_a_quantized_base_equals_each_request_alone(quantized):
+    prompts = [quantized.encode(messages=[{"role": "user", "content": q}])
                for q in ("Any advice on tennis?", "What is the capital of France?")]
     keys = [(p, name) for p in range(2) for name in (None, "pirate", "butler")]
-    adapter = lambda name: int4.registry.get(name) if name else None  # noqa: E731
-    alone = [run_alone(int4, prompts[p], GREEDY, adapter(name)) for p, name in keys]
-    together = run_together(int4, [(prompts[p], GREEDY, adapter(name)) for p, name in keys])
+    adapter = lambda name: quantized.registry.get(name) if name else None  # noqa: E731
+    alone = [run_alone(quantized, prompts[p], GREEDY, adapter(name)) for p, name in keys]
+    together = run_together(quantized, [(prompts[p], GREEDY, adapter(name)) for p, name in keys])
     for key, got, want in zip(keys, together, alone):
         assert got.token_ids == want.token_ids, key
     assert len({tuple(c.token_ids) for c in alone[:3]}) == 3  # base and two personas answer differently
 
 
-def test_a_shipped_persona_keeps_its_voice_on_a_quantized_base(int4):
-    prompt = int4.encode(messages=[{"role": "user", "content": "Any advice on tennis?"}])
-    reply = run_alone(int4, prompt, SamplingParams(max_new_tokens=48, temperature=0.0), int4.registry.get("pirate"))
+def test_a_shipped_persona_keeps_its_voice_on_a_quantized_base(quantized):
+    prompt = quantized.encode(messages=[{"role": "user", "content": "Any advice on tennis?"}])
+    reply = run_alone(quantized, prompt, SamplingParams(max_new_tokens=48, temperature=0.0), quantized.registry.get("pirate"))
     assert any(marker in reply.text for marker in ("Arr", "matey", "hoist")), reply.text
 
 
-def test_forced_merged_mode_on_a_quantized_base_equals_the_side_branch(int4, tmp_path):
-    merged = Runtime(Settings(store_dir=tmp_path, max_batch=2, max_seq_len=512, threads=1, quantization="int4",
-                              lora_mode="merged"))
+def test_forced_merged_mode_on_a_quantized_base_equals_the_side_branch(quantized, tmp_path):
+    merged = Runtime(Settings(store_dir=tmp_path, max_batch=2, max_seq_len=512, threads=1,
+                              quantization=quantized.settings.quantization, lora_mode="merged"))
     try:
-        prompt = int4.encode(messages=[{"role": "user", "content": "Any advice on tennis?"}])
-        adapter = int4.registry.get("butler")
+        prompt = quantized.encode(messages=[{"role": "user", "content": "Any advice on tennis?"}])
+        adapter = quantized.registry.get("butler")
         base_before = run_alone(merged, prompt, GREEDY).token_ids
         got = run_alone(merged, prompt, GREEDY, adapter)
         assert merged.engine.stats.merges >= 1
-        assert got.token_ids == run_alone(int4, prompt, GREEDY, adapter).token_ids
+        assert got.token_ids == run_alone(quantized, prompt, GREEDY, adapter).token_ids
         assert run_alone(merged, prompt, GREEDY).token_ids == base_before  # restored
     finally:
         merged.stop()
+
+
+def test_the_gguf_blocks_are_the_converted_checkpoints_weights_bit_for_bit(default_model_folder):
+    from server.kernels.block_linear import dequantize
+    from server.model.checkpoint import MappedCheckpoint
+    from server.model.config import ModelConfig
+    from server.model.gguf_blocks import GGUFBlocks
+    from server.model.llama import FUSED_SITES, hf_weight_name
+
+    cfg = ModelConfig.from_hf(default_model_folder.config)
+    blocks = GGUFBlocks(default_model_folder.gguf, cfg)
+    checkpoint = MappedCheckpoint(default_model_folder.weight_files())
+    for layer in (0, cfg.num_layers - 1):
+        for projs in FUSED_SITES.values():
+            expected = torch.cat([checkpoint[hf_weight_name(layer, p)].float() for p in projs])
+            assert torch.equal(dequantize(blocks.fused(layer, projs)), expected), (layer, projs)
+    assert torch.equal(dequantize(blocks.output()), checkpoint["model.embed_tokens.weight"].float())
+    assert blocks.types == {"Q4_1", "Q8_0"}
+
+
+def test_a_tensor_of_a_type_not_served_is_refused_naming_it(default_model_folder):
+    from server.model.config import ModelConfig
+    from server.model.gguf_blocks import GGUFBlocks, UnsupportedTensor
+
+    blocks = GGUFBlocks(default_model_folder.gguf, ModelConfig.from_hf(default_model_folder.config))
+    with pytest.raises(UnsupportedTensor, match="blk.0.attn_norm.weight is F32"):
+        blocks.rows("blk.0.attn_norm.weight")

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from server.kernels.block_linear import (
-    BLOCK, block_kernel, dequantize, from_blocks, linear_reference, quantize_int4, quantize_int8,
+    BLOCK, block_kernel, block_kernel_variants, dequantize, from_blocks, linear_reference, quantize_int4,
+    quantize_int8,
 )
 from server.model.linear import RowEdit
 from server.model.quantized_linear import QuantizedLinear, quantize
@@ -20,13 +21,17 @@ def weight(out: int, inp: int, seed: int = 0) -> torch.Tensor:
 
 
 @needs_kernel
+@pytest.mark.parametrize("tile", ["avx2", "avx512"])
 @pytest.mark.parametrize("quantizer", [quantize_int4, quantize_int8])
 @pytest.mark.parametrize("out,inp", [(16, 32), (40, 96), (577, 1536)])
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64])
-def test_kernel_matches_dequantize_then_linear(quantizer, out, inp, rows):
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 9, 13, 64])
+def test_kernel_matches_dequantize_then_linear(tile, quantizer, out, inp, rows):
+    kernel = block_kernel_variants().get(tile)
+    if kernel is None:
+        pytest.skip(f"this CPU has no {tile} tile")
     w = quantizer(weight(out, inp))
     x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows))
-    got, want = KERNEL(x, w), linear_reference(x, w)
+    got, want = kernel(x, w), linear_reference(x, w)
     assert got.shape == (rows, out)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
