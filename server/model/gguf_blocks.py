@@ -34,7 +34,10 @@ class GGUFBlocks:
 
         self.path = Path(path)
         self.cfg = cfg
-        self._tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+        try:
+            self._tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+        except Exception as e:  # a truncated or foreign file fails in many ways inside the reader
+            raise UnsupportedTensor(f"{self.path} cannot be read as a GGUF file ({type(e).__name__}: {e})") from e
         self.types: set[str] = set()  # the block types served so far, for the log and /health
 
     def rows(self, name: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,7 +62,12 @@ class GGUFBlocks:
         return bits, q, d, m
 
     def projection(self, layer: int, proj: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        bits, q, d, m = self.rows(f"blk.{layer}.{GGUF_NAMES[proj]}.weight")
+        name = f"blk.{layer}.{GGUF_NAMES[proj]}.weight"
+        bits, q, d, m = self.rows(name)
+        expected = _projection_shape(self.cfg, proj)
+        if (q.shape[0], q.shape[1] * BLOCK) != expected:
+            raise UnsupportedTensor(f"{self.path.name}: tensor {name} is {q.shape[0]}x{q.shape[1] * BLOCK}; the "
+                                    f"model's config.json says {expected[0]}x{expected[1]}")
         if proj in ("q_proj", "k_proj"):
             heads = self.cfg.num_heads if proj == "q_proj" else self.cfg.num_kv_heads
             order = _unpermute(q.shape[0], heads)
@@ -79,6 +87,13 @@ class GGUFBlocks:
         name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
         bits, q, d, m = self.rows(name)
         return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
+
+
+def _projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
+    out = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
+           "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}[proj]
+    inp = cfg.q_size if proj == "o_proj" else cfg.intermediate_size if proj == "down_proj" else cfg.hidden_size
+    return out, inp
 
 
 def _unpermute(rows: int, heads: int) -> torch.Tensor:

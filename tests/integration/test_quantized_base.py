@@ -141,3 +141,19 @@ def test_a_tensor_of_a_type_not_served_is_refused_naming_it(default_model_folder
     blocks = GGUFBlocks(default_model_folder.gguf, ModelConfig.from_hf(default_model_folder.config))
     with pytest.raises(UnsupportedTensor, match="blk.0.attn_norm.weight is F32"):
         blocks.rows("blk.0.attn_norm.weight")
+
+
+def test_a_truncated_gguf_or_one_that_does_not_fit_the_config_is_refused_naming_it(default_model_folder, tmp_path):
+    import dataclasses
+
+    from server.model.config import ModelConfig
+    from server.model.gguf_blocks import GGUFBlocks, UnsupportedTensor
+
+    cfg = ModelConfig.from_hf(default_model_folder.config)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(default_model_folder.gguf.read_bytes()[: 1 << 20])
+    with pytest.raises(UnsupportedTensor, match="truncated.gguf cannot be read"):
+        GGUFBlocks(truncated, cfg).fused(0, ["q_proj"])
+    wider = dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size * 2)
+    with pytest.raises(UnsupportedTensor, match="blk.0.ffn_gate.weight is 1536x576"):
+        GGUFBlocks(default_model_folder.gguf, wider).fused(0, ["gate_proj", "up_proj"])
