@@ -59,14 +59,14 @@ def score(name: str, task: Task, records: list[dict], replies: list[str]) -> dic
 
 
 def evaluate(shipped: Path = SHIPPED, data: Path = DATA, names: list[str] | None = None, limit: int | None = None,
-             max_new_tokens: int | None = None) -> dict[str, dict]:
+             max_new_tokens: int | None = None, quantization: str = "auto") -> dict[str, dict]:
     names = names or list(TASKS)
     held = {n: read_jsonl(data / n / "heldout.jsonl")[:limit] for n in names}
     tokens = {n: max_new_tokens or TASKS[n].max_new_tokens for n in names}
     jobs = {Job(rec["messages"][0]["content"], adapter, tokens[n])
             for n in names for rec in held[n] for adapter in (n, None)}  # a set: personas share base prompts
     jobs = sorted(jobs, key=lambda j: (j.adapter or "", j.user))
-    with serving_runtime(shipped) as rt:
+    with serving_runtime(shipped, quantization) as rt:
         replies = dict(zip(jobs, greedy_replies(rt, jobs)))
     results = {}
     for n in names:
@@ -78,6 +78,16 @@ def evaluate(shipped: Path = SHIPPED, data: Path = DATA, names: list[str] | None
                       "base": score(n, task, held[n], base), "adapter": score(n, task, held[n], ours),
                       "example": {"prompt": prompts[0], "base": base[0], "adapter": ours[0]}}
     return results
+
+
+def against_shipped(results: dict[str, dict], shipped: dict[str, dict], fmt: str) -> str:
+    """Each adapter's metrics on this base beside the shipped (fp32 base) figures."""
+    lines = [f"{'adapter':<11} {'metric':<16} {'fp32':>6} {fmt:>8} {'delta':>7}"]
+    for name, r in results.items():
+        for metric, ours in r["adapter"].items():
+            fp32 = shipped[name]["adapter"][metric]
+            lines.append(f"{name:<11} {metric:<16} {fp32:>6.3f} {ours:>8.3f} {ours - fp32:>+7.3f}")
+    return "\n".join(lines)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -97,11 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--adapters", default=",".join(TASKS), help="comma-separated names")
     parser.add_argument("--limit", type=int, default=None, help="first N held-out prompts per adapter (no files written)")
+    parser.add_argument("--quantization", default="auto", help="the base's weight format (see python -m server "
+                        "--help); other than auto, each metric is printed beside the shipped fp32 figure and no "
+                        "files are written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = evaluate(args.shipped, args.data, args.adapters.split(","), args.limit)
+    results = evaluate(args.shipped, args.data, args.adapters.split(","), args.limit, quantization=args.quantization)
     print(table(results))
-    if args.limit is None:
+    if args.quantization != "auto":
+        print(against_shipped(results, json.loads((args.shipped / "metrics.json").read_text()), args.quantization))
+    elif args.limit is None:
         from adapters.cards import write_cards
 
         (args.shipped / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

@@ -24,11 +24,12 @@ class Job:
 
 
 @contextmanager
-def serving_runtime(preload_dir: Path | None = None) -> Iterator[Runtime]:
+def serving_runtime(preload_dir: Path | None = None, quantization: str = "auto") -> Iterator[Runtime]:
     """A Runtime with an empty throwaway store; `preload_dir` adapters are registered by folder name."""
     with tempfile.TemporaryDirectory(prefix="loraplex-replies-") as store:
         # 512 tokens cover every prompt + reply here and keep the KV cache at ~1.5 GB instead of ~6 GB.
-        rt = Runtime(Settings(store_dir=Path(store), preload_dir=preload_dir, max_seq_len=512))
+        rt = Runtime(Settings(store_dir=Path(store), preload_dir=preload_dir, max_seq_len=512,
+                              quantization=quantization))
         try:
             yield rt
         finally:

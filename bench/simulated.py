@@ -22,7 +22,8 @@ from server.engine.kv_cache import KVCache
 from server.heap import keep_freed_memory
 from server.lora.layers import LoraSlots
 from server.model.config import ModelConfig
-from server.model.weights import build_transformer
+from server.model.linear import resolve_backend
+from server.model.weights import build_transformer, weight_format
 from server.runtime import site_layouts
 
 SHAPES = {  # SmolLM2-1.7B's and Llama-3-8B's geometry
@@ -81,7 +82,9 @@ def measure(shape: str, quantization: str, reps: int) -> None:
     cfg = config(shape)
     before = rss_gib()
     started = time.perf_counter()
-    model = build_transformer(cfg, RandomCheckpoint(cfg), cpu, torch.float32, "panel", quantization)
+    checkpoint = RandomCheckpoint(cfg)
+    formats = weight_format(quantization, checkpoint, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
+    model = build_transformer(cfg, checkpoint, cpu, torch.float32, formats)
     load_s = time.perf_counter() - started
     base_bytes = sum(t.numel() * t.element_size() for t in model.linear_tensors())
     shapes = llama_base_shapes(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.kv_size)

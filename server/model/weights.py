@@ -10,27 +10,85 @@ from server.model.linear import Linear
 from server.model.llama import FUSED_SITES, DecoderLayer, Transformer, hf_weight_name
 from server.model.loader import ModelFolder
 from server.model.gguf_blocks import GGUFBlocks
-from server.model.quantized_linear import QuantizedLinear, quantize
+from server.model.quantized_linear import FORMATS, QuantizedLinear, quantize
 
 
 class LoadedModel:
-    """The transformer plus the read-only checkpoint it came from (the exact-restore source for hot-swap)."""
+    """The transformer plus the read-only checkpoint it came from (the exact-restore source for hot-swap).
+
+    `quantization` names the base weights' format, chosen once here for the whole model: "none" (the
+    checkpoint in `dtype`, on `backend`), "int8"/"int4" (quantized as read), "gguf" (the GGUF file the
+    folder was converted from, its blocks as they are)."""
 
     def __init__(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype, backend: str,
                  quantization: str = "none"):
         self.folder = folder
         self.config = ModelConfig.from_hf(folder.config)
         self.checkpoint = MappedCheckpoint(folder.weight_files())
-        self.quantization = quantization
-        gguf = None
-        if quantization == "gguf":
-            if folder.gguf is None:
-                raise ValueError(f"--quantization gguf serves a GGUF file's own blocks; {folder.path} was not "
-                                 "converted from one")
-            gguf = GGUFBlocks(folder.gguf, self.config)
-        self.transformer = build_transformer(self.config, self.checkpoint, device, dtype, backend, quantization, gguf)
-        self.weight_format = (f"gguf {'+'.join(sorted(gguf.types))}" if gguf is not None
-                              else quantization if quantization != "none" else str(dtype).removeprefix("torch."))
+        formats = weight_format(quantization, self.checkpoint, device, dtype, backend, folder, self.config)
+        self.transformer = build_transformer(self.config, self.checkpoint, device, dtype, formats)
+        self.weight_format = formats.name
+
+
+class FullPrecision:
+    """The checkpoint's weights in the serving dtype, multiplied by `backend` (see server.model.linear)."""
+
+    def __init__(self, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, backend: str):
+        self.ckpt, self.device, self.dtype, self.backend = ckpt, device, dtype, backend
+        self.name = str(dtype).removeprefix("torch.")
+
+    def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
+        return Linear(_fused(self.ckpt, [hf_weight_name(layer, p) for p in projs], self.device, self.dtype), bias,
+                      self.backend)
+
+    def head(self, weight: torch.Tensor):
+        return Linear(weight, None, self.backend, editable=False)
+
+
+class QuantizedAtLoad:
+    """Each projection read in full precision, quantized and dropped, so the whole model never exists in full
+    precision; the lm_head in int8."""
+
+    def __init__(self, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, fmt: str):
+        self.ckpt, self.device, self.dtype, self.name = ckpt, device, dtype, fmt
+
+    def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
+        weight = _fused(self.ckpt, [hf_weight_name(layer, p) for p in projs], self.device, self.dtype)
+        return QuantizedLinear(quantize(weight, self.name), bias, self.name)
+
+    def head(self, weight: torch.Tensor):
+        return QuantizedLinear(quantize(weight, "int8"), None, "int8")
+
+
+class FromGGUF:
+    """The projections and the lm_head as the GGUF file stores them (server.model.gguf_blocks)."""
+
+    def __init__(self, blocks: GGUFBlocks):
+        self.blocks = blocks
+
+    @property
+    def name(self) -> str:
+        return f"gguf {'+'.join(sorted(self.blocks.types))}"
+
+    def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
+        return QuantizedLinear(self.blocks.fused(layer, projs), bias, "gguf")
+
+    def head(self, weight: torch.Tensor):  # the file's own output (or tied embedding) blocks, not `weight`
+        return QuantizedLinear(self.blocks.output(), None, "gguf")
+
+
+def weight_format(quantization: str, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, backend: str,
+                  folder: ModelFolder | None = None, cfg: ModelConfig | None = None):
+    if quantization == "none":
+        return FullPrecision(ckpt, device, dtype, backend)
+    if quantization in FORMATS:
+        return QuantizedAtLoad(ckpt, device, dtype, quantization)
+    if quantization == "gguf":
+        if folder is None or folder.gguf is None:
+            raise ValueError("--quantization gguf serves a GGUF file's own blocks; this model folder was not "
+                             "converted from one")
+        return FromGGUF(GGUFBlocks(folder.gguf, cfg))
+    raise ValueError(f"unknown quantization {quantization!r}")
 
 
 def _tensor(ckpt: MappedCheckpoint, name: str, device, dtype) -> torch.Tensor:
@@ -44,15 +102,9 @@ def _fused(ckpt, names: list[str], device, dtype) -> torch.Tensor:
 
 
 def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype,
-                      backend: str, quantization: str = "none", gguf: GGUFBlocks | None = None) -> Transformer:
-    """`quantization` int8/int4 quantizes each projection as it is read, so the whole model never exists in
-    full precision; the lm_head then is int8. `gguf` serves the projections and the lm_head from the file's
-    own blocks. The embedding table stays in `dtype` for lookups."""
-    def linear(weight, bias, fmt: str, editable: bool = True):
-        if fmt == "none":
-            return Linear(weight, bias, backend, editable)
-        return QuantizedLinear(quantize(weight, fmt), bias, fmt)
-
+                      formats) -> Transformer:
+    """`formats` (FullPrecision, QuantizedAtLoad, FromGGUF) builds each projection and the lm_head; norms,
+    biases and the embedding table (for lookups) come from the checkpoint in `dtype`."""
     layers = []
     for i in range(cfg.num_layers):
         linears = {}
@@ -60,21 +112,13 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.de
             bias = None
             if site == "qkv" and cfg.attention_bias:
                 bias = _fused(ckpt, [hf_weight_name(i, p).replace(".weight", ".bias") for p in projs], device, dtype)
-            if gguf is not None:
-                linears[site] = QuantizedLinear(gguf.fused(i, projs), bias, "gguf")
-            else:
-                linears[site] = linear(_fused(ckpt, [hf_weight_name(i, p) for p in projs], device, dtype), bias,
-                                       quantization)
+            linears[site] = formats.projection(i, projs, bias)
         norms = (_tensor(ckpt, f"model.layers.{i}.input_layernorm.weight", device, dtype),
                  _tensor(ckpt, f"model.layers.{i}.post_attention_layernorm.weight", device, dtype))
         layers.append(DecoderLayer(i, cfg, linears, norms))
     embed = _tensor(ckpt, "model.embed_tokens.weight", device, dtype)
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else "lm_head.weight"
     # The tied head shares the embedding's storage on the plain path; the packed kernel is a separate layout.
-    if gguf is not None:
-        head = QuantizedLinear(gguf.output(), None, "gguf")
-    else:
-        head = linear(embed if head_name == "model.embed_tokens.weight" else _tensor(ckpt, head_name, device, dtype),
-                      None, "none" if quantization == "none" else "int8", editable=False)
+    head = formats.head(embed if head_name == "model.embed_tokens.weight" else _tensor(ckpt, head_name, device, dtype))
     norm = _tensor(ckpt, "model.norm.weight", device, dtype)
     return Transformer(cfg, embed, layers, norm, head, device)
