@@ -16,7 +16,7 @@ from server.edge import EdgeGuard, is_loopback_name
 from server.gate import Gate
 from server.heap import CollectionTimer, freeze_startup_objects
 from server.request_log import RequestLogMiddleware
-from server.routes import adapters, errors, generate, health, metrics, openai
+from server.routes import adapters, errors, generate, health, metrics, openai, tokenize
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EdgeGuard, gate=gate)
     app.add_middleware(RequestLogMiddleware)  # outermost: refusals at the edge are logged too
     errors.install(app)
-    for module in (generate, adapters, health, metrics, openai):
+    for module in (generate, adapters, health, metrics, openai, tokenize):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)

@@ -4,10 +4,35 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # what torch.Generator.manual_seed takes: a signed or unsigned 64-bit integer
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_LOGIT_BIAS = 300  # entries per request: each is applied on every step
+
+
+class PenaltyFields(BaseModel):
+    """Shared by the native and OpenAI requests (OpenAI's ranges; repetition_penalty and min_p as vLLM's)."""
+
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM extension")
+    logit_bias: dict[int, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
+                                                description="token id -> bias added to its logit, -100..100")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extension")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v):
+        if v and any(not -100 <= b <= 100 or token < 0 for token, b in v.items()):
+            raise ValueError("logit_bias maps token ids (>= 0) to values in -100..100")
+        return v
+
+    def penalty_params(self) -> dict:
+        """The SamplingParams fields these set."""
+        return {"presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+                "repetition_penalty": self.repetition_penalty or 1.0, "min_p": self.min_p or 0.0,
+                "logit_bias": tuple(sorted((self.logit_bias or {}).items()))}
 
 
 class ChatMessage(BaseModel):
@@ -15,7 +40,7 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(PenaltyFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None

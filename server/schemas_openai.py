@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.schemas import SEED_MIN, SEED_MAX
+from server.schemas import SEED_MAX, SEED_MIN, PenaltyFields
 
 
 class StreamOptions(BaseModel):
@@ -21,7 +21,6 @@ class StreamOptions(BaseModel):
 
 # a field not served yet -> the values that mean "not asked for" (OpenAI's defaults)
 _AT_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1), "suffix": (None,),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
@@ -35,7 +34,7 @@ def _refuse_unless_default(value, info: ValidationInfo):
     return value
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(PenaltyFields):
     model_config = ConfigDict(extra="forbid")
 
     model: str
@@ -53,14 +52,10 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
-    # not served yet (see _AT_DEFAULT_ONLY)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    # not served (see _AT_DEFAULT_ONLY)
     store: bool | None = None
 
-    _not_served = field_validator("presence_penalty", "frequency_penalty", "logit_bias", "store")(
-        _refuse_unless_default)
+    _not_served = field_validator("store")(_refuse_unless_default)
 
     @field_validator("stop")
     @classmethod

@@ -23,6 +23,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None   # None = off; k = the chosen token's logprob plus the k most likely
+    presence_penalty: float = 0.0     # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0    # OpenAI's: minus this times how often it was generated
+    repetition_penalty: float = 1.0   # HF/vLLM's: logits of prompt and generated tokens divided (if > 0) or multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_p: float = 0.0                # drop tokens under min_p x the top token's probability
+
+    @property
+    def reshapes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -11,10 +11,34 @@ from server.engine.request import Sequence
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [len(seqs), vocab] float32."""
+    if any(s.params.reshapes_logits for s in seqs):
+        logits = apply_penalties(logits, seqs)
     if all(s.params.greedy for s in seqs):
         return logits.argmax(dim=-1).tolist()
     greedy = logits.argmax(dim=-1).tolist()
     return [greedy[i] if s.params.greedy else _sample_row(logits[i], s) for i, s in enumerate(seqs)]
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """A copy of `logits` with each asking row's penalties and logit bias applied, as OpenAI (presence,
+    frequency: over generated tokens) and vLLM (repetition: over prompt and generated tokens) define them."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if not p.reshapes_logits:
+            continue
+        row = logits[i]
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+            counts = torch.bincount(torch.tensor(seq.output_ids, device=row.device), minlength=vocab)[:vocab]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        for token, bias in p.logit_bias:
+            row[token] += bias
+    return logits
 
 
 def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
@@ -24,6 +48,9 @@ def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)  # the top token always stays
+        probs = probs / probs.sum()
     if p.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)

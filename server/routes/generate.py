@@ -34,7 +34,8 @@ def _prompt_chars(prompt: str | None, messages: list[dict] | None) -> int:
     return sum(len(str(m.get("content") or "")) for m in messages)
 
 
-def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None, params: SamplingParams) -> None:
+def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None, params: SamplingParams,
+                       vocab_size: int) -> None:
     """The limits that cost nothing to check, checked before the costly templating and tokenizing."""
     if messages is not None and len(messages) > settings.max_messages:
         raise InvalidRequest(f"{len(messages)} messages; the limit is {settings.max_messages}")
@@ -43,6 +44,8 @@ def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None
         raise InvalidRequest(f"the prompt has {chars} characters; the limit is {settings.max_prompt_chars}")
     if any(len(stop) > settings.max_stop_chars for stop in params.stop):
         raise InvalidRequest(f"a stop string is longer than the limit of {settings.max_stop_chars} characters")
+    if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
+        raise InvalidRequest(f"logit_bias names token {params.logit_bias[-1][0]}; the vocabulary has {vocab_size}")
 
 
 async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
@@ -51,7 +54,7 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
     if adapter_name is not None:
         check_may_see(principal, adapter_name)
     adapter = rt.registry.get(adapter_name) if adapter_name else None
-    check_prompt_shape(rt.settings, prompt, messages, params)
+    check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
     if _prompt_chars(prompt, messages) + template_chars <= INLINE_ENCODE_CHARS:
         prompt_ids = rt.encode(prompt, messages)
@@ -103,7 +106,8 @@ def raise_if_failed(event: TokenEvent) -> None:
              responses={404: {"description": "unknown adapter"}, 422: {"description": "invalid parameters"}})
 async def generate(req: GenerateRequest, request: Request, principal: Principal = Depends(caller)):
     params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                            top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos)
+                            top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
+                            **req.penalty_params())
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
     events = await start_generation(request.app.state.runtime, principal, req.adapter, req.prompt, messages, params)
     if req.stream:

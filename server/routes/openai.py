@@ -46,7 +46,7 @@ def _adapter_of(rt, model: str) -> str | None:
 def _params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=req.temperature,
                           top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
-                          ignore_eos=req.ignore_eos, logprobs=logprobs)
+                          ignore_eos=req.ignore_eos, logprobs=logprobs, **req.penalty_params())
 
 
 def _usage(event: TokenEvent) -> dict:

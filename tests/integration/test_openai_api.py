@@ -82,12 +82,35 @@ def test_errors_use_openai_shape(client):
 @pytest.mark.parametrize("field,value", [
     ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("presence_penalty", 0.5), ("logit_bias", {"42": 5}), ("no_such_field", 1),
+    ("store", True), ("best_of", 2), ("no_such_field", 1),
 ])
 def test_a_field_not_served_is_refused_naming_it_never_ignored(client, field, value):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, extra_body={field: value})
     assert err.value.body["param"] == field and field in err.value.body["message"]
+
+
+def test_a_frequency_penalty_changes_a_repetitive_greedy_output(client):
+    ask = dict(model=BASE_ID, max_tokens=48, temperature=0,
+               messages=[{"role": "user", "content": "Repeat the word 'tree' as many times as you can."}])
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    penalized = client.chat.completions.create(**ask, frequency_penalty=2.0).choices[0].message.content
+    assert penalized != plain
+    assert penalized.lower().count("tree") < plain.lower().count("tree"), (plain, penalized)
+
+
+def test_logit_bias_forces_a_token_and_a_token_outside_the_vocabulary_is_refused(client):
+    forced = client.completions.create(model=BASE_ID, prompt="Hello", max_tokens=3, temperature=0,
+                                       logit_bias={"42": 100})
+    with httpx.Client(base_url=str(client.base_url).rstrip("/").removesuffix("/v1"), timeout=60) as c:
+        expected = c.post("/detokenize", json={"tokens": [42, 42, 42]}).json()["prompt"]
+        counted = c.post("/tokenize", json={"prompt": "Hello there", "add_special_tokens": False}).json()
+        assert c.post("/detokenize", json={"tokens": counted["tokens"]}).json()["prompt"] == "Hello there"
+        assert counted["count"] == len(counted["tokens"]) > 0
+        assert c.post("/detokenize", json={"tokens": [-1]}).status_code == 422
+    assert forced.choices[0].text == expected
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=BASE_ID, prompt="Hello", max_tokens=3, logit_bias={"10000000": 1})
 
 
 def test_fields_at_openais_defaults_and_bookkeeping_fields_are_accepted(client):
