@@ -103,59 +103,74 @@ static void panel_all_rows(const float *x, long rows, long x_stride, const float
     }
 }
 
-// The same with AVX-512 where the CPU has it: a panel's 16 outputs are one register, so a row tile costs one
-// FMA per input, and 8 rows share each unpacked weight vector.
+// The same with AVX-512 where the CPU has it: a panel's 16 outputs are one register, and a tile takes two
+// panels side by side, so each broadcast input feeds two FMAs and 8 rows share each unpacked weight vector.
 #define ROWS512 8
+#define PAIR 2
 
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void block_tile512(
-        const float *x, long x_stride, long col, const float *wbuf, __m512 d, __m512 m, const float *xs,
-        long blocks, float *y, long y_stride, long r0, const int nr) {
-    __m512 acc[ROWS512];
-    for (int r = 0; r < nr; r++) acc[r] = _mm512_setzero_ps();
-    if (nr == 1) {  // a lone row: two accumulators (even and odd inputs), so its FMAs do not wait on each other
-        __m512 odd = _mm512_setzero_ps();
+        const float *x, long x_stride, long col, const float *wbuf, const __m512 *d, const __m512 *m,
+        const float *xs, long blocks, float *y, long y_stride, long r0, const int nr, const int np) {
+    __m512 acc[ROWS512][PAIR];
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < np; j++) acc[r][j] = _mm512_setzero_ps();
+    if (nr == 1) {  // a lone row: even and odd inputs in separate accumulators, so its FMAs do not wait on each other
+        __m512 odd[PAIR];
+        for (int j = 0; j < np; j++) odd[j] = _mm512_setzero_ps();
         const float *xr = x + r0 * x_stride + col;
         for (int k = 0; k < BLOCK; k += 2) {
-            acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(xr[k]), _mm512_load_ps(wbuf + k * PANEL), acc[0]);
-            odd = _mm512_fmadd_ps(_mm512_set1_ps(xr[k + 1]), _mm512_load_ps(wbuf + (k + 1) * PANEL), odd);
+            __m512 xa = _mm512_set1_ps(xr[k]), xb = _mm512_set1_ps(xr[k + 1]);
+            for (int j = 0; j < np; j++) {
+                const float *w = wbuf + j * BLOCK * PANEL;
+                acc[0][j] = _mm512_fmadd_ps(xa, _mm512_load_ps(w + k * PANEL), acc[0][j]);
+                odd[j] = _mm512_fmadd_ps(xb, _mm512_load_ps(w + (k + 1) * PANEL), odd[j]);
+            }
         }
-        acc[0] = _mm512_add_ps(acc[0], odd);
+        for (int j = 0; j < np; j++) acc[0][j] = _mm512_add_ps(acc[0][j], odd[j]);
     } else {
         for (int k = 0; k < BLOCK; k++) {
-            __m512 w = _mm512_load_ps(wbuf + k * PANEL);
-            for (int r = 0; r < nr; r++)
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[(r0 + r) * x_stride + col + k]), w, acc[r]);
+            __m512 w[PAIR];
+            for (int j = 0; j < np; j++) w[j] = _mm512_load_ps(wbuf + j * BLOCK * PANEL + k * PANEL);
+            for (int r = 0; r < nr; r++) {
+                __m512 xv = _mm512_set1_ps(x[(r0 + r) * x_stride + col + k]);
+                for (int j = 0; j < np; j++) acc[r][j] = _mm512_fmadd_ps(xv, w[j], acc[r][j]);
+            }
         }
     }
     for (int r = 0; r < nr; r++) {
         float *yr = y + (r0 + r) * y_stride;
         __m512 s = _mm512_set1_ps(xs[(r0 + r) * blocks]);
-        _mm512_storeu_ps(yr, _mm512_fmadd_ps(d, acc[r], _mm512_fmadd_ps(m, s, _mm512_loadu_ps(yr))));
+        for (int j = 0; j < np; j++)
+            _mm512_storeu_ps(yr + j * PANEL,
+                             _mm512_fmadd_ps(d[j], acc[r][j], _mm512_fmadd_ps(m[j], s, _mm512_loadu_ps(yr + j * PANEL))));
     }
 }
 
+// np (1 or 2) adjacent panels for every row; q, d, m point at the first, q_panel and dm_panel apart
 __attribute__((target("avx512f")))
-static void panel_all_rows512(const float *x, long rows, long x_stride, const float *xsum, long blocks,
-                              const uint8_t *q, int bits, const float *d, const float *m, float *y, long y_stride) {
-    float wbuf[BLOCK * PANEL] __attribute__((aligned(64)));
+static void panels_all_rows512(const float *x, long rows, long x_stride, const float *xsum, long blocks,
+                               const uint8_t *q, long q_panel, int bits, const float *d, const float *m,
+                               long dm_panel, float *y, long y_stride, int np) {
+    float wbuf[PAIR * BLOCK * PANEL] __attribute__((aligned(64)));
     long q_block = bits == 4 ? BLOCK * PANEL / 2 : BLOCK * PANEL;
-    for (long r = 0; r < rows; r++) _mm512_storeu_ps(y + r * y_stride, _mm512_setzero_ps());
+    for (long r = 0; r < rows; r++)
+        for (int j = 0; j < np; j++) _mm512_storeu_ps(y + r * y_stride + j * PANEL, _mm512_setzero_ps());
     for (long b = 0; b < blocks; b++) {
-        unpack_block(q + b * q_block, bits, wbuf);
-        __m512 db = _mm512_loadu_ps(d + b * PANEL), mb = _mm512_loadu_ps(m + b * PANEL);
+        __m512 db[PAIR], mb[PAIR];
+        for (int j = 0; j < np; j++) {
+            unpack_block(q + j * q_panel + b * q_block, bits, wbuf + j * BLOCK * PANEL);
+            db[j] = _mm512_loadu_ps(d + j * dm_panel + b * PANEL);
+            mb[j] = _mm512_loadu_ps(m + j * dm_panel + b * PANEL);
+        }
         for (long r0 = 0; r0 < rows; r0 += ROWS512) {
             long left = rows - r0;
-#define TILE(n) block_tile512(x, x_stride, b * BLOCK, wbuf, db, mb, xsum + b, blocks, y, y_stride, r0, n)
-            switch (left < ROWS512 ? left : ROWS512) {
-                case 1: TILE(1); break;
-                case 2: TILE(2); break;
-                case 3: TILE(3); break;
-                case 4: TILE(4); break;
-                case 5: TILE(5); break;
-                case 6: TILE(6); break;
-                case 7: TILE(7); break;
-                default: TILE(8); break;
-            }
+            int nr = left < ROWS512 ? (int)left : ROWS512;
+#define TILE(n, p) block_tile512(x, x_stride, b * BLOCK, wbuf, db, mb, xsum + b, blocks, y, y_stride, r0, n, p)
+#define TILES(p) switch (nr) { case 1: TILE(1, p); break; case 2: TILE(2, p); break; case 3: TILE(3, p); break; \
+                               case 4: TILE(4, p); break; case 5: TILE(5, p); break; case 6: TILE(6, p); break; \
+                               case 7: TILE(7, p); break; default: TILE(8, p); break; }
+            if (np == PAIR) { TILES(2) } else { TILES(1) }
+#undef TILES
 #undef TILE
         }
     }
@@ -174,13 +189,17 @@ void block_linear(const float *x, long rows, long in, long x_stride, const uint8
             xsum[r * blocks + b] = s;
         }
     long q_panel = blocks * (bits == 4 ? BLOCK * PANEL / 2 : BLOCK * PANEL);
-    int wide = avx512 && __builtin_cpu_supports("avx512f");
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long p = 0; p < panels; p++) {
-        if (wide)
-            panel_all_rows512(x, rows, x_stride, xsum, blocks, q + p * q_panel, bits, d + p * blocks * PANEL,
-                              m + p * blocks * PANEL, y + p * PANEL, y_stride);
-        else
+    if (avx512 && __builtin_cpu_supports("avx512f")) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (long pair = 0; pair < (panels + 1) / PAIR; pair++) {
+            long p = pair * PAIR;
+            panels_all_rows512(x, rows, x_stride, xsum, blocks, q + p * q_panel, q_panel, bits, d + p * blocks * PANEL,
+                               m + p * blocks * PANEL, blocks * PANEL, y + p * PANEL, y_stride,
+                               panels - p >= PAIR ? PAIR : 1);
+        }
+    } else {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (long p = 0; p < panels; p++)
             panel_all_rows(x, rows, x_stride, xsum, blocks, q + p * q_panel, bits, d + p * blocks * PANEL,
                            m + p * blocks * PANEL, y + p * PANEL, y_stride);
     }
