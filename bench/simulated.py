@@ -23,6 +23,7 @@ from server.heap import keep_freed_memory
 from server.lora.layers import LoraSlots
 from server.model.config import ModelConfig
 from server.model.linear import resolve_backend
+from server.model.llama import hf_weight_name, projection_shapes
 from server.model.weights import build_transformer, weight_format
 from server.runtime import site_layouts
 
@@ -44,13 +45,9 @@ class RandomCheckpoint:
                        "model.norm.weight": (cfg.hidden_size,)}
         if not cfg.tie_word_embeddings:
             self.shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-        rows = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
-                "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
         for i in range(cfg.num_layers):
-            for proj, out in rows.items():
-                group = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                inp = cfg.q_size if proj == "o_proj" else cfg.intermediate_size if proj == "down_proj" else cfg.hidden_size
-                self.shapes[f"model.layers.{i}.{group}.{proj}.weight"] = (out, inp)
+            for proj, shape in projection_shapes(cfg).items():
+                self.shapes[hf_weight_name(i, proj)] = shape
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 self.shapes[f"model.layers.{i}.{norm}.weight"] = (cfg.hidden_size,)
 

@@ -15,6 +15,7 @@ import torch
 
 from server.kernels.block_linear import BLOCK, BlockWeight, from_blocks
 from server.model.config import ModelConfig
+from server.model.llama import projection_shapes
 
 # GGUF type name -> (bytes per block, bits of q)
 BLOCK_TYPES = {"Q4_0": (18, 4), "Q4_1": (20, 4), "Q8_0": (34, 8)}
@@ -64,7 +65,7 @@ class GGUFBlocks:
     def projection(self, layer: int, proj: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         name = f"blk.{layer}.{GGUF_NAMES[proj]}.weight"
         bits, q, d, m = self.rows(name)
-        expected = _projection_shape(self.cfg, proj)
+        expected = projection_shapes(self.cfg)[proj]
         if (q.shape[0], q.shape[1] * BLOCK) != expected:
             raise UnsupportedTensor(f"{self.path.name}: tensor {name} is {q.shape[0]}x{q.shape[1] * BLOCK}; the "
                                     f"model's config.json says {expected[0]}x{expected[1]}")
@@ -87,13 +88,6 @@ class GGUFBlocks:
         name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
         bits, q, d, m = self.rows(name)
         return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
-
-
-def _projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
-    out = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
-           "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}[proj]
-    inp = cfg.q_size if proj == "o_proj" else cfg.intermediate_size if proj == "down_proj" else cfg.hidden_size
-    return out, inp
 
 
 def _unpermute(rows: int, heads: int) -> torch.Tensor:

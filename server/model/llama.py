@@ -140,19 +140,21 @@ class Transformer:
 
     def lora_target_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each unfused projection, keyed "layers.{i}.{proj}", as adapters name them."""
-        cfg = self.cfg
-        shapes = {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
-                  "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
-                  "gate_proj": (cfg.intermediate_size, cfg.hidden_size),
-                  "up_proj": (cfg.intermediate_size, cfg.hidden_size),
-                  "down_proj": (cfg.hidden_size, cfg.intermediate_size)}
-        return {f"layers.{i}.{p}": s for i in range(cfg.num_layers) for p, s in shapes.items()}
+        shapes = projection_shapes(self.cfg)
+        return {f"layers.{i}.{p}": s for i in range(self.cfg.num_layers) for p, s in shapes.items()}
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each unfused projection of one layer, by its Hugging Face name."""
+    return {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
+            "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
+            "gate_proj": (cfg.intermediate_size, cfg.hidden_size), "up_proj": (cfg.intermediate_size, cfg.hidden_size),
+            "down_proj": (cfg.hidden_size, cfg.intermediate_size)}
 
 
 def projection_rows(cfg: ModelConfig, proj: str) -> tuple[str, int, int]:
     """Site of an HF projection and the rows [start, start+size) it occupies in that site's fused weight."""
-    sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
-             "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+    sizes = {p: out for p, (out, _) in projection_shapes(cfg).items()}
     for site, projs in FUSED_SITES.items():
         if proj in projs:
             start = sum(sizes[p] for p in projs[: projs.index(proj)])
