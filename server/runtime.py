@@ -77,9 +77,10 @@ class Runtime:
         quantization = resolve_quantization(settings.quantization, self.device)
         self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)
         self.weight_format = self.loaded.weight_format
-        self.base_weight_bytes = sum(t.numel() * t.element_size() for t in self.loaded.transformer.linear_tensors())
+        weights = self.loaded.transformer.linear_tensors()
+        self.base_weight_bytes = sum(t.numel() * t.element_size() for t in weights)
         if self.device.type == "cpu":
-            back_with_huge_pages(self.loaded.transformer.linear_tensors())
+            back_with_huge_pages(weights)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
         cfg = self.loaded.config
         self.max_seq_len = min(settings.max_seq_len, cfg.max_position_embeddings)

@@ -20,9 +20,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from server.cluster.forwarding import BASE_MODEL_ID, ForwardedRequest
-from server.errors import AdapterNotFound, EngineUnavailable, LoraplexError
+from server.errors import EngineUnavailable, LoraplexError
 from server.gate import Gate
 from server.routes.errors import refusal
+from server.routes.security import check_may_see
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ class Ingress:
         body = await self.gate.read_body(method, path, request.headers.get("content-length", ""), request.stream())
         field = ADAPTER_FIELD.get(path) if method == "POST" else None
         adapter = named_adapter(field, body, self.base_model_id) if field else None
-        if not principal.may_use(adapter):  # a tenant's private adapter looks absent to other keys
-            raise AdapterNotFound(f"adapter {adapter!r} is not registered")
+        if adapter is not None:
+            check_may_see(principal, adapter)
         forwarded = ForwardedRequest(method, path, request.url.query.encode(), request.headers.raw, body)
         return forwarded, ({"multiplexed_model_id": adapter or BASE_MODEL_ID} if field else {})
 

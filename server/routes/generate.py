@@ -35,8 +35,9 @@ def _prompt_chars(prompt: str | None, messages: list[dict] | None) -> int:
 
 
 def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None, params: SamplingParams,
-                       vocab_size: int) -> None:
-    """The limits that cost nothing to check, checked before the costly templating and tokenizing."""
+                       vocab_size: int) -> int:
+    """The limits that cost nothing to check, checked before the costly templating and tokenizing; returns
+    the prompt's characters."""
     if messages is not None and len(messages) > settings.max_messages:
         raise InvalidRequest(f"{len(messages)} messages; the limit is {settings.max_messages}")
     chars = _prompt_chars(prompt, messages)
@@ -46,6 +47,7 @@ def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None
         raise InvalidRequest(f"a stop string is longer than the limit of {settings.max_stop_chars} characters")
     if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
         raise InvalidRequest(f"logit_bias names token {params.logit_bias[-1][0]}; the vocabulary has {vocab_size}")
+    return chars
 
 
 async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
@@ -54,9 +56,9 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
     if adapter_name is not None:
         check_may_see(principal, adapter_name)
     adapter = rt.registry.get(adapter_name) if adapter_name else None
-    check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
+    chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
-    if _prompt_chars(prompt, messages) + template_chars <= INLINE_ENCODE_CHARS:
+    if chars + template_chars <= INLINE_ENCODE_CHARS:
         prompt_ids = rt.encode(prompt, messages)
     else:
         prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
