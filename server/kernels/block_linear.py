@@ -43,7 +43,7 @@ class BlockWeight:
 
 def quantize_int4(weight: torch.Tensor) -> BlockWeight:
     """Asymmetric 4 bits per weight, one scale and offset per 32 inputs of a row (as GGUF's Q4_1)."""
-    rows = _padded_blocks(weight)
+    rows = _blocks(weight)
     low, high = rows.amin(-1), rows.amax(-1)
     d = (high - low) / 15
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
@@ -53,7 +53,7 @@ def quantize_int4(weight: torch.Tensor) -> BlockWeight:
 
 def quantize_int8(weight: torch.Tensor) -> BlockWeight:
     """Symmetric 8 bits per weight, one scale per output row (per-output-channel)."""
-    rows = _padded_blocks(weight)
+    rows = _blocks(weight)
     scale = rows.abs().amax(dim=(1, 2)) / 127
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     q = (rows * inv[:, None, None]).round().clamp(-127, 127).to(torch.int8)
@@ -83,15 +83,12 @@ def linear_reference(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
     return F.linear(x, dequantize(w))
 
 
-def _padded_blocks(weight: torch.Tensor) -> torch.Tensor:
+def _blocks(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out, in/32, 32] float32 (`_pack` pads the rows to whole panels)."""
     out, inp = weight.shape
     if inp % BLOCK:
         raise ValueError(f"a {out}x{inp} weight cannot be quantized in blocks of {BLOCK} inputs")
-    padded = -(-out // PANEL) * PANEL
-    rows = weight.float()
-    if padded != out:
-        rows = torch.cat([rows, rows.new_zeros(padded - out, inp)])
-    return rows.view(padded, inp // BLOCK, BLOCK)
+    return weight.float().reshape(out, inp // BLOCK, BLOCK)
 
 
 def _pack(bits: int, shape, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> BlockWeight:
