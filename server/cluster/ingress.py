@@ -5,9 +5,10 @@ Generation requests carry their adapter to Ray Serve as the multiplexed model id
 adapter. Everything else goes to any replica: adapters live in a store every replica shares. This process
 never loads torch or the model.
 
-A request is admitted (`server/gate.py`, as the single-process server does) from its head alone, before its body is read or a replica chosen; its body
-is read only up to the route's limit; and a generation request naming an adapter its key may not use is
-answered here as a replica would answer it, so no replica loads that adapter for it.
+A request is admitted (`server/gate.py`, as the single-process server does) from its head alone, before its
+body is read or a replica chosen; its body is read only up to the route's limit; and a generation request
+naming an adapter its key may not use is answered here as a replica would answer it, so no replica loads
+that adapter for it.
 """
 # No `from __future__ import annotations`: FastAPI must see `Request` itself in the rewritten route signature.
 

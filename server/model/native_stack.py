@@ -3,7 +3,8 @@
 The layer-by-layer path in `server.model.llama` stays the definition: this computes the same through the
 same kernels, and tests hold the two to equal logits (decode rows) or close ones (prompt chunks, which
 attend a row at a time here and with torch's SDPA there). It serves a step when the model computes every
-projection with the panel kernel or, on a quantized base, the block kernel (CPU, fp32 activations, no biases), the KV cache is fp32 on CPU, the LoRA plan, if
+projection with the panel kernel or, on a quantized base, the block kernel (CPU, fp32 activations, no
+biases), the KV cache is fp32 on CPU, the LoRA plan, if
 any, is the native kernel's, and no prompt chunk reaches past LONG_CHUNK_KEYS keys: row-at-a-time
 attention re-reads a sequence's keys for every row of its chunk, and by 1,000 keys SDPA was faster (256
 rows at 768: 0.94x; 128 at 384: 1.01x; 15 decode rows and a 40-token prompt 1.09x; 2-core Zen 3,
