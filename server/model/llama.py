@@ -73,24 +73,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer:
-    def __init__(self, index: int, cfg: ModelConfig, linears: dict[str, Linear], norms: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, index: int, cfg: ModelConfig, linears: dict[str, Linear], norms: tuple[torch.Tensor, torch.Tensor],
+                 qk_norms: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.index = index
         self.cfg = cfg
         self.linears = linears
         self.input_norm, self.post_attention_norm = norms
+        self.qk_norms = qk_norms  # (q, k) weights over one head, where the family norms each head (Qwen3)
 
     def _project(self, site: str, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         y = self.linears[site](x)
         add_lora(y, x, ctx.lora, self.index, site)
         return y
 
+    def _norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        q = rms_norm(q.reshape(-1, cfg.head_dim), self.qk_norms[0], cfg.rms_norm_eps).view_as(q)
+        k = rms_norm(k.reshape(-1, cfg.head_dim), self.qk_norms[1], cfg.rms_norm_eps).view_as(k)
+        return torch.cat((q, k), dim=1)
+
     def __call__(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
         qkv = self._project("qkv", x, ctx)
         # q and k sit side by side in the fused output: rotated in one pass, as heads + kv_heads heads
-        qk = rotate(qkv[:, : cfg.q_size + cfg.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
-                    cos, sin)
+        qk = qkv[:, : cfg.q_size + cfg.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        if self.qk_norms is not None:
+            qk = self._norm_heads(qk)
+        qk = rotate(qk, cos, sin)
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
         attn = kv.attend(self.index, q, k, v, ctx)
@@ -150,6 +161,11 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
             "gate_proj": (cfg.intermediate_size, cfg.hidden_size), "up_proj": (cfg.intermediate_size, cfg.hidden_size),
             "down_proj": (cfg.hidden_size, cfg.intermediate_size)}
+
+
+def biased_sites(cfg: ModelConfig) -> tuple[str, ...]:
+    """The fused sites whose projections carry a bias."""
+    return ("qkv",) * cfg.attention_bias + ("o",) * cfg.o_bias
 
 
 def projection_rows(cfg: ModelConfig, proj: str) -> tuple[str, int, int]:

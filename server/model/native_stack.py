@@ -4,8 +4,8 @@ The layer-by-layer path in `server.model.llama` stays the definition: this compu
 same kernels, and tests hold the two to equal logits (decode rows) or close ones (prompt chunks, which
 attend a row at a time here and with torch's SDPA there). It serves a step when the model computes every
 projection with the panel kernel or, on a quantized base, the block kernel (CPU, fp32 activations, no
-biases), the KV cache is fp32 on CPU, the LoRA plan, if
-any, is the native kernel's, and no prompt chunk reaches past LONG_CHUNK_KEYS keys: row-at-a-time
+biases, no q/k norms), the KV cache is fp32 on CPU, no sliding window is shorter than the step's keys, the
+LoRA plan, if any, is the native kernel's, and no prompt chunk reaches past LONG_CHUNK_KEYS keys: row-at-a-time
 attention re-reads a sequence's keys for every row of its chunk, and by 1,000 keys SDPA was faster (256
 rows at 768: 0.94x; 128 at 384: 1.01x; 15 decode rows and a 40-token prompt 1.09x; 2-core Zen 3,
 in-process, in turns).
@@ -39,7 +39,7 @@ class NativeStack:
             return None
         if cfg.hidden_size % 8 or cfg.head_dim % 16 or cfg.intermediate_size % 8:  # the kernels' vector widths
             return None
-        if cfg.num_heads % cfg.num_kv_heads:
+        if cfg.num_heads % cfg.num_kv_heads or cfg.qk_norm:
             return None
         if any(linear.native_operand() is None for layer in model.layers for linear in layer.linears.values()):
             return None
@@ -52,7 +52,11 @@ class NativeStack:
         """Runs every layer on h in place and returns True, or returns False (nothing touched) for a step it
         does not take."""
         n = h.shape[0]
+        keys = max([ctx.kv_len] + [chunk.start + chunk.length for chunk in ctx.prefills])
         if not h.is_contiguous() or any(chunk.start + chunk.length > LONG_CHUNK_KEYS for chunk in ctx.prefills):
+            return False
+        window = self._model.cfg.smallest_window
+        if window is not None and keys > window:  # the kernel attends to every key: right until a window binds
             return False
         if ctx.positions.dtype != torch.int64 or not ctx.positions.is_contiguous():
             return False

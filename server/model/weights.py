@@ -7,7 +7,8 @@ import torch
 from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
 from server.model.config import ModelConfig
 from server.model.linear import Linear
-from server.model.llama import FUSED_SITES, DecoderLayer, Transformer, hf_weight_name
+from server.model.checkpoint_layout import check_checkpoint
+from server.model.llama import FUSED_SITES, DecoderLayer, Transformer, biased_sites, hf_weight_name
 from server.model.loader import ModelFolder
 from server.model.gguf_blocks import GGUFBlocks
 from server.model.quantized_linear import FORMATS, QuantizedLinear, quantize
@@ -25,6 +26,8 @@ class LoadedModel:
         self.folder = folder
         self.config = ModelConfig.from_hf(folder.config)
         self.checkpoint = MappedCheckpoint(folder.weight_files())
+        check_checkpoint(self.config, {name: self.checkpoint[name].shape for name in self.checkpoint.keys()},
+                         str(folder.path))
         formats = weight_format(quantization, self.checkpoint, device, dtype, backend, folder, self.config)
         self.transformer = build_transformer(self.config, self.checkpoint, device, dtype, formats)
         self.weight_format = formats.name
@@ -110,12 +113,16 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.de
         linears = {}
         for site, projs in FUSED_SITES.items():
             bias = None
-            if site == "qkv" and cfg.attention_bias:
+            if site in biased_sites(cfg):
                 bias = _fused(ckpt, [hf_weight_name(i, p).replace(".weight", ".bias") for p in projs], device, dtype)
             linears[site] = formats.projection(i, projs, bias)
         norms = (_tensor(ckpt, f"model.layers.{i}.input_layernorm.weight", device, dtype),
                  _tensor(ckpt, f"model.layers.{i}.post_attention_layernorm.weight", device, dtype))
-        layers.append(DecoderLayer(i, cfg, linears, norms))
+        qk_norms = None
+        if cfg.qk_norm:
+            qk_norms = tuple(_tensor(ckpt, f"model.layers.{i}.self_attn.{n}.weight", device, dtype)
+                             for n in ("q_norm", "k_norm"))
+        layers.append(DecoderLayer(i, cfg, linears, norms, qk_norms))
     embed = _tensor(ckpt, "model.embed_tokens.weight", device, dtype)
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else "lm_head.weight"
     # The tied head shares the embedding's storage on the plain path; the packed kernel is a separate layout.
