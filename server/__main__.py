@@ -9,9 +9,15 @@ import sys
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
-from server.app import create_app
+from server.app import InsecureBind, create_app
 from server.connections import uvicorn_config
+from server.model.checkpoint_layout import CheckpointMismatch
+from server.model.config import ModelNotSupported
+from server.model.loader import ModelNotFound
 from server.settings import Settings
+
+# what a user can fix (the folder, the flags): one line naming it, no traceback
+STARTUP_ERRORS = (ModelNotFound, ModelNotSupported, CheckpointMismatch, InsecureBind)
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -26,12 +32,14 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
              "body-timeout-s": "body_timeout_s", "max-connections": "max_connections",
              "max-json-bytes": "max_json_bytes", "max-messages": "max_messages",
              "max-prompt-chars": "max_prompt_chars", "max-stop-chars": "max_stop_chars",
-             "max-adapter-memory-mb": "max_adapter_memory_mb", "adapter-root": "adapter_roots"}
+             "max-adapter-memory-mb": "max_adapter_memory_mb", "adapter-root": "adapter_roots",
+             "served-model-name": "served_model_name", "chat-template": "chat_template"}
     for flag, field in flags.items():
         info = Settings.model_fields[field]
-        # a list setting takes its flag once per item (--adapter-root A --adapter-root B)
-        action = "append" if field == "adapter_roots" else "store"
-        parser.add_argument(f"--{flag}", dest=field, default=None, action=action,
+        # a list setting takes its flag once per item (--adapter-root A --adapter-root B), or, as vLLM's
+        # --served-model-name, several items after one flag
+        kind = {"adapter_roots": {"action": "append"}, "served_model_name": {"nargs": "+"}}.get(field, {})
+        parser.add_argument(f"--{flag}", dest=field, default=None, **kind,
                             help=(info.description or "").replace("%", "%%"))
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return Settings(**args)
@@ -40,7 +48,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    try:
+        app = create_app(settings, load_now=True)
+    except STARTUP_ERRORS as exc:
+        print(f"loraplex: cannot start: {exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     try:
         server.run()
     except KeyboardInterrupt:

@@ -38,15 +38,18 @@ def check_security(settings: Settings, keyring: KeyRing) -> None:
                 settings.host)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, load_now: bool = False) -> FastAPI:
+    """`load_now` builds the runtime here, so a model that cannot be served fails the call with its own error,
+    before a server starts; otherwise the lifespan builds it."""
     settings = settings or Settings()
     gate = Gate.from_settings(settings)
     keyring = gate.keys
     check_security(settings, keyring)
+    runtime = Runtime(settings) if load_now else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.runtime = await asyncio.to_thread(Runtime, settings)
+        app.state.runtime = runtime or await asyncio.to_thread(Runtime, settings)
         freeze_startup_objects()
         collections = CollectionTimer(app.state.runtime.metrics.observe_gc).install()
         try:

@@ -6,13 +6,11 @@ Used by the HTTP app's lifespan, the benchmarks and the tests, so all of them ru
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 import time
 
 import torch
-from transformers import AutoTokenizer
 
 from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
 from adapters.confined import check_adapter_folder
@@ -29,9 +27,10 @@ from server.lora import policy
 from server.lora.layers import LoraSlots, SiteLayout
 from server.lora.manager import AdapterSlots
 from server.metrics import Metrics
+from server.model.config import ModelConfig
 from server.model.linear import resolve_backend
 from server.model.llama import FUSED_SITES, projection_rows
-from server.model.loader import resolve_model
+from server.model.loader import load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
 from server.settings import Settings
 
@@ -72,7 +71,10 @@ class Runtime:
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()
         self.folder = resolve_model(settings.model_path)
-        self.model_id = os.path.basename(os.path.normpath(self.folder.path))
+        ModelConfig.from_hf(self.folder.config)  # an unsupported family is refused before anything loads
+        self.model_names = served_names(settings.served_model_name, self.folder)
+        self.model_id = self.model_names[0]
+        self.tokenizer = load_tokenizer(self.folder, settings.chat_template)  # before the weights: fails sooner
         backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
         quantization = resolve_quantization(settings.quantization, self.device)
         self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)
@@ -81,7 +83,6 @@ class Runtime:
         self.base_weight_bytes = sum(t.numel() * t.element_size() for t in weights)
         if self.device.type == "cpu":
             back_with_huge_pages(weights)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
         cfg = self.loaded.config
         self.max_seq_len = min(settings.max_seq_len, cfg.max_position_embeddings)
         self.registry = self.registry_type(

@@ -14,6 +14,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", protected_namespaces=())
 
     model_path: str | None = Field(None, description="local Hugging Face model folder; default: SmolLM2-135M-Instruct")
+    served_model_name: list[str] = Field(default_factory=list, description="names the base model answers to in "
+                                         "`model` and lists under in /v1/models, the first one leading (default: a "
+                                         "Hugging Face cache snapshot's hub id, else the model folder's name)")
+    chat_template: Path | None = Field(None, description="a Jinja chat template file used instead of the "
+                                       "tokenizer's own")
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")

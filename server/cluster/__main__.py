@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     return ours, parse_settings(rest)
 
 
-def build(settings: Settings, model_id: str, replicas: int, adapters_per_replica: int, cpus: float, gpus: float):
+def build(settings: Settings, base_names: list[str], replicas: int, adapters_per_replica: int, cpus: float,
+          gpus: float):
     from server.gate import Gate
     from server.cluster.ingress import Ingress
     from server.cluster.replica import EngineReplica
@@ -46,15 +47,15 @@ def build(settings: Settings, model_id: str, replicas: int, adapters_per_replica
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
     ).bind(settings, adapters_per_replica)
     return Ingress.options(max_ongoing_requests=replicas * settings.max_pending,
-                           ray_actor_options={"num_cpus": 0}).bind(engine, Gate.from_settings(settings), model_id)
+                           ray_actor_options={"num_cpus": 0}).bind(engine, Gate.from_settings(settings), base_names)
 
 
-def prepare(settings: Settings, cpus: float, gpus: float | None) -> tuple[Settings, float, str]:
+def prepare(settings: Settings, cpus: float, gpus: float | None) -> tuple[Settings, float, list[str]]:
     """Checks and one-time work in this process, before any replica runs; returns the replicas' settings, their
-    GPUs and the base model's id. Replicas converting the default model together would race on its cache, and
+    GPUs and the base model's names. Replicas converting the default model together would race on its cache, and
     a replica cleaning the store could delete another one's upload in progress."""
     from adapters import AdapterStore
-    from server.model.loader import resolve_model
+    from server.model.loader import resolve_model, served_names
 
     check_security(settings, KeyRing.from_settings(settings.admin_keys, settings.user_keys, settings.keys_file))
     if gpus is None:
@@ -63,13 +64,16 @@ def prepare(settings: Settings, cpus: float, gpus: float | None) -> tuple[Settin
         settings = settings.model_copy(update={"threads": max(1, math.floor(cpus))})
     folder = resolve_model(settings.model_path)
     AdapterStore(settings.store_dir).clean_leftovers()
-    model_id = os.path.basename(os.path.normpath(folder.path))  # as each replica's Runtime names it
-    return absolute_paths(settings), gpus, model_id
+    base_names = served_names(settings.served_model_name, folder)
+    # every replica answers to the names the ingress routes by
+    settings = settings.model_copy(update={"served_model_name": base_names})
+    return absolute_paths(settings), gpus, base_names
 
 
 def absolute_paths(settings: Settings) -> Settings:
     """Replicas need not share this process's working directory."""
-    update = {field: Path(value).expanduser().resolve() for field in ("store_dir", "preload_dir", "keys_file")
+    fields = ("store_dir", "preload_dir", "keys_file", "chat_template")
+    update = {field: Path(value).expanduser().resolve() for field in fields
               if (value := getattr(settings, field)) is not None}
     if settings.model_path:
         update["model_path"] = str(Path(settings.model_path).expanduser().resolve())
@@ -90,7 +94,7 @@ def start_ray(address: str | None, replicas: int, cpus: float, gpus: float) -> N
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, settings = parse_args(argv)
-    settings, gpus, model_id = prepare(settings, args.cpus_per_replica, args.gpus_per_replica)
+    settings, gpus, base_names = prepare(settings, args.cpus_per_replica, args.gpus_per_replica)
     start_ray(args.address, args.replicas, args.cpus_per_replica, gpus)
     import ray
     from ray import serve
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build(settings, model_id, args.replicas, args.adapters_per_replica, args.cpus_per_replica, gpus),
+        serve.run(build(settings, base_names, args.replicas, args.adapters_per_replica, args.cpus_per_replica, gpus),
                   name="loraplex", route_prefix="/")
         log.info("loraplex: %d replicas serving on http://%s:%d (Ctrl-C stops)", args.replicas, settings.host,
                  settings.port)

@@ -34,14 +34,14 @@ _DROPPED_HEADERS = {b"content-length", b"transfer-encoding", b"x-request-id"}  #
 api = FastAPI(title="loraplex (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def named_adapter(field: str, body: bytes, base_model_id: str) -> str | None:
+def named_adapter(field: str, body: bytes, base_names: list[str]) -> str | None:
     """The adapter a generation request's body names in `field`; None for the base model. A body that does
     not parse still goes to a replica, whose validation answers it."""
     try:
         name = json.loads(body).get(field)
     except (ValueError, AttributeError):
         return None
-    if not isinstance(name, str) or not name or (field == "model" and name == base_model_id):
+    if not isinstance(name, str) or not name or (field == "model" and name in base_names):
         return None
     return name
 
@@ -58,10 +58,10 @@ async def _relay(chunks):
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, gate: Gate, base_model_id: str):
+    def __init__(self, engine: DeploymentHandle, gate: Gate, base_names: list[str]):
         self.engine = engine
         self.gate = gate
-        self.base_model_id = base_model_id  # what the OpenAI routes' `model` names for no adapter
+        self.base_names = base_names  # what the OpenAI routes' `model` names for no adapter
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                    include_in_schema=False)
@@ -78,7 +78,7 @@ class Ingress:
         principal = self.gate.admit(method, path, request.headers.get("authorization", ""))
         body = await self.gate.read_body(method, path, request.headers.get("content-length", ""), request.stream())
         field = ADAPTER_FIELD.get(path) if method == "POST" else None
-        adapter = named_adapter(field, body, self.base_model_id) if field else None
+        adapter = named_adapter(field, body, self.base_names) if field else None
         if adapter is not None:
             check_may_see(principal, adapter)
         forwarded = ForwardedRequest(method, path, request.url.query.encode(), request.headers.raw, body)

@@ -45,7 +45,8 @@ def check_checkpoint(cfg: ModelConfig, found: dict[str, tuple[int, ...]], where:
             raise CheckpointMismatch(f"{where}: {name} is {list(found[name])} in the checkpoint; config.json says "
                                      f"{list(shape)}")
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # transformers ties over it as well
-    unused = sorted(n for n in found if n not in expected and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
+    unused = sorted(n for n in found
+                    if n not in expected and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
     if unused:
         raise CheckpointMismatch(f"{where}: the checkpoint holds {unused[0]}, which config.json ({cfg.model_type}) "
                                  f"does not account for ({len(unused)} such tensors): a family option loraplex "

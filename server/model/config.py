@@ -51,6 +51,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
+        try:
+            return cls._read(hf)
+        except KeyError as exc:
+            raise ModelNotSupported(f"config.json has no {exc.args[0]!r}") from None
+
+    @classmethod
+    def _read(cls, hf: dict) -> "ModelConfig":
         model_type = hf.get("model_type", "")
         if model_type in UNSUPPORTED_FAMILIES:
             raise ModelNotSupported(f"model_type {model_type!r}: {UNSUPPORTED_FAMILIES[model_type]} is not supported; "

@@ -73,8 +73,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer:
-    def __init__(self, index: int, cfg: ModelConfig, linears: dict[str, Linear], norms: tuple[torch.Tensor, torch.Tensor],
-                 qk_norms: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, index: int, cfg: ModelConfig, linears: dict[str, Linear],
+                 norms: tuple[torch.Tensor, torch.Tensor], qk_norms: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.index = index
         self.cfg = cfg
         self.linears = linears

@@ -56,6 +56,39 @@ class ModelFolder:
         return tensors
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(folder: ModelFolder, chat_template: Path | None = None):
+    """The folder's tokenizer, with the chat template from `chat_template` (a Jinja file) where given."""
+    from transformers import AutoTokenizer
+
+    if not any((folder.path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFound(f"{folder.path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder.path))
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(f"{folder.path}: transformers cannot load its tokenizer: {first_line}") from exc
+    if chat_template is not None:
+        try:
+            tokenizer.chat_template = Path(chat_template).read_text()
+        except OSError as exc:
+            raise ModelNotFound(f"--chat-template {chat_template}: {exc.strerror}") from exc
+    return tokenizer
+
+
+def served_names(names: list[str], folder: ModelFolder) -> list[str]:
+    """The names the base model answers to: those given (the first one leads), else the hub id of a Hugging
+    Face cache snapshot (.../models--org--name/snapshots/<commit>), else the folder's name."""
+    if names:
+        return list(dict.fromkeys(names))
+    path = Path(os.path.normpath(folder.path.absolute()))
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return ["/".join(path.parent.parent.name.split("--")[1:])]
+    return [path.name]
+
+
 def cache_root() -> Path:
     """Where loraplex keeps what it derives once per machine (converted models, built kernels)."""
     return Path(os.environ.get("LORAPLEX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loraplex"))

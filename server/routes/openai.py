@@ -32,15 +32,15 @@ DEFAULT_MAX_TOKENS = 256
 async def list_models(request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     created = int(rt.started_at)
-    base = {"id": rt.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": rt.model_id,
-            "parent": None}
+    bases = [{"id": name, "object": "model", "created": created, "owned_by": "loraplex", "root": rt.model_id,
+              "parent": None} for name in rt.model_names]
     adapters = [{"id": a.name, "object": "model", "created": created, "owned_by": "loraplex", "root": a.name,
                  "parent": rt.model_id} for a in rt.registry.list() if principal.may_use(a.name)]
-    return {"object": "list", "data": [base, *adapters]}
+    return {"object": "list", "data": [*bases, *adapters]}
 
 
 def _adapter_of(rt, model: str) -> str | None:
-    return None if model == rt.model_id else model
+    return None if model in rt.model_names else model
 
 
 def _params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

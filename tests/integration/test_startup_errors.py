@@ -1,0 +1,45 @@
+"""A model folder the server cannot serve stops `python -m server` with one line that says why and a
+non-zero exit, not a traceback from inside the server's start-up."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import Gemma2Config
+
+from tests.integration.server_process import free_port
+from tests.integration.tiny_models import tiny_llama
+
+pytestmark = pytest.mark.integration
+
+
+def gemma2(folder, tokenizer_from):
+    Gemma2Config(vocab_size=64, hidden_size=64, num_hidden_layers=2).save_pretrained(folder)
+
+
+def without_tokenizer(folder, tokenizer_from):
+    tiny_llama(folder)
+
+
+def biases_the_config_does_not_declare(folder, tokenizer_from):
+    tiny_llama(folder, tokenizer_from, attention_bias=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"attention_bias": False}))
+
+
+@pytest.mark.parametrize("make, says", [
+    (gemma2, "model_type 'gemma2': Gemma 2"),
+    (without_tokenizer, "holds no tokenizer"),
+    (biases_the_config_does_not_declare, "the checkpoint holds model.layers.0.self_attn.k_proj.bias"),
+])
+def test_an_unservable_folder_exits_with_one_line_naming_the_cause(tmp_path, default_model_folder, make, says):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    make(folder, default_model_folder.path)
+    done = subprocess.run([sys.executable, "-m", "server", "--model", str(folder), "--port", str(free_port()),
+                           "--store-dir", str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("loraplex: cannot start: ") and says in last, done.stderr
