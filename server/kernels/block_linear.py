@@ -1,9 +1,10 @@
 """Quantized weights in blocks of 32 inputs and the CPU kernel that multiplies by them (`block_linear.c`).
 
 A `BlockWeight` holds W as w = d * q + m per (output row, block of 32 inputs): 4-bit q in [0, 15] with an
-offset m (int4, the layout of GGUF's Q4_1), or 8-bit q in [-127, 127] with m = 0 (int8). `dequantize` is the
-plain reference every fast path is tested against; `block_kernel()` returns the kernel, or None where it
-cannot run (then `BlockWeight` callers use the reference).
+offset m (int4, the layout of GGUF's Q4_1), or 8-bit q in [-127, 127] with m = 0 (int8). The kernel rounds
+each activation row to 15-bit integers per block of 32 (`quantize_activations`) and multiplies in integers; `linear_reference` (those activations times `dequantize(W)` by `F.linear`) is the plain reference
+every fast path is tested against. `block_kernel()` returns the kernel, or None where it cannot run (then
+`BlockWeight` callers use the reference).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from server.kernels.build import load_library
 log = logging.getLogger("loraplex.kernels")
 
 BLOCK = 32  # inputs per block: GGUF's block size
-PANEL = 16  # output rows per panel, fixed by the C kernel's two 8-float vectors
+PANEL = 16  # output rows per panel: one AVX-512 register of int32 lanes
+ACTIVATION_MAX = 127 * 128  # activations' integer range per block (block_linear.c's)
+GROUPS = BLOCK // 4  # groups of 4 inputs per block, the bytes one int32 lane of a dot product takes
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,18 +72,28 @@ def from_blocks(bits: int, shape: tuple[int, int], q: torch.Tensor, d: torch.Ten
 def dequantize(w: BlockWeight) -> torch.Tensor:
     """The [out, in] float32 weight: the reference the kernel is held to."""
     panels, blocks = w.d.shape[:2]
-    if w.bits == 4:
-        packed = w.q.view(panels, blocks, BLOCK, PANEL // 2)
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+    if w.bits == 4:  # [panels, blocks, 4, 16, 4]: group j low, group j + 4 high
+        packed = w.q.view(panels, blocks, GROUPS // 2, PANEL, 4)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=2).float()
     else:
-        q = w.q.view(torch.int8).view(panels, blocks, BLOCK, PANEL).float()
-    rows = q * w.d[:, :, None, :] + w.m[:, :, None, :]          # [panels, blocks, 32, 16]
+        q = w.q.view(panels, blocks, GROUPS, PANEL, 4).float() - 128
+    per_input = q.permute(0, 1, 2, 4, 3).reshape(panels, blocks, BLOCK, PANEL)
+    rows = per_input * w.d[:, :, None, :] + w.m[:, :, None, :]          # [panels, blocks, 32, 16]
     full = rows.permute(0, 3, 1, 2).reshape(panels * PANEL, blocks * BLOCK)
     return full[: w.out_features]
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel multiplies it: each block of 32 inputs rounded to integers with scale
+    max|x| / ACTIVATION_MAX (the same float operations as block_linear.c's quantize_row), as float32."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True) / ACTIVATION_MAX
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return ((blocks * inverse).round() * scale).reshape(x.shape)
+
+
 def linear_reference(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
-    return F.linear(x, dequantize(w))
+    return F.linear(quantize_activations(x), dequantize(w))
 
 
 def _blocks(weight: torch.Tensor) -> torch.Tensor:
@@ -98,26 +111,27 @@ def _pack(bits: int, shape, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -
         q = torch.cat([q, q.new_zeros(padded - q.shape[0], *q.shape[1:])])
         d, m = (torch.cat([t, t.new_zeros(padded - t.shape[0], blocks)]) for t in (d, m))
     panels = padded // PANEL
-    per_input = q.view(panels, PANEL, blocks, BLOCK).permute(0, 2, 3, 1)   # [panels, blocks, 32, 16]
+    # [panels, blocks, 8 groups, 16 rows, 4 inputs]: a group is what one 32-bit lane of a dot product takes
+    grouped = q.view(panels, PANEL, blocks, GROUPS, 4).permute(0, 2, 3, 1, 4)
     if bits == 4:
-        per_input = per_input.to(torch.uint8)
-        packed = per_input[..., : PANEL // 2] | (per_input[..., PANEL // 2 :] << 4)
+        grouped = grouped.to(torch.uint8)
+        packed = grouped[:, :, : GROUPS // 2] | (grouped[:, :, GROUPS // 2 :] << 4)
     else:
-        packed = per_input.to(torch.int8).view(torch.uint8)
+        packed = (grouped.to(torch.int16) + 128).to(torch.uint8)
     in_panels = lambda t: t.reshape(panels, PANEL, blocks).transpose(1, 2).contiguous()  # noqa: E731
     return BlockWeight(bits, out, inp, packed.contiguous(), in_panels(d), in_panels(m))
 
 
 class BlockKernel:
-    """`avx512=True` takes the AVX-512 tile where the CPU has it (chosen in C at each call), else the AVX2 one."""
+    """`vnni=True` takes the AVX-512 VNNI path where the CPU has it (chosen in C at each call), else AVX2's."""
 
-    def __init__(self, library: ctypes.CDLL, avx512: bool = True):
+    def __init__(self, library: ctypes.CDLL, vnni: bool = True):
         self._fn = library.block_linear
         self._fn.restype = None
         self._fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                              ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                              ctypes.c_long, ctypes.c_int, ctypes.c_int]
-        self.avx512 = avx512
+        self.vnni = vnni
 
     def __call__(self, x: torch.Tensor, w: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead, inp = x.shape[:-1], x.shape[-1]
@@ -128,7 +142,7 @@ class BlockKernel:
         y = torch.empty(x2.shape[0], panels * PANEL, dtype=torch.float32)
         if x2.shape[0]:
             self._fn(x2.data_ptr(), x2.shape[0], inp, x2.stride(0), w.q.data_ptr(), w.bits, w.d.data_ptr(),
-                     w.m.data_ptr(), panels, y.data_ptr(), y.stride(0), torch.get_num_threads(), int(self.avx512))
+                     w.m.data_ptr(), panels, y.data_ptr(), y.stride(0), torch.get_num_threads(), int(self.vnni))
         if y.shape[1] != w.out_features:
             y = y[:, : w.out_features]
         if bias is not None:
@@ -145,22 +159,28 @@ def block_kernel() -> BlockKernel | None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(40, 96, generator=generator)
     x = torch.randn(5, 96, generator=generator)
-    for kernel in (BlockKernel(library, avx512=False), BlockKernel(library)):
+    for kernel in (BlockKernel(library, vnni=False), BlockKernel(library)):
         for w in (quantize_int4(weight), quantize_int8(weight)):
             if not torch.allclose(kernel(x, w), linear_reference(x, w), atol=1e-4, rtol=1e-4):
                 log.warning("block_linear kernel disagrees with its reference here; quantized weights use the "
                             "reference")
                 return None
+    log.info("quantized weights: int8 activations per block, %s dot products", kernel_path(library))
     return kernel
+
+
+def kernel_path(library: ctypes.CDLL) -> str:
+    return "avx512-vnni" if library.block_linear_has_vnni() else "avx2"
 
 
 @functools.cache
 def block_kernel_variants() -> dict[str, BlockKernel]:
-    """Each tile that runs here, by name, for tests that hold every one to the reference."""
+    """Each path that runs here, by name, for tests that hold every one to the reference."""
     kernel = block_kernel()
     if kernel is None:
         return {}
-    variants = {"avx2": BlockKernel(load_library("block_linear"), avx512=False)}
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":
-        variants["avx512"] = kernel
+    library = load_library("block_linear")
+    variants = {"avx2": BlockKernel(library, vnni=False)}
+    if kernel_path(library) == "avx512-vnni":
+        variants["avx512-vnni"] = kernel
     return variants

@@ -123,7 +123,9 @@ def test_a_merged_adapter_is_read_from_the_merged_panels(model, adapters):
 
 def test_prompt_chunks_match_layer_by_layer(model, slots):
     """Decode rows, a fresh prompt and one continuing from cached keys, in one step; the chunks attend a row
-    at a time natively and through SDPA layer by layer, so logits agree to rounding, not bit for bit."""
+    at a time natively and through SDPA layer by layer, so logits agree to rounding, not bit for bit. On a
+    quantized base a rounding difference can move an activation to its neighbouring integer step (of
+    max|x| / 16256 per block), and 30 layers carry that further."""
     chunks = [PrefillChunk(ROWS, 0, 7), PrefillChunk(ROWS + 1, 4, 6)]
     outs = []
     for native in (False, True):
@@ -136,8 +138,9 @@ def test_prompt_chunks_match_layer_by_layer(model, slots):
             outs.append((transformer.forward(ids, ctx, kv), kv))
     (layered, layered_kv), (native, native_kv) = outs
     assert native.shape == (ROWS + 2, model.config.vocab_size)
-    torch.testing.assert_close(native, layered, atol=2e-4, rtol=1e-5)
-    torch.testing.assert_close(native_kv.k, layered_kv.k, atol=1e-4, rtol=1e-5)
+    quantized = model.weight_format != "float32"
+    torch.testing.assert_close(native, layered, atol=2e-2 if quantized else 2e-4, rtol=1e-5)
+    torch.testing.assert_close(native_kv.k, layered_kv.k, atol=2e-2 if quantized else 1e-4, rtol=1e-5)
 
 
 def test_a_chunk_past_the_native_key_limit_runs_layer_by_layer(model, monkeypatch):

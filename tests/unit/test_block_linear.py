@@ -21,7 +21,7 @@ def weight(out: int, inp: int, seed: int = 0) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("tile", ["avx2", "avx512"])
+@pytest.mark.parametrize("tile", ["avx2", "avx512-vnni"])
 @pytest.mark.parametrize("quantizer", [quantize_int4, quantize_int8])
 @pytest.mark.parametrize("out,inp", [(16, 32), (40, 96), (577, 1536)])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 9, 13, 64])
