@@ -14,6 +14,39 @@ class CheckpointMismatch(Exception):
     pass
 
 
+# fused projections some families store (Phi-3), and the unfused ones they hold, in row order
+FUSED_IN_CHECKPOINT = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class UnfusedCheckpoint:
+    """A checkpoint whose fused projections read as the unfused ones they hold: row slices of the same
+    read-only tensor, so loading, merging and exact restore see the names every other family has."""
+
+    def __init__(self, ckpt, cfg: ModelConfig):
+        rows = {proj: out for proj, (out, _) in projection_shapes(cfg).items()}
+        self._tensors = {}
+        for name in ckpt.keys():
+            fused = next((f for f in FUSED_IN_CHECKPOINT if name.endswith(f".{f}.weight")), None)
+            if fused is None:
+                self._tensors[name] = ckpt[name]
+                continue
+            start = 0
+            for proj in FUSED_IN_CHECKPOINT[fused]:
+                self._tensors[name.replace(fused, proj)] = ckpt[name][start : start + rows[proj]]
+                start += rows[proj]
+            if start != ckpt[name].shape[0]:
+                raise CheckpointMismatch(f"{name} has {ckpt[name].shape[0]} rows; config.json says {start}")
+
+    def __getitem__(self, name: str):
+        return self._tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def keys(self):
+        return self._tensors.keys()
+
+
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
     if not cfg.tie_word_embeddings:

@@ -1,7 +1,7 @@
 """The base model's shape, read from a Hugging Face config.json, for the Llama-style families we run natively.
 
 What each family changes is read here and nowhere else: Qwen2's q/k/v biases, Qwen3's per-head q/k norms,
-Mistral's and Qwen's sliding windows. An option this engine does not compute is refused by name at
+Mistral's, Qwen's and Phi-3's sliding windows, Phi-3's fused projections. An option this engine does not compute is refused by name at
 start-up, never ignored: a model served without it would answer wrongly and without an error.
 """
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # families users bring that are not Llama-style decoders in some way this engine computes, and why
 UNSUPPORTED_FAMILIES = {
     "gemma": "Gemma (scaled embeddings, (1 + w) norms, GeLU)",
     "gemma2": "Gemma 2 (soft-capping, pre/post norms, alternating local/global attention)",
     "gemma3": "Gemma 3 (q/k norms, pre/post norms, local/global attention with two rope bases)",
     "gemma3_text": "Gemma 3 (q/k norms, pre/post norms, local/global attention with two rope bases)",
-    "phi3": "Phi-3 (fused qkv_proj and gate_up_proj, which PEFT adapters target as single modules)",
     "phi": "Phi-2 (parallel attention and MLP, partial rotary, GeLU)",
     "mixtral": "Mixtral (mixture of experts)",
     "qwen2_moe": "Qwen2-MoE (mixture of experts)",
@@ -48,6 +47,7 @@ class ModelConfig:
     o_bias: bool = False  # a bias on o_proj (Llama's attention_bias sets both)
     qk_norm: bool = False  # an RMS norm over each head of q and of k, before rotation (Qwen3)
     layer_windows: tuple[int | None, ...] = ()  # keys each layer's query sees (itself included); None: all
+    fused_in_checkpoint: bool = False  # q/k/v and gate/up stored as qkv_proj and gate_up_proj (Phi-3)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -75,7 +75,7 @@ class ModelConfig:
             raise ModelNotSupported("partial_rotary_factor (rotary embedding on part of each head) is not supported")
         heads = hf["num_attention_heads"]
         qkv_bias = {"llama": hf.get("attention_bias", False), "mistral": False, "qwen2": True,
-                    "qwen3": hf.get("attention_bias", False)}[model_type]
+                    "qwen3": hf.get("attention_bias", False), "phi3": False}[model_type]
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -94,6 +94,7 @@ class ModelConfig:
             o_bias=bool(qkv_bias) and model_type != "qwen2",
             qk_norm=model_type == "qwen3",
             layer_windows=_layer_windows(model_type, hf),
+            fused_in_checkpoint=model_type == "phi3",
         )
 
     @property
@@ -131,11 +132,11 @@ def _refuse_unserved_options(hf: dict) -> None:
 
 
 def _layer_windows(model_type: str, hf: dict) -> tuple[int | None, ...]:
-    """As transformers reads them: Mistral's sliding_window holds for every layer; Qwen's only where
+    """As transformers reads them: Mistral's and Phi-3's sliding_window holds for every layer; Qwen's only where
     use_sliding_window is set, for the layers layer_types marks (or, without it, from max_window_layers on)."""
     layers = hf["num_hidden_layers"]
     window = hf.get("sliding_window")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return (window,) * layers if window else ()
     if model_type not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or not window:
         return ()

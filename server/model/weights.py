@@ -7,7 +7,7 @@ import torch
 from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
 from server.model.config import ModelConfig
 from server.model.linear import Linear
-from server.model.checkpoint_layout import check_checkpoint
+from server.model.checkpoint_layout import UnfusedCheckpoint, check_checkpoint
 from server.model.llama import FUSED_SITES, DecoderLayer, Transformer, biased_sites, hf_weight_name
 from server.model.loader import ModelFolder
 from server.model.gguf_blocks import GGUFBlocks
@@ -26,6 +26,8 @@ class LoadedModel:
         self.folder = folder
         self.config = ModelConfig.from_hf(folder.config)
         self.checkpoint = MappedCheckpoint(folder.weight_files())
+        if self.config.fused_in_checkpoint:
+            self.checkpoint = UnfusedCheckpoint(self.checkpoint, self.config)
         check_checkpoint(self.config, {name: self.checkpoint[name].shape for name in self.checkpoint.keys()},
                          str(folder.path))
         formats = weight_format(quantization, self.checkpoint, device, dtype, backend, folder, self.config)

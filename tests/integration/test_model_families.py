@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from adapters import PROJECTIONS, read_peft_folder
 from server.engine.context import PrefillChunk, build_step
@@ -43,6 +43,9 @@ FAMILIES = {
                                                 max_window_layers=1, tie_word_embeddings=False),
     # head_dim 32 with 4 heads: q is wider than the hidden state
     "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True),
+    # qkv_proj and gate_up_proj fused in the checkpoint; PEFT's adapter reaches o_proj and down_proj alone
+    "phi3-sliding-window": lambda: Phi3Config(**SHAPE, sliding_window=6, pad_token_id=0, bos_token_id=1,
+                                              eos_token_id=2, tie_word_embeddings=False),
 }
 
 

@@ -2,7 +2,7 @@
 not fit its config is refused naming the tensor."""
 
 import pytest
-from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+from transformers import Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
 
 from server.model.checkpoint_layout import CheckpointMismatch, check_checkpoint, expected_tensors
 from server.model.config import ModelConfig, ModelNotSupported
@@ -15,7 +15,7 @@ def hf(config) -> dict:
     return config.to_dict()
 
 
-@pytest.mark.parametrize("config, named", [(Gemma2Config(**SHAPE), "Gemma 2"), (Phi3Config(**SHAPE), "Phi-3")])
+@pytest.mark.parametrize("config, named", [(Gemma2Config(**SHAPE), "Gemma 2"), (MixtralConfig(**SHAPE), "Mixtral")])
 def test_an_unsupported_family_is_refused_by_name(config, named):
     with pytest.raises(ModelNotSupported, match=named):
         ModelConfig.from_hf(hf(config))
