@@ -42,6 +42,13 @@ class ModelFolder:
         return json.loads((self.path / "config.json").read_text())
 
     def weight_files(self) -> list[Path]:
+        # a sharded checkpoint's index names its files: a hub folder may also hold another format's weights
+        # (Mistral's consolidated.safetensors), which transformers does not read either
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return sorted({self.path / name for name in json.loads(index.read_text())["weight_map"].values()})
+        if (self.path / WEIGHTS_FILE).is_file():
+            return [self.path / WEIGHTS_FILE]
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise ModelNotFound(f"{self.path} holds no *.safetensors weights (pickled weights are not loaded)")
