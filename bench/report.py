@@ -63,7 +63,7 @@ def plot(results: dict, path: Path) -> None:
     right.set_xlabel("measured / goal, log scale (>= 1 passes)")
     right.set_title("Targets")
     meta = results["meta"]
-    fig.suptitle(f"loraplex bench, {meta['model']} fp32, {meta['cpu']} ({meta['threads']} threads), "
+    fig.suptitle(f"loraplex bench, {meta['model']} {meta['dtype']}, {meta['cpu']} ({meta['threads']} threads), "
                  f"{'quick' if meta['quick'] else 'full'} run {meta['started']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

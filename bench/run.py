@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import baselines, micro, report, steadiness, targets
+from bench import baselines, micro, quantized, report, steadiness, targets
 from bench.targets import AGAIN
 from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
                             write_adapters)
@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
         qv8 = {n: folders["qv"][n] for n in adapter_names(QV_R8, 8)}
         log("micro-benchmarks: model")
         results: dict = {"micro": in_fresh_process(micro.run_model_micro, qv8, folders["all"], args.quick)}
+        log("quantized base (QLoRA) against fp32, engines in-process")
+        results["quantized"] = in_fresh_process(quantized.run, ["gguf"], 2 if args.quick else 3, qv8)
         log("micro-benchmarks: registry memory and load_stored")
         counts = [100] if args.quick else [100, 1000]
         results["registry"] = in_fresh_process(micro.run_registry_micro, folders["qv"]["qv-0000"], counts,
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                  args.quick)
     probes["contention_probe_end"] = probe_contention(os.getloadavg()[0], probes)
     results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
-    results["meta"] = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": NEW_TOKENS,
+    served = results["quantized"].get("gguf", results["quantized"]["none"])["weight_format"]  # what auto served
+    results["meta"] = {"model": "SmolLM2-135M-Instruct", "dtype": served, "new_tokens": NEW_TOKENS,
                        "rounds": rounds, "quick": args.quick, "started": started,
                        "threads": results["micro"]["threads"], "seconds": time.perf_counter() - run_started,
                        "load_average_start": load_start, "load_average_end": os.getloadavg()[0],

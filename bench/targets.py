@@ -128,4 +128,25 @@ def evaluate(results: dict) -> list[Target]:
                False, f"{memory['per_adapter_bytes'] / 2**20:.2f} vs {results['registry']['file_bytes'] / 2**20:.2f} MiB"),
         Target("TTFT p99 at 16 streams vs a lone request's", loaded_ttft / lone_ttft, 3.0, False,
                f"{loaded_ttft * 1e3:.0f} vs {lone_ttft * 1e3:.0f} ms (p99 over {loaded_requests} requests)"),
+        *quantized_targets(results.get("quantized")),
+    ]
+
+
+def quantized_targets(readings: dict | None) -> list[Target]:
+    """The QLoRA goals, from `bench.quantized.run` (engines in-process, in turns): the quantized default
+    (the GGUF's own blocks) against the same model in fp32."""
+    if not readings or "gguf" not in readings:
+        return []
+    fp32, gguf = readings["none"], readings["gguf"]
+    fmt = gguf["weight_format"]
+    return [
+        Target("quantized base vs fp32, 1 stream", gguf["streams_1"] / fp32["streams_1"], 3.0, True,
+               f"{gguf['streams_1']:.1f} vs {fp32['streams_1']:.1f} tok/s ({fmt})"),
+        Target("quantized base vs fp32, 16 streams", gguf["streams_16"] / fp32["streams_16"], 2.0, True,
+               f"{gguf['streams_16']:.0f} vs {fp32['streams_16']:.0f} tok/s ({fmt})"),
+        Target(f"{gguf['mixed_adapters']} adapters mixed (q/v r8) vs base-only, quantized base",
+               gguf["mixed_16"] / gguf["streams_16"], 0.9, True,
+               f"{gguf['mixed_16']:.0f} vs {gguf['streams_16']:.0f} tok/s at 16 streams"),
+        Target("resident base weights, quantized / fp32", gguf["base_weight_bytes"] / fp32["base_weight_bytes"], 0.25,
+               False, f"{gguf['base_weight_bytes'] / 2**20:.0f} vs {fp32['base_weight_bytes'] / 2**20:.0f} MiB"),
     ]

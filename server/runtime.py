@@ -30,7 +30,7 @@ from server.metrics import Metrics
 from server.model.config import ModelConfig
 from server.model.linear import resolve_backend
 from server.model.llama import FUSED_SITES, projection_rows
-from server.model.loader import load_tokenizer, resolve_model, served_names
+from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
 from server.settings import Settings
 
@@ -76,7 +76,7 @@ class Runtime:
         self.model_id = self.model_names[0]
         self.tokenizer = load_tokenizer(self.folder, settings.chat_template)  # before the weights: fails sooner
         backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
-        quantization = resolve_quantization(settings.quantization, self.device)
+        quantization = resolve_quantization(settings.quantization, self.device, self.folder)
         self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)
         self.weight_format = self.loaded.weight_format
         weights = self.loaded.transformer.linear_tensors()
@@ -144,10 +144,12 @@ class Runtime:
         self._thread.join(timeout=60)
 
 
-def resolve_quantization(name: str, device: torch.device) -> str:
-    """auto serves the checkpoint in its dtype: the quantized path is not yet faster at every batch size (see
-    bench/README.md), so the GGUF's own blocks are asked for by name (gguf)."""
-    if name in ("auto", "none"):
+def resolve_quantization(name: str, device: torch.device, folder: ModelFolder) -> str:
+    """auto serves a folder converted from a GGUF file in that file's own blocks on a CPU where the block
+    kernel runs (faster than fp32 at every batch size: `python -m bench.quantized`), anything else in --dtype."""
+    if name == "auto":
+        return "gguf" if folder.gguf is not None and device.type == "cpu" and block_kernel() is not None else "none"
+    if name == "none":
         return "none"
     if device.type != "cpu":
         raise ValueError(f"--quantization {name} runs on CPU only so far; on {device} serve in --dtype")

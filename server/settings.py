@@ -25,10 +25,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     linear_backend: Literal["auto", "torch", "mkldnn", "panel"] = "auto"
     quantization: Literal["auto", "none", "gguf", "int8", "int4"] = Field(
-        "auto", description="base weights held quantized, LoRA in full precision (QLoRA): gguf serves the "
-        "default model's GGUF blocks as they ship (Q4_0, Q4_1, Q8_0); int8 per output channel and int4 in "
-        "groups of 32 inputs with a scale and offset each quantize the checkpoint at load (CPU); auto and none: "
-        "the checkpoint's weights in --dtype")
+        "auto", description="base weights held quantized, LoRA in full precision (QLoRA): gguf serves a "
+        "model converted from a GGUF file in that file's blocks as they ship (Q4_0, Q4_1, Q8_0); int8 per output "
+        "channel and int4 in groups of 32 inputs with a scale and offset each quantize the checkpoint at load "
+        "(CPU); none: the checkpoint's weights in --dtype; auto: gguf where it applies (a GGUF-converted folder "
+        "on CPU, the default model), else none")
     threads: int | None = Field(None, description="torch intra-op threads on CPU (default: all cores)")
     lora_mode: Literal["auto", "merged", "unmerged"] = "auto"
     max_batch: int = Field(64, ge=1, description="sequences decoded together (KV-cache slots)")

@@ -9,6 +9,8 @@ from enum import Enum
 
 import torch
 
+from adapters import Adapter
+
 _ids = itertools.count()
 SAMPLING_EPS = 1e-5  # as vLLM: a temperature under this samples greedily
 
@@ -53,6 +55,8 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
+        if adapter is not None and not isinstance(adapter, Adapter):  # a name here would fail on the engine thread
+            raise TypeError(f"a request's adapter is an adapters.Adapter or None, not {type(adapter).__name__}")
         self.adapter = adapter            # an adapters.Adapter, or None for the bare base model
         self.status = Status.WAITING
         self.kv_slot = -1

@@ -46,7 +46,9 @@ def start_runtime(store_dir, **settings) -> Runtime:
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    runtime = start_runtime(tmp_path_factory.mktemp("store"))
+    # fp32, where hot-swapping pays and auto mode merges; a quantized base is served unmerged
+    # (tests/integration/test_quantized_base.py holds it to the same mixed-batch promises)
+    runtime = start_runtime(tmp_path_factory.mktemp("store"), quantization="none")
     shapes = runtime.loaded.transformer.lora_target_shapes()
     for name, kw in ADAPTERS.items():
         runtime.registry.add(random_adapter(name, shapes, init_std=0.1, **kw), persist=False)
