@@ -128,18 +128,27 @@ def evaluate(results: dict) -> list[Target]:
                False, f"{memory['per_adapter_bytes'] / 2**20:.2f} vs {results['registry']['file_bytes'] / 2**20:.2f} MiB"),
         Target("TTFT p99 at 16 streams vs a lone request's", loaded_ttft / lone_ttft, 3.0, False,
                f"{loaded_ttft * 1e3:.0f} vs {lone_ttft * 1e3:.0f} ms (p99 over {loaded_requests} requests)"),
-        *quantized_targets(results.get("quantized")),
+        *quantized_targets(results.get("quantized"), results.get("llamacpp")),
     ]
 
 
-def quantized_targets(readings: dict | None) -> list[Target]:
-    """The QLoRA goals, from `bench.quantized.run` (engines in-process, in turns): the quantized default
-    (the GGUF's own blocks) against the same model in fp32."""
+def quantized_targets(readings: dict | None, llamacpp: dict | None = None) -> list[Target]:
+    """The QLoRA goals, from `bench.quantized.run` (an engine per format, in turns): the quantized default
+    (the GGUF's own blocks) against the same model in fp32, and against llama.cpp (`bench.llamacpp.run`,
+    where it is installed) on the same file."""
     if not readings or "gguf" not in readings:
         return []
     fp32, gguf = readings["none"], readings["gguf"]
     fmt = gguf["weight_format"]
-    return [
+    against_llamacpp = [] if not llamacpp else [
+        Target("quantized base vs llama.cpp, 1 stream", gguf["streams_1"] / llamacpp["streams_1"], 1.0, True,
+               f"{gguf['streams_1']:.1f} vs {llamacpp['streams_1']:.1f} tok/s (llama-cpp-python "
+               f"{llamacpp['version']}, same GGUF)"),
+        Target(f"16 streams over {gguf['mixed_adapters']} adapters vs llama.cpp", gguf["mixed_16"] / llamacpp["streams_1"],
+               3.0, True, f"{gguf['mixed_16']:.0f} vs {llamacpp['streams_1']:.1f} tok/s (llama.cpp serializes "
+               "requests whose adapters differ: its one-stream rate, an upper bound)"),
+    ]
+    return [*against_llamacpp,
         Target("quantized base vs fp32, 1 stream", gguf["streams_1"] / fp32["streams_1"], 3.0, True,
                f"{gguf['streams_1']:.1f} vs {fp32['streams_1']:.1f} tok/s ({fmt})"),
         Target("quantized base vs fp32, 16 streams", gguf["streams_16"] / fp32["streams_16"], 2.0, True,

@@ -28,3 +28,11 @@ def test_results_without_a_quantized_reading_have_no_quantized_goals():
 def test_the_table_shows_each_format_against_fp32():
     table = render(READINGS)
     assert "3.20x" in table and "1.80x" in table and "0.94x" in table and "gguf Q4_1+Q8_0" in table
+
+
+def test_llama_cpp_goals_appear_only_with_its_reading():
+    theirs = {"version": "0.3.36", "streams_1": 100.0}
+    targets = {t.name: t for t in quantized_targets(READINGS, theirs)}
+    assert targets["quantized base vs llama.cpp, 1 stream"].ratio == 0.96
+    assert targets["16 streams over 8 adapters vs llama.cpp"].ratio == 3.4
+    assert len(quantized_targets(READINGS)) == len(targets) - 2
