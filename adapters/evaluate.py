@@ -59,7 +59,7 @@ def score(name: str, task: Task, records: list[dict], replies: list[str]) -> dic
 
 
 def evaluate(shipped: Path = SHIPPED, data: Path = DATA, names: list[str] | None = None, limit: int | None = None,
-             max_new_tokens: int | None = None, quantization: str = "auto") -> dict[str, dict]:
+             max_new_tokens: int | None = None, quantization: str = "none") -> dict[str, dict]:
     names = names or list(TASKS)
     held = {n: read_jsonl(data / n / "heldout.jsonl")[:limit] for n in names}
     tokens = {n: max_new_tokens or TASKS[n].max_new_tokens for n in names}
@@ -107,14 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--adapters", default=",".join(TASKS), help="comma-separated names")
     parser.add_argument("--limit", type=int, default=None, help="first N held-out prompts per adapter (no files written)")
-    parser.add_argument("--quantization", default="auto", help="the base's weight format (see python -m server "
-                        "--help); other than auto, each metric is printed beside the shipped fp32 figure and no "
-                        "files are written")
+    parser.add_argument("--quantization", default="none", help="the base's weight format (see python -m server "
+                        "--help); the shipped figures are fp32's (none): with any other, each metric is printed "
+                        "beside the shipped figure and no files are written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = evaluate(args.shipped, args.data, args.adapters.split(","), args.limit, quantization=args.quantization)
     print(table(results))
-    if args.quantization != "auto":
+    if args.quantization != "none":
         print(against_shipped(results, json.loads((args.shipped / "metrics.json").read_text()), args.quantization))
     elif args.limit is None:
         from adapters.cards import write_cards

@@ -83,6 +83,19 @@ def dequantize(w: BlockWeight) -> torch.Tensor:
     return full[: w.out_features]
 
 
+def dequantize_rows(w: BlockWeight, rows: torch.Tensor) -> torch.Tensor:
+    """dequantize(w)[rows], reading only those rows' blocks: an embedding lookup in a tied quantized table."""
+    panels, blocks = w.d.shape[:2]
+    panel, lane = rows // PANEL, rows % PANEL
+    if w.bits == 4:  # [n, blocks, 4, 4] each, then groups 0-3 from the low nibbles and 4-7 from the high
+        packed = w.q.view(panels, blocks, GROUPS // 2, PANEL, 4)[panel, :, :, lane]
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=2).float()
+    else:
+        q = w.q.view(panels, blocks, GROUPS, PANEL, 4)[panel, :, :, lane].float() - 128
+    values = q.reshape(len(rows), blocks, BLOCK) * w.d[panel, :, lane][..., None] + w.m[panel, :, lane][..., None]
+    return values.reshape(len(rows), blocks * BLOCK)
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """x as the kernel multiplies it: each block of 32 inputs rounded to integers with scale
     max|x| / ACTIVATION_MAX (the same float operations as block_linear.c's quantize_row), as float32."""

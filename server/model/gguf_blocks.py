@@ -83,6 +83,11 @@ class GGUFBlocks:
         q, d, m = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
         return from_blocks(parts[0][0], (q.shape[0], q.shape[1] * BLOCK), q, d, m)
 
+    @property
+    def tied(self) -> bool:
+        """Whether the lm_head is the token embedding (no `output.weight` of its own)."""
+        return "output.weight" not in self._tensors
+
     def output(self) -> BlockWeight:
         """The lm_head: `output.weight`, or the tied `token_embd.weight`."""
         name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"

@@ -112,10 +112,10 @@ class DecoderLayer:
 
 
 class Transformer:
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: Linear, device: torch.device):
+    def __init__(self, cfg: ModelConfig, embed, layers: list[DecoderLayer], norm: torch.Tensor, lm_head: Linear,
+                 device: torch.device):
         self.cfg = cfg
-        self.embed = embed
+        self.embed = embed  # token ids -> rows (server.model.embedding)
         self.layers = layers
         self.norm = norm
         self.lm_head = lm_head
@@ -133,7 +133,7 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
         """Returns float32 logits [seqs, vocab] for the rows in ctx.logits_rows."""
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed(input_ids)
         cos, sin = self.rope_tables(ctx.positions)
         if self.native_stack is None or not self.native_stack.run(h, ctx, cos, sin, kv):
             for layer in self.layers:

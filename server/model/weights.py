@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
+from server.model.embedding import BlockEmbedding, TableEmbedding
 from server.model.config import ModelConfig
 from server.model.linear import Linear
 from server.model.checkpoint_layout import UnfusedCheckpoint, check_checkpoint
@@ -49,6 +50,9 @@ class FullPrecision:
     def head(self, weight: torch.Tensor):
         return Linear(weight, None, self.backend, editable=False)
 
+    def embedding(self, table: torch.Tensor, head):
+        return TableEmbedding(table)
+
 
 class QuantizedAtLoad:
     """Each projection read in full precision, quantized and dropped, so the whole model never exists in full
@@ -63,6 +67,9 @@ class QuantizedAtLoad:
 
     def head(self, weight: torch.Tensor):
         return QuantizedLinear(quantize(weight, "int8"), None, "int8")
+
+    def embedding(self, table: torch.Tensor, head):  # the int8 head rounds: lookups keep the exact table
+        return TableEmbedding(table)
 
 
 class FromGGUF:
@@ -80,6 +87,11 @@ class FromGGUF:
 
     def head(self, weight: torch.Tensor):  # the file's own output (or tied embedding) blocks, not `weight`
         return QuantizedLinear(self.blocks.output(), None, "gguf")
+
+    def embedding(self, table: torch.Tensor, head):
+        """A tied file's embedding is its lm_head's blocks: looked up there, `table` (that file dequantized)
+        is dropped."""
+        return BlockEmbedding(head.quantized) if self.blocks.tied else TableEmbedding(table)
 
 
 def weight_format(quantization: str, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, backend: str,
@@ -130,4 +142,4 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.de
     # The tied head shares the embedding's storage on the plain path; the packed kernel is a separate layout.
     head = formats.head(embed if head_name == "model.embed_tokens.weight" else _tensor(ckpt, head_name, device, dtype))
     norm = _tensor(ckpt, "model.norm.weight", device, dtype)
-    return Transformer(cfg, embed, layers, norm, head, device)
+    return Transformer(cfg, formats.embedding(embed, head), layers, norm, head, device)

@@ -134,6 +134,19 @@ def test_the_gguf_blocks_are_the_converted_checkpoints_weights_bit_for_bit(defau
     assert blocks.types == {"Q4_1", "Q8_0"}
 
 
+def test_a_tied_gguf_looks_tokens_up_in_its_head_blocks_exactly(default_model_folder):
+    """No full-precision copy of the 49152-row table stays resident; each looked-up row is the table's."""
+    from server.model.checkpoint import MappedCheckpoint
+    from server.model.embedding import BlockEmbedding
+
+    cpu = torch.device("cpu")
+    model = LoadedModel(default_model_folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32), "gguf")
+    assert isinstance(model.transformer.embed, BlockEmbedding)
+    ids = torch.tensor([0, 1, 17, 49151, 17, 30000])
+    table = MappedCheckpoint(default_model_folder.weight_files())["model.embed_tokens.weight"].float()
+    assert torch.equal(model.transformer.embed(ids), table[ids])
+
+
 def test_a_tensor_of_a_type_not_served_is_refused_naming_it(default_model_folder):
     from server.model.config import ModelConfig
     from server.model.gguf_blocks import GGUFBlocks, UnsupportedTensor

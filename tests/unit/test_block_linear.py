@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from server.kernels.block_linear import (
-    BLOCK, block_kernel, block_kernel_variants, dequantize, from_blocks, linear_reference, quantize_int4,
-    quantize_int8,
+    BLOCK, block_kernel, block_kernel_variants, dequantize, dequantize_rows, from_blocks, linear_reference,
+    quantize_int4, quantize_int8,
 )
 from server.model.linear import RowEdit
 from server.model.quantized_linear import QuantizedLinear, quantize
@@ -67,6 +67,13 @@ def test_blocks_given_as_scale_offset_and_nibbles_dequantize_exactly():
     w = from_blocks(4, (out, blocks * BLOCK), q, d, m)
     expected = (q.float() * d[..., None] + m[..., None]).view(out, -1)
     assert torch.equal(dequantize(w), expected)
+
+
+@pytest.mark.parametrize("quantizer", [quantize_int4, quantize_int8])
+def test_rows_dequantized_alone_equal_those_of_the_whole_weight(quantizer):
+    w = quantizer(weight(50, 96))  # 50 rows: the last panel is padded
+    rows = torch.tensor([0, 49, 17, 17, 3, 16])
+    assert torch.equal(dequantize_rows(w, rows), dequantize(w)[rows])
 
 
 def test_a_weight_whose_inputs_are_not_whole_blocks_is_refused():
