@@ -106,7 +106,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline __attribute
             #pragma GCC unroll 8
             for (int g = 0; g < GROUPS; g++) w[g] = _mm512_loadu_si512(q + b * PANEL * BLOCK + 64 * g);
         }
-        __m512 db = _mm512_loadu_ps(d + b * PANEL), mb = _mm512_loadu_ps(m + b * PANEL);
+        // 8 bits have no offsets: their zeros are not streamed
+        __m512 db = _mm512_loadu_ps(d + b * PANEL), mb = bits == 4 ? _mm512_loadu_ps(m + b * PANEL) : db;
         long at = b * a->rows + r0;
         const int32_t *xh = (const int32_t *)(a->hi + at * BLOCK), *xl = (const int32_t *)(a->lo + at * BLOCK);
         const float *dx = a->dx + at, *sx = a->sx + at;
@@ -172,7 +173,8 @@ static inline __attribute__((always_inline)) void tile_avx2(
                 for (int g = 0; g < GROUPS; g++)
                     w[g] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + b * PANEL * BLOCK + 64 * g + 32 * h)), flip);
             }
-            __m256 db = _mm256_loadu_ps(d + b * PANEL + 8 * h), mb = _mm256_loadu_ps(m + b * PANEL + 8 * h);
+            __m256 db = _mm256_loadu_ps(d + b * PANEL + 8 * h);
+            __m256 mb = bits == 4 ? _mm256_loadu_ps(m + b * PANEL + 8 * h) : db;
             long at = b * a->rows + r0;
             const int32_t *xh = (const int32_t *)(a->hi + at * BLOCK), *xl = (const int32_t *)(a->lo + at * BLOCK);
             const float *dx = a->dx + at, *sx = a->sx + at;
