@@ -29,6 +29,19 @@ server against 34-44 for the rest, and the bench's TTFT p99.
 
 from __future__ import annotations
 
+import threading
+import time
+
+
+class Clock:
+    """The serving loop's time and sleeps; tests drive the loop on a fake one (tests/unit/test_engine_loop.py)."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, wake: threading.Event, timeout: float) -> bool:
+        return wake.wait(timeout)
+
 
 class AdmissionWait:
     def __init__(self, max_s: float, step_fraction: float = 0.4, worth_it: float = 0.5):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.admission import AdmissionWait
+from server.engine.admission import AdmissionWait, Clock
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import SamplingParams, Sequence
 from server.engine.runner import ModelRunner
@@ -68,7 +68,7 @@ class EngineStats:
 class Engine:
     def __init__(self, loaded, runner: ModelRunner, scheduler: Scheduler, tokenizer, lora_mode: str, eos_ids: set[int],
                  metrics: Metrics | None = None, max_pending: int = 256, timeout_s: float | None = None,
-                 admission: AdmissionWait | None = None):
+                 admission: AdmissionWait | None = None, clock: Clock | None = None):
         self.loaded = loaded
         self.runner = runner
         self.scheduler = scheduler
@@ -79,6 +79,7 @@ class Engine:
         self.max_pending = max_pending
         self.timeout_s = timeout_s
         self._admission = admission or AdmissionWait(0.0)
+        self._clock = clock or Clock()
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._totals_seen: dict[object, float] = {}  # counter -> the running total it last advanced to
@@ -112,6 +113,9 @@ class Engine:
         # built before a queue place is taken, so nothing it raises can leak one
         seq = Sequence(prompt_ids, params, adapter, device=self.runner.device, timeout_s=self.timeout_s,
                        cache_scope=cache_scope)
+        # on the loop's clock, which admission watches, expiry and latencies read
+        seq.arrived = self._clock.now()
+        seq.deadline = seq.arrived + self.timeout_s if self.timeout_s else None
         with self._pending_lock:
             if self._pending >= self.max_pending:
                 self.metrics.rejected.labels("queue_full").inc()
@@ -149,24 +153,28 @@ class Engine:
     def run(self) -> None:
         """Serves until `stop`. Call it on the thread that built the model (see server.runtime)."""
         while not self._stop.is_set():
-            self._drain_inbox()  # aborts and expiries finish requests here too: flush before sleeping
-            if not self.scheduler.has_work():
-                self._flush_outbox()
-                self._watch = None
-                self._admission.forget()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            self._finished_in_step = 0
-            started = time.perf_counter()
-            try:
-                self.step()
-            except Exception:  # a bug in the shared forward must not kill the server: fail the batch, keep serving
-                log.exception("engine step failed; failing its requests")
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self._finish(seq, "error", "the server failed while computing this request")
+            self.run_once()
+
+    def run_once(self) -> None:
+        """One pass of the loop: a step and the wait after it, or a nap while there is no work."""
+        self._drain_inbox()  # aborts and expiries finish requests here too: flush before sleeping
+        if not self.scheduler.has_work():
             self._flush_outbox()
-            self._await_next_requests(time.perf_counter() - started)
+            self._watch = None
+            self._admission.forget()
+            self._clock.wait(self._wake, 0.5)
+            self._wake.clear()
+            return
+        self._finished_in_step = 0
+        started = self._clock.now()
+        try:
+            self.step()
+        except Exception:  # a bug in the shared forward must not kill the server: fail the batch, keep serving
+            log.exception("engine step failed; failing its requests")
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self._finish(seq, "error", "the server failed while computing this request")
+        self._flush_outbox()
+        self._await_next_requests(self._clock.now() - started)
 
     def _await_next_requests(self, step_s: float) -> None:
         """After a step that finished requests, lets their clients' next requests join the next step
@@ -183,23 +191,23 @@ class Engine:
                 self._drain_inbox()
                 self._flush_outbox()
                 self._settle_watch(force=True)
-                now = time.monotonic()
+                now = self._clock.now()
                 self._watch, self._watch_hits = (now, now + window, awaited), 0
             return
-        started = time.perf_counter()
+        started = self._clock.now()
         deadline = started + budget
         while self._inbox.qsize() < awaited and not self._stop.is_set():
             self._wake.clear()
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - self._clock.now()
             if remaining <= 0 or self._inbox.qsize() >= awaited:
                 break
-            self._wake.wait(remaining)
+            self._clock.wait(self._wake, remaining)
         self._admission.record(awaited, self._inbox.qsize())
-        self.metrics.admission_wait_seconds.inc(time.perf_counter() - started)
+        self.metrics.admission_wait_seconds.inc(self._clock.now() - started)
 
     def _settle_watch(self, force: bool = False) -> None:
         """Records how many awaited requests came within a skipped wait's window, once it has passed."""
-        if self._watch is not None and (force or time.monotonic() >= self._watch[1]):
+        if self._watch is not None and (force or self._clock.now() >= self._watch[1]):
             self._admission.record(self._watch[2], self._watch_hits)
             self._watch = None
 
@@ -215,7 +223,7 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, batch)
 
     def _expire_overdue(self) -> None:
-        now = time.monotonic()
+        now = self._clock.now()
         for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.expired(now)]:
             self._finish(seq, "timeout")
 
@@ -343,7 +351,7 @@ class Engine:
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.output_ids.append(token)
         if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
+            seq.first_token_at = self._clock.now()
             self.metrics.ttft.labels(adapter_label(seq.adapter_name)).observe(seq.first_token_at - seq.arrived)
         sink, detok = self._sinks[seq.id]
         p = seq.params
@@ -376,7 +384,7 @@ class Engine:
         m.requests.labels(label, reason).inc()
         m.tokens.labels(label).inc(len(seq.output_ids))
         m.prompt_tokens.labels(label).inc(len(seq.prompt_ids))
-        m.latency.labels(label).observe(time.monotonic() - seq.arrived)
+        m.latency.labels(label).observe(self._clock.now() - seq.arrived)
         sink, _ = self._sinks.pop(seq.id, (None, None))
         if sink is not None:
             self._outbox.append((sink, TokenEvent("", [], True, reason, len(seq.prompt_ids), len(seq.output_ids),
