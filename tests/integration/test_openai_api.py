@@ -114,9 +114,12 @@ def test_logit_bias_forces_a_token_and_a_token_outside_the_vocabulary_is_refused
 
 
 def test_fields_at_openais_defaults_and_bookkeeping_fields_are_accepted(client):
-    reply = client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=2, n=1, presence_penalty=0,
-                                           frequency_penalty=0, response_format={"type": "text"}, user="u-1")
-    assert reply.choices[0].message.content is not None
+    reply = client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, temperature=0, n=1,
+                                           presence_penalty=0, frequency_penalty=0, response_format={"type": "text"},
+                                           user="u-1")
+    plain = client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content == plain.choices[0].message.content != ""
+    assert reply.usage.completion_tokens == plain.usage.completion_tokens
 
 
 def test_vllm_style_load_and_unload(server, client, tmp_path):

@@ -2,8 +2,11 @@ import gc
 import platform
 import re
 
+from pathlib import Path
+
 import pytest
 
+from server import heap
 from server.heap import (CollectionTimer, back_with_huge_pages, freeze_startup_objects, huge_page_bytes,
                          keep_freed_memory)
 
@@ -13,8 +16,27 @@ def test_glibc_accepts_the_heap_settings():
     assert keep_freed_memory(trim_mb=256) is True
 
 
-def test_it_never_raises_whatever_the_c_library():
-    assert keep_freed_memory() in (True, False)
+class NoMallopt:
+    """A C library without glibc's mallopt, as musl's and macOS's."""
+
+
+class RefusingMallopt:
+    @staticmethod
+    def mallopt(param, value) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("libc", [NoMallopt, RefusingMallopt])
+def test_a_c_library_without_the_settings_leaves_the_defaults_and_says_so(monkeypatch, libc):
+    monkeypatch.setattr(heap.ctypes, "CDLL", lambda name, **kw: libc())
+    assert keep_freed_memory() is False
+
+
+def test_no_c_library_to_load_is_no_error(monkeypatch):
+    def missing(name, **kw):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(heap.ctypes, "CDLL", missing)
+    assert keep_freed_memory() is False
 
 
 def test_start_up_objects_leave_the_collectors_generations():
@@ -91,6 +113,12 @@ def test_nothing_to_advise_is_no_error():
     assert back_with_huge_pages([torch.ones(1000)]) is False  # no whole 2 MB page inside: stays as it is
 
 
-def test_huge_page_bytes_reads_this_process_or_says_nothing():
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="the kernel does not report it")
+def test_huge_page_bytes_reads_this_process():
     found = huge_page_bytes()
-    assert found is None or found >= 0
+    assert isinstance(found, int) and found % 4096 == 0
+
+
+def test_huge_page_bytes_says_nothing_where_the_kernel_does_not_report_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(heap, "Path", lambda path: tmp_path / "no-smaps_rollup")
+    assert huge_page_bytes() is None
