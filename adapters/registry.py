@@ -127,6 +127,11 @@ class AdapterRegistry:
             raise AdapterNotFound(f"adapter {name!r} is not registered")
         return adapter
 
+    def is_current(self, adapter: Adapter) -> bool:
+        """True while `adapter` is the version registered under its name (not removed, not replaced)."""
+        with self._lock:
+            return any(held is adapter for held in self._held())
+
     def remove(self, name: str) -> Adapter:
         with self._lock:
             if name not in self._adapters:

@@ -33,7 +33,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
              "max-json-bytes": "max_json_bytes", "max-messages": "max_messages",
              "max-prompt-chars": "max_prompt_chars", "max-stop-chars": "max_stop_chars",
              "max-adapter-memory-mb": "max_adapter_memory_mb", "adapter-root": "adapter_roots",
-             "served-model-name": "served_model_name", "chat-template": "chat_template"}
+             "served-model-name": "served_model_name", "chat-template": "chat_template",
+             "max-adapters-per-request": "max_adapters_per_request", "max-adapter-weight": "max_adapter_weight",
+             "mix-cache-mb": "mix_cache_mb"}
     for flag, field in flags.items():
         info = Settings.model_fields[field]
         # a list setting takes its flag once per item (--adapter-root A --adapter-root B), or, as vLLM's

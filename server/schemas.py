@@ -35,12 +35,31 @@ class PenaltyFields(BaseModel):
                 "logit_bias": tuple(sorted((self.logit_bias or {}).items()))}
 
 
+class AdapterWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    weight: float = Field(1.0, allow_inf_nan=False, description="scales the adapter's update; the server "
+                          "bounds |weight| (--max-adapter-weight)")
+
+
+class AdapterMixField(BaseModel):
+    """`adapters`: a weighted mix, h = W0·x + sum_i weight_i·(alpha_i/r_i)·B_i·A_i·x, computed as side
+    branches; one entry is a per-request scale. Shared by the native and OpenAI requests."""
+
+    adapters: list[AdapterWeight] | None = Field(None, min_length=1, description="adapters mixed with weights "
+                                                 "(at most --max-adapters-per-request); one entry scales one adapter")
+
+    def mix(self) -> list[tuple[str, float]] | None:
+        return [(a.name, a.weight) for a in self.adapters] if self.adapters is not None else None
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class GenerateRequest(PenaltyFields):
+class GenerateRequest(PenaltyFields, AdapterMixField):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
@@ -59,6 +78,8 @@ class GenerateRequest(PenaltyFields):
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.adapter is not None and self.adapters is not None:
+            raise ValueError("give `adapter` or `adapters`, not both")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         return self
@@ -72,6 +93,7 @@ class Usage(BaseModel):
 class GenerateResponse(BaseModel):
     text: str
     adapter: str | None
+    adapters: list[AdapterWeight] | None = None  # the mix asked for, if one was
     finish_reason: str
     usage: Usage
 

@@ -3,7 +3,8 @@
 Every field OpenAI defines either works or is refused naming it (400): a client that asked for JSON output,
 tools or penalties must learn that from an error, not from free text under a 200. Fields not served yet are
 accepted only at OpenAI's own default (`_AT_DEFAULT_ONLY`); unknown fields are refused, except the
-documented extensions (vLLM's `top_k`, `ignore_eos`).
+documented extensions (vLLM's `top_k`, `ignore_eos`; loraplex's `adapters`, a weighted mix applied to the
+base model named in `model`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.schemas import SEED_MAX, SEED_MIN, PenaltyFields
+from server.schemas import SEED_MAX, SEED_MIN, AdapterMixField, PenaltyFields
 
 
 class StreamOptions(BaseModel):
@@ -34,7 +35,7 @@ def _refuse_unless_default(value, info: ValidationInfo):
     return value
 
 
-class _SamplingFields(PenaltyFields):
+class _SamplingFields(PenaltyFields, AdapterMixField):
     model_config = ConfigDict(extra="forbid")
 
     model: str

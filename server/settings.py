@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     max_stop_chars: int = Field(128, ge=1, description="characters per stop string")
     max_adapter_memory_mb: int = Field(4096, ge=1, description="memory all registered adapters' weights may "
                                        "take together, counted as held (float32)")
+    max_adapters_per_request: int = Field(4, ge=1, description="adapters one request may mix (`adapters`)")
+    max_adapter_weight: float = Field(2.0, gt=0, description="largest |weight| of an adapter in a request's mix")
+    mix_cache_mb: int = Field(256, ge=0, description="memory for the concatenated weights of recent adapter "
+                              "mixes; beyond it the least recently used are dropped and rebuilt when asked again")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

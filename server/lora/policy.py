@@ -8,10 +8,13 @@ all-projection adapter re-packs every projection (0.4-0.6 s on a 2-core AVX2 EPY
 to be undone a step later, while unmerged steps cost 1.01-1.11x of base for one q/v adapter and
 1.15-1.28x for eight all-projection ones (the bench's decode-step table). Switches
 happen only between steps, and both modes compute the same function, so a switch never changes what an
-in-flight request gets beyond rounding.
+in-flight request gets beyond rounding. A weighted mix (adapters.mix) is never merged: it is built per
+request, so a merge would rarely be reused before its restore.
 """
 
 from __future__ import annotations
+
+from adapters.mix import is_mix
 
 MODES = ("auto", "merged", "unmerged")
 SETTLE_STEPS = 8
@@ -22,7 +25,7 @@ def merge_target(mode: str, running_adapters: list) -> object | None:
     if mode == "unmerged" or not running_adapters:
         return None
     first = running_adapters[0]
-    if first is None or any(a is not first for a in running_adapters):
+    if first is None or is_mix(first) or any(a is not first for a in running_adapters):
         return None
     return first
 

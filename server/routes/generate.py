@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapters.mix import check_weights
 from server.engine.engine import TokenEvent
 from server.auth import Principal
 from server.engine.request import SamplingParams
@@ -50,12 +51,28 @@ def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None
     return chars
 
 
-async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
-                           messages: list[dict] | None, params: SamplingParams) -> AsyncIterator[TokenEvent]:
-    """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
-    if adapter_name is not None:
+async def resolve_adapter(rt, principal: Principal, adapter_name: str | None, mix: list[tuple[str, float]] | None):
+    """The Adapter a request runs with: a registered one by name, a weighted mix of them (see adapters.mix)
+    or None for the base. A name unknown or hidden from the caller fails as it does alone."""
+    if mix is None:
+        if adapter_name is None:
+            return None
         check_may_see(principal, adapter_name)
-    adapter = rt.registry.get(adapter_name) if adapter_name else None
+        return rt.registry.get(adapter_name)
+    check_weights([weight for _, weight in mix], rt.settings.max_adapters_per_request, rt.settings.max_adapter_weight)
+    members = []
+    for name, weight in mix:
+        check_may_see(principal, name)
+        members.append((rt.registry.get(name), weight))
+    # a new mix copies its members' weights: off the event loop, as large prompts are tokenized
+    return rt.mixes.find(members) or await run_in_threadpool(rt.mixes.get, members)
+
+
+async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
+                           messages: list[dict] | None, params: SamplingParams,
+                           mix: list[tuple[str, float]] | None = None) -> AsyncIterator[TokenEvent]:
+    """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
+    adapter = await resolve_adapter(rt, principal, adapter_name, mix)
     chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
     if chars + template_chars <= INLINE_ENCODE_CHARS:
@@ -111,7 +128,8 @@ async def generate(req: GenerateRequest, request: Request, principal: Principal 
                             top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
                             **req.penalty_params())
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-    events = await start_generation(request.app.state.runtime, principal, req.adapter, req.prompt, messages, params)
+    events = await start_generation(request.app.state.runtime, principal, req.adapter, req.prompt, messages, params,
+                                    req.mix())
     if req.stream:
         return StreamingResponse(_sse(events, req.adapter), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -120,7 +138,8 @@ async def generate(req: GenerateRequest, request: Request, principal: Principal 
         text.append(event.text)
         if event.finished:
             raise_if_failed(event)
-            return GenerateResponse(text="".join(text), adapter=req.adapter, finish_reason=event.finish_reason,
+            return GenerateResponse(text="".join(text), adapter=req.adapter, adapters=req.adapters,
+                                    finish_reason=event.finish_reason,
                                     usage=Usage(prompt_tokens=event.prompt_tokens,
                                                 completion_tokens=event.completion_tokens))
     return Response(status_code=499)  # the client went away; nobody reads this

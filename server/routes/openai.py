@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from server.engine.engine import TokenEvent
 from server.engine.request import SamplingParams
 from adapters.confined import read_adapter_folder
-from server.errors import Forbidden, GenerationFailed
+from server.errors import Forbidden, GenerationFailed, InvalidRequest
 from server.auth import Principal
 from server.routes.generate import raise_if_failed, start_generation, until_disconnected
 from server.routes.security import admin, caller, check_may_manage, check_may_see
@@ -39,8 +39,12 @@ async def list_models(request: Request, principal: Principal = Depends(caller)):
     return {"object": "list", "data": [*bases, *adapters]}
 
 
-def _adapter_of(rt, model: str) -> str | None:
-    return None if model in rt.model_names else model
+def _adapter_of(rt, req) -> str | None:
+    adapter = None if req.model in rt.model_names else req.model
+    if adapter is not None and req.adapters is not None:
+        raise InvalidRequest(f"`model` names the adapter {adapter!r} and `adapters` a mix: with `adapters`, "
+                             f"`model` is the base model ({rt.model_id!r})")
+    return adapter
 
 
 def _params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -99,7 +103,8 @@ class _Logprobs:
 async def completions(req: CompletionRequest, request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     params = _params(req, req.max_tokens or 16, req.logprobs)
-    events = await start_generation(rt, principal, _adapter_of(rt, req.model), req.prompt, None, params)
+    events = await start_generation(rt, principal, _adapter_of(rt, req), req.prompt, None, params,
+                                    req.mix())
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs is not None else None
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
@@ -144,7 +149,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, req.max_completion_tokens or req.max_tokens, top)
     messages = [m.as_template_message() for m in req.messages]
-    events = await start_generation(rt, principal, _adapter_of(rt, req.model), None, messages, params)
+    events = await start_generation(rt, principal, _adapter_of(rt, req), None, messages, params, req.mix())
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs else None
     head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}
