@@ -33,8 +33,8 @@ class BlockWeight:
     out_features: int
     in_features: int
     q: torch.Tensor   # uint8, the kernel's layout (see block_linear.c)
-    d: torch.Tensor   # float32 [panels, blocks, 16]
-    m: torch.Tensor   # float32 [panels, blocks, 16]
+    d: torch.Tensor   # float16 [panels, blocks, 16]
+    m: torch.Tensor   # float16 [panels, blocks, 16]
 
     @property
     def nbytes(self) -> int:
@@ -48,7 +48,7 @@ def quantize_int4(weight: torch.Tensor) -> BlockWeight:
     """Asymmetric 4 bits per weight, one scale and offset per 32 inputs of a row (as GGUF's Q4_1)."""
     rows = _blocks(weight)
     low, high = rows.amin(-1), rows.amax(-1)
-    d = (high - low) / 15
+    d, low = _half((high - low) / 15), _half(low)  # the grid as stored, so q is chosen on it
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     q = ((rows - low[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
     return _pack(4, weight.shape, q, d, low)
@@ -57,7 +57,7 @@ def quantize_int4(weight: torch.Tensor) -> BlockWeight:
 def quantize_int8(weight: torch.Tensor) -> BlockWeight:
     """Symmetric 8 bits per weight, one scale per output row (per-output-channel)."""
     rows = _blocks(weight)
-    scale = rows.abs().amax(dim=(1, 2)) / 127
+    scale = _half(rows.abs().amax(dim=(1, 2)) / 127)
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     q = (rows * inv[:, None, None]).round().clamp(-127, 127).to(torch.int8)
     d = scale[:, None].expand(-1, rows.shape[1]).contiguous()
@@ -78,7 +78,7 @@ def dequantize(w: BlockWeight) -> torch.Tensor:
     else:
         q = w.q.view(panels, blocks, GROUPS, PANEL, 4).float() - 128
     per_input = q.permute(0, 1, 2, 4, 3).reshape(panels, blocks, BLOCK, PANEL)
-    rows = per_input * w.d[:, :, None, :] + w.m[:, :, None, :]          # [panels, blocks, 32, 16]
+    rows = per_input * w.d[:, :, None, :].float() + w.m[:, :, None, :].float()   # [panels, blocks, 32, 16]
     full = rows.permute(0, 3, 1, 2).reshape(panels * PANEL, blocks * BLOCK)
     return full[: w.out_features]
 
@@ -92,7 +92,8 @@ def dequantize_rows(w: BlockWeight, rows: torch.Tensor) -> torch.Tensor:
         q = torch.cat([packed & 0x0F, packed >> 4], dim=2).float()
     else:
         q = w.q.view(panels, blocks, GROUPS, PANEL, 4)[panel, :, :, lane].float() - 128
-    values = q.reshape(len(rows), blocks, BLOCK) * w.d[panel, :, lane][..., None] + w.m[panel, :, lane][..., None]
+    d, m = (t[panel, :, lane].float()[..., None] for t in (w.d, w.m))
+    values = q.reshape(len(rows), blocks, BLOCK) * d + m
     return values.reshape(len(rows), blocks * BLOCK)
 
 
@@ -107,6 +108,11 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 def linear_reference(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
     return F.linear(quantize_activations(x), dequantize(w))
+
+
+def _half(t: torch.Tensor) -> torch.Tensor:
+    """Rounded to the float16 the kernel stores scales and offsets in, kept float32."""
+    return t.half().float()
 
 
 def _blocks(weight: torch.Tensor) -> torch.Tensor:
@@ -131,7 +137,7 @@ def _pack(bits: int, shape, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -
         packed = grouped[:, :, : GROUPS // 2] | (grouped[:, :, GROUPS // 2 :] << 4)
     else:
         packed = (grouped.to(torch.int16) + 128).to(torch.uint8)
-    in_panels = lambda t: t.reshape(panels, PANEL, blocks).transpose(1, 2).contiguous()  # noqa: E731
+    in_panels = lambda t: t.reshape(panels, PANEL, blocks).transpose(1, 2).to(torch.float16).contiguous()  # noqa: E731
     return BlockWeight(bits, out, inp, packed.contiguous(), in_panels(d), in_panels(m))
 
 

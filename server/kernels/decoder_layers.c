@@ -28,8 +28,8 @@ enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTERMEDIATE, D_FIELDS };
 enum { SITE_QKV, SITE_O, SITE_GATE_UP, SITE_DOWN, SITES };
 
 typedef void (*panel_fn)(const float *, long, long, long, const float *, long, float *, long, int);
-typedef void (*block_fn)(const float *, long, long, long, const unsigned char *, int, const float *, const float *,
-                         long, float *, long, int, int);
+typedef void (*block_fn)(const float *, long, long, long, const unsigned char *, int, const unsigned short *,
+                         const unsigned short *, long, float *, long, int, int);
 typedef int (*rms_norm_fn)(const float *, long, const float *, long, long, float, float *, long, int);
 typedef int (*rope_fn)(float *, long, long, long, long, const float *, const float *, long, int);
 typedef int (*silu_mul_fn)(const float *, long, long, long, float *, long, int);
@@ -59,7 +59,7 @@ static void project(const long *fns, const long *p, const float *x, long n, long
         ((panel_fn)fns[F_PANEL])(x, n, in, in, (const float *)p[P_DATA], p[P_PANELS], y, ldy, threads);
     else
         ((block_fn)fns[F_BLOCK])(x, n, in, in, (const unsigned char *)p[P_DATA], (int)p[P_BITS],
-                                 (const float *)p[P_SCALES], (const float *)p[P_OFFSETS], p[P_PANELS], y, ldy,
+                                 (const unsigned short *)p[P_SCALES], (const unsigned short *)p[P_OFFSETS], p[P_PANELS], y, ldy,
                                  threads, 1);
 }
 

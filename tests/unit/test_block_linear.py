@@ -44,18 +44,23 @@ def test_kernel_takes_strided_rows_and_a_bias():
     torch.testing.assert_close(KERNEL(x, w, bias), linear_reference(x, w) + bias, atol=2e-5, rtol=1e-5)
 
 
+HALF_ULP = 2.0**-11  # relative rounding of the float16 the scales and offsets are stored in
+
+
 def test_int4_rounds_each_weight_to_its_blocks_grid():
     w = weight(64, 128)
     error = (dequantize(quantize_int4(w)) - w).abs().view(64, -1, BLOCK)
-    step = (w.view(64, -1, BLOCK).amax(-1) - w.view(64, -1, BLOCK).amin(-1)) / 15
-    assert bool((error <= step[..., None] / 2 + 1e-6).all())
+    low, high = w.view(64, -1, BLOCK).amin(-1), w.view(64, -1, BLOCK).amax(-1)
+    step = (high - low) / 15
+    bound = step / 2 + 16 * HALF_ULP * (high.abs() + low.abs())
+    assert bool((error <= bound[..., None]).all())
 
 
 def test_int8_rounds_each_weight_to_its_rows_scale():
     w = weight(64, 128)
     error = (dequantize(quantize_int8(w)) - w).abs()
     scale = w.abs().amax(1) / 127
-    assert bool((error <= scale[:, None] / 2 + 1e-6).all())
+    assert bool((error <= scale[:, None] * (0.5 + 128 * HALF_ULP)).all())
 
 
 def test_blocks_given_as_scale_offset_and_nibbles_dequantize_exactly():
@@ -63,9 +68,9 @@ def test_blocks_given_as_scale_offset_and_nibbles_dequantize_exactly():
     out, blocks = 20, 3
     g = torch.Generator().manual_seed(1)
     q = torch.randint(0, 16, (out, blocks, BLOCK), generator=g, dtype=torch.uint8)
-    d, m = torch.rand(out, blocks, generator=g), torch.randn(out, blocks, generator=g)
+    d, m = torch.rand(out, blocks, generator=g).half(), torch.randn(out, blocks, generator=g).half()  # as GGUF's
     w = from_blocks(4, (out, blocks * BLOCK), q, d, m)
-    expected = (q.float() * d[..., None] + m[..., None]).view(out, -1)
+    expected = (q.float() * d.float()[..., None] + m.float()[..., None]).view(out, -1)
     assert torch.equal(dequantize(w), expected)
 
 
