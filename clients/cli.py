@@ -23,9 +23,36 @@ app.add_typer(adapters_app, name="adapters")
 BASE = "base"
 CHAT_HELP = "Type a message and press Enter. /adapter NAME switches persona (/adapter base: none), /quit exits."
 
-AdapterOption = Annotated[str | None, typer.Option("--adapter", "-a", help="adapter name; the base model if left out")]
+AdapterOption = Annotated[list[str] | None, typer.Option(
+    "--adapter", "-a", help="adapter NAME or NAME:WEIGHT; repeat it to mix adapters "
+    "(--adapter pirate:0.7 --adapter butler:0.3); the base model if left out")]
 MaxTokensOption = Annotated[int, typer.Option(min=1, help="most tokens to generate")]
 TemperatureOption = Annotated[float | None, typer.Option(min=0.0, help="0 is greedy; the server's default if left out")]
+
+
+def adapter_choice(values: list[str] | None) -> str | dict[str, float] | None:
+    """--adapter values as the client takes them: one plain name, or {name: weight} for a weighted mix."""
+    if not values:
+        return None
+    if len(values) == 1 and ":" not in values[0]:
+        return values[0]
+    mix: dict[str, float] = {}
+    for value in values:
+        name, _, weight = value.rpartition(":") if ":" in value else (value, "", "1")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = None
+        if not name or number is None or name in mix:
+            raise typer.BadParameter(f"{value!r}: give NAME or NAME:WEIGHT, each name once", param_hint="--adapter")
+        mix[name] = number
+    return mix
+
+
+def adapter_label(adapter: str | dict[str, float] | None) -> str:
+    if isinstance(adapter, dict):
+        return "+".join(f"{name}:{weight:g}" for name, weight in adapter.items())
+    return adapter or BASE
 
 
 @dataclass(frozen=True)
@@ -137,7 +164,7 @@ def generate(ctx: typer.Context, prompt: str, adapter: AdapterOption = None, max
     """Stream a continuation of PROMPT to stdout."""
     inputs = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
     with connect(ctx) as client:
-        for piece in client.stream(**inputs, adapter=adapter, max_new_tokens=max_new_tokens,
+        for piece in client.stream(**inputs, adapter=adapter_choice(adapter), max_new_tokens=max_new_tokens,
                                    temperature=temperature).text():
             typer.echo(piece, nl=False)
     typer.echo()
@@ -148,6 +175,7 @@ def chat(ctx: typer.Context, adapter: AdapterOption = None, max_new_tokens: MaxT
          temperature: TemperatureOption = None,
          system: Annotated[str | None, typer.Option(help="a system message opening the conversation")] = None):
     """Chat line by line from stdin, keeping the history; /adapter NAME switches persona, /quit exits."""
+    adapter = adapter_choice(adapter)
     interactive = sys.stdin.isatty()
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     if interactive:
@@ -171,22 +199,22 @@ def _read_lines(prompt: str) -> Iterator[str]:
             return
 
 
-def _switch(client: LoraplexClient, current: str | None, name: str) -> str | None:
+def _switch(client: LoraplexClient, current, name: str) -> str | None:
     if name in ("", BASE):
         typer.echo(f"persona: {BASE}")
         return None
     try:
         client.get_adapter(name)
     except LoraplexError as exc:
-        typer.echo(f"error: {exc.message}; still talking to {current or BASE}", err=True)
+        typer.echo(f"error: {exc.message}; still talking to {adapter_label(current)}", err=True)
         return current
     typer.echo(f"persona: {name}")
     return name
 
 
-def _reply(client: LoraplexClient, history: list[Message], text: str, adapter: str | None, **params) -> None:
+def _reply(client: LoraplexClient, history: list[Message], text: str, adapter, **params) -> None:
     history.append({"role": "user", "content": text})
-    typer.echo(f"{adapter or BASE}> ", nl=False)
+    typer.echo(f"{adapter_label(adapter)}> ", nl=False)
     stream = client.stream(messages=history, adapter=adapter, **params)
     try:
         for piece in stream.text():

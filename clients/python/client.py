@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 from urllib.parse import quote
@@ -17,11 +17,14 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # Generation can queue behind a full batch, so reads wait long; a dead address should fail fast.
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
+# a registered adapter's name, {name: weight} for a weighted mix (one entry: a scale), or None for the base
+Adapter = str | Mapping[str, float] | None
+
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def generate_body(prompt: str | None, messages: Sequence[Message] | None, adapter: str | None,
+def generate_body(prompt: str | None, messages: Sequence[Message] | None, adapter: Adapter,
                   params: GenerationParams, stream: bool) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of `prompt` or `messages`")
@@ -30,7 +33,11 @@ def generate_body(prompt: str | None, messages: Sequence[Message] | None, adapte
         body["prompt"] = prompt
     else:
         body["messages"] = [dict(m) for m in messages]
-    return {**body, "adapter": adapter, "stream": stream}
+    if isinstance(adapter, Mapping):
+        body["adapters"] = [{"name": name, "weight": weight} for name, weight in adapter.items()]
+    else:
+        body["adapter"] = adapter
+    return {**body, "stream": stream}
 
 
 def upload_parts(path: str | Path, name: str, rank: int | None, alpha: float | None,
@@ -89,16 +96,16 @@ class LoraplexClient:
         self._http.close()
 
     def generate(self, prompt: str | None = None, messages: Sequence[Message] | None = None,
-                 adapter: str | None = None, **params: Unpack[GenerationParams]) -> GenerateResult:
+                 adapter: Adapter = None, **params: Unpack[GenerationParams]) -> GenerateResult:
         body = generate_body(prompt, messages, adapter, params, stream=False)
         return GenerateResult.from_json(_checked(self._http.post("/generate", json=body)).json())
 
-    def chat(self, messages: Sequence[Message], adapter: str | None = None,
+    def chat(self, messages: Sequence[Message], adapter: Adapter = None,
              **params: Unpack[GenerationParams]) -> GenerateResult:
         return self.generate(messages=messages, adapter=adapter, **params)
 
     def stream(self, prompt: str | None = None, messages: Sequence[Message] | None = None,
-               adapter: str | None = None, **params: Unpack[GenerationParams]) -> GenerateStream:
+               adapter: Adapter = None, **params: Unpack[GenerationParams]) -> GenerateStream:
         """The request is sent when iteration starts; errors raise from the first step."""
         body = generate_body(prompt, messages, adapter, params, stream=True)
         return GenerateStream(self._chunks(body))
@@ -153,16 +160,16 @@ class AsyncLoraplexClient:
         await self._http.aclose()
 
     async def generate(self, prompt: str | None = None, messages: Sequence[Message] | None = None,
-                       adapter: str | None = None, **params: Unpack[GenerationParams]) -> GenerateResult:
+                       adapter: Adapter = None, **params: Unpack[GenerationParams]) -> GenerateResult:
         body = generate_body(prompt, messages, adapter, params, stream=False)
         return GenerateResult.from_json(_checked(await self._http.post("/generate", json=body)).json())
 
-    async def chat(self, messages: Sequence[Message], adapter: str | None = None,
+    async def chat(self, messages: Sequence[Message], adapter: Adapter = None,
                    **params: Unpack[GenerationParams]) -> GenerateResult:
         return await self.generate(messages=messages, adapter=adapter, **params)
 
     def stream(self, prompt: str | None = None, messages: Sequence[Message] | None = None,
-               adapter: str | None = None, **params: Unpack[GenerationParams]) -> AsyncGenerateStream:
+               adapter: Adapter = None, **params: Unpack[GenerationParams]) -> AsyncGenerateStream:
         """`async for chunk in client.stream(...)`; the request is sent when iteration starts."""
         body = generate_body(prompt, messages, adapter, params, stream=True)
         return AsyncGenerateStream(self._chunks(body))

@@ -69,6 +69,14 @@ def test_chat_sends_messages_and_null_adapter_for_base():
     assert server.body == {"messages": messages, "adapter": None, "top_k": 5, "stream": False}
 
 
+def test_a_mapping_of_weights_is_sent_as_a_mix():
+    server = Recorder(json_reply({**RESULT, "adapter": None}))
+    with server.client() as client:
+        client.generate("Ahoy", adapter={"pirate": 0.7, "butler": 0.3})
+    assert server.body == {"prompt": "Ahoy", "adapters": [{"name": "pirate", "weight": 0.7},
+                                                          {"name": "butler", "weight": 0.3}], "stream": False}
+
+
 def test_prompt_and_messages_are_exclusive():
     with Recorder(json_reply(RESULT)).client() as client:
         with pytest.raises(ValueError):

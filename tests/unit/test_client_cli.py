@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from clients.cli import app
+from clients.cli import adapter_choice, app
 
 runner = CliRunner()
 
@@ -34,3 +34,21 @@ def test_url_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("LORAPLEX_URL", "http://127.0.0.1:9")
     result = runner.invoke(app, ["adapters", "list"])
     assert "http://127.0.0.1:9" in result.stderr
+
+
+@pytest.mark.parametrize("values, choice", [
+    (None, None),
+    (["pirate"], "pirate"),
+    (["pirate:0.5"], {"pirate": 0.5}),
+    (["pirate:0.7", "butler:0.3"], {"pirate": 0.7, "butler": 0.3}),
+    (["pirate", "butler:-1"], {"pirate": 1.0, "butler": -1.0}),
+])
+def test_adapter_options_become_a_name_or_a_weighted_mix(values, choice):
+    assert adapter_choice(values) == choice
+
+
+@pytest.mark.parametrize("values", [["pirate:lots"], [":0.5"], ["pirate:0.5", "pirate:0.2"]])
+def test_a_malformed_adapter_option_is_a_usage_error(values):
+    result = runner.invoke(app, ["--url", "http://127.0.0.1:9", "generate", "hi",
+                                 *[arg for v in values for arg in ("--adapter", v)]])
+    assert result.exit_code == 2 and "NAME:WEIGHT" in result.output + result.stderr
