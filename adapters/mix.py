@@ -100,28 +100,31 @@ class MixCache:
         """The adapter serving `members` if no build is needed: a lone member at weight 1 is itself."""
         if len(members) == 1 and members[0][1] == 1.0:
             return members[0][0]
+        key = self._key(members)
         with self._lock:
-            mix = self._mixes.get(self._key(members))
+            mix = self._mixes.get(key)
             if mix is not None:
-                self._mixes.move_to_end(self._key(members))
+                self._mixes.move_to_end(key)
             return mix
 
     def get(self, members: list[tuple[Adapter, float]]) -> Adapter:
         found = self.find(members)
         if found is not None:
             return found
-        mix = mix_adapters(members)  # outside the lock: copies every member's weights
+        mix, key = mix_adapters(members), self._key(members)  # built outside the lock: copies every weight
         with self._lock:
-            mix = self._mixes.setdefault(self._key(members), mix)
+            if key in self._mixes:  # another request built it meanwhile
+                return self._mixes[key]
+            self._mixes[key] = mix
             self.builds += 1
-            for key in [k for k, m in self._mixes.items() if not all(map(self._is_current, m.adapters))]:
-                self._retire(key)
+            for stale in [k for k, m in self._mixes.items() if not all(map(self._is_current, m.adapters))]:
+                self._retire(stale)
             held = sum(m.held_bytes for m in self._mixes.values())
-            for key in list(self._mixes)[:-1]:  # least recent first; the newest always stays
+            for old in list(self._mixes)[:-1]:  # least recent first; the newest always stays
                 if held <= self._max_bytes:
                     break
-                held -= self._mixes[key].held_bytes
-                self._retire(key)
+                held -= self._mixes[old].held_bytes
+                self._retire(old)
         return mix
 
     def _retire(self, key: tuple) -> None:
