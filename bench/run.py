@@ -241,12 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
         probes["contention_probe_between"] = probe_contention(os.getloadavg()[0], probes)
         batch16.append(batch16_reading("between the servers", model_dir, qv8, args.quick))
         for mode in ("merged", "unmerged"):
+            # hot-swap is what these measure: on the fp32 base, where merging pays (a quantized base is
+            # served unmerged by auto, and `auto` above serves the quantized default)
             results["servers"][mode] = serve_mode(stores / f"store-{mode}", mode, qv8, rounds,
+                                                  extra_args=("--quantization", "none"),
                                                   single_again=mode == "merged")  # the merged-vs-base target
         # every bench request sends the same prompt, so the prefix cache computes it once per adapter: this
         # server shows what the same traffic costs when each prompt is computed in full
         results["servers"]["nocache"] = serve_mode(stores / "store-nocache", "auto", qv8, rounds, label="nocache",
-                                                   extra_args=("--prefix-cache-mb", "0"))
+                                                   extra_args=("--prefix-cache-mb", "0", "--quantization", "none"))
         results["restart"] = restart(stores / "store-auto")
         log("baselines: transformers and PEFT (in-process)")
         fresh = write_adapters(QV_R8, 101, work / "adapters")["qv-0100"]
