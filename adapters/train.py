@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+try:
+    from peft import LoraConfig, get_peft_model
+except ModuleNotFoundError as missing:  # serving installs without it (make serve)
+    raise SystemExit("python -m adapters.train needs PEFT: .venv/bin/pip install -e '.[train]'") from missing
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 

@@ -16,6 +16,7 @@ from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_fol
 from adapters.confined import check_adapter_folder
 from adapters.mix import MixCache
 from server.engine.admission import AdmissionWait
+from server.engine.constraint import Grammars
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache
 from server.engine.prefix_cache import PrefixCache
@@ -76,6 +77,7 @@ class Runtime:
         self.model_names = served_names(settings.served_model_name, self.folder)
         self.model_id = self.model_names[0]
         self.tokenizer = load_tokenizer(self.folder, settings.chat_template)  # before the weights: fails sooner
+        self.grammars = Grammars(self.tokenizer)
         backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
         quantization = resolve_quantization(settings.quantization, self.device, self.folder)
         self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)

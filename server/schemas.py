@@ -11,6 +11,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGIT_BIAS = 300  # entries per request: each is applied on every step
 
 
+MAX_REGEX_CHARS = 4096
+
+
 class PenaltyFields(BaseModel):
     """Shared by the native and OpenAI requests (OpenAI's ranges; repetition_penalty and min_p as vLLM's)."""
 
@@ -73,11 +76,15 @@ class GenerateRequest(PenaltyFields, AdapterMixField):
     stop: list[str] = Field(default_factory=list, max_length=8)
     ignore_eos: bool = False
     stream: bool = False
+    json_schema: dict | None = Field(None, description="the output is JSON that validates against this schema")
+    regex: str | None = Field(None, max_length=MAX_REGEX_CHARS, description="the output matches this regex")
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.json_schema is not None and self.regex is not None:
+            raise ValueError("give `json_schema` or `regex`, not both")
         if self.adapter is not None and self.adapters is not None:
             raise ValueError("give `adapter` or `adapters`, not both")
         if any(not s for s in self.stop):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.schemas import SEED_MAX, SEED_MIN, AdapterMixField, PenaltyFields
 
@@ -22,7 +22,7 @@ class StreamOptions(BaseModel):
 
 # a field not served yet -> the values that mean "not asked for" (OpenAI's defaults)
 _AT_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1), "suffix": (None,),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,), "store": (None, False),
@@ -100,6 +100,26 @@ class ContentPart(BaseModel):
     text: str
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema here
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` goes with type json_schema, and only with it")
+        return self
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -117,7 +137,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None  # only says something together with tools
@@ -129,7 +149,7 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
     web_search_options: dict | None = None
 
-    _not_served_here = field_validator("response_format", "tools", "tool_choice", "functions", "function_call",
+    _not_served_here = field_validator("tools", "tool_choice", "functions", "function_call",
                                        "modalities", "audio", "prediction", "reasoning_effort",
                                        "web_search_options")(_refuse_unless_default)
 

@@ -6,10 +6,14 @@ import itertools
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from adapters import Adapter
+
+if TYPE_CHECKING:
+    from server.engine.constraint import Grammar
 
 _ids = itertools.count()
 SAMPLING_EPS = 1e-5  # as vLLM: a temperature under this samples greedily
@@ -30,6 +34,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # HF/vLLM's: logits of prompt and generated tokens divided (if > 0) or multiplied
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_p: float = 0.0                # drop tokens under min_p x the top token's probability
+    grammar: Grammar | None = None    # the output held to it (server.engine.constraint)
 
     @property
     def reshapes_logits(self) -> bool:
@@ -72,6 +77,7 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed)
+        self.constraint = params.grammar.matcher() if params.grammar is not None else None  # its own state
 
     @property
     def adapter_name(self) -> str | None:

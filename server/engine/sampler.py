@@ -6,17 +6,24 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.constraint import mask_disallowed
 from server.engine.request import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [len(seqs), vocab] float32."""
+    """logits: [len(seqs), vocab] float32. A constrained request's grammar consumes its token here, once
+    every row's token is chosen (so a failure before that leaves every grammar as it was)."""
+    constrained = [i for i, s in enumerate(seqs) if s.constraint is not None]
+    if constrained:
+        logits = mask_disallowed(logits, constrained, [seqs[i].constraint for i in constrained])
     if any(s.params.reshapes_logits for s in seqs):
         logits = apply_penalties(logits, seqs)
-    if all(s.params.greedy for s in seqs):
-        return logits.argmax(dim=-1).tolist()
     greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[i] if s.params.greedy else _sample_row(logits[i], s) for i, s in enumerate(seqs)]
+    tokens = greedy if all(s.params.greedy for s in seqs) else \
+        [greedy[i] if s.params.greedy else _sample_row(logits[i], s) for i, s in enumerate(seqs)]
+    for i in constrained:
+        seqs[i].constraint.consume(tokens[i])
+    return tokens
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

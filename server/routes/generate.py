@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters.mix import check_weights
+from server.engine.constraint import Grammar
 from server.engine.engine import TokenEvent
 from server.auth import Principal
 from server.engine.request import SamplingParams
@@ -114,6 +115,17 @@ async def until_disconnected(events: AsyncIterator[TokenEvent], request: Request
         await iterator.aclose()
 
 
+async def output_grammar(rt, json_schema: dict | None = None, regex: str | None = None,
+                         any_json: bool = False) -> Grammar | None:
+    """The grammar a request's output is held to, compiled (off the event loop) before anything is queued; an
+    unusable one is an InvalidRequest."""
+    if json_schema is not None or any_json:
+        return await run_in_threadpool(rt.grammars.json_schema, json_schema)
+    if regex is not None:
+        return await run_in_threadpool(rt.grammars.regex, regex)
+    return None
+
+
 def raise_if_failed(event: TokenEvent) -> None:
     if event.finish_reason == "timeout":
         raise DeadlineExceeded("the request ran past its deadline (request_timeout_s) and was stopped")
@@ -124,9 +136,10 @@ def raise_if_failed(event: TokenEvent) -> None:
 @router.post("/generate", response_model=GenerateResponse,
              responses={404: {"description": "unknown adapter"}, 422: {"description": "invalid parameters"}})
 async def generate(req: GenerateRequest, request: Request, principal: Principal = Depends(caller)):
+    grammar = await output_grammar(request.app.state.runtime, req.json_schema, req.regex)
     params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=req.top_k, seed=req.seed, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
-                            **req.penalty_params())
+                            grammar=grammar, **req.penalty_params())
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
     events = await start_generation(request.app.state.runtime, principal, req.adapter, req.prompt, messages, params,
                                     req.mix())

@@ -14,12 +14,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.engine.constraint import Grammar
 from server.engine.engine import TokenEvent
 from server.engine.request import SamplingParams
 from adapters.confined import read_adapter_folder
 from server.errors import Forbidden, GenerationFailed, InvalidRequest
 from server.auth import Principal
-from server.routes.generate import raise_if_failed, start_generation, until_disconnected
+from server.routes.generate import output_grammar, raise_if_failed, start_generation, until_disconnected
 from server.routes.security import admin, caller, check_may_manage, check_may_see
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
@@ -47,10 +48,18 @@ def _adapter_of(rt, req) -> str | None:
     return adapter
 
 
-def _params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _params(req, max_tokens: int | None, logprobs: int | None, grammar: Grammar | None = None) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=req.temperature,
                           top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
-                          ignore_eos=req.ignore_eos, logprobs=logprobs, **req.penalty_params())
+                          ignore_eos=req.ignore_eos, logprobs=logprobs, grammar=grammar, **req.penalty_params())
+
+
+async def _response_grammar(rt, response_format) -> Grammar | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return await output_grammar(rt, any_json=True)
+    return await output_grammar(rt, response_format.json_schema.schema_ or {})
 
 
 def _usage(event: TokenEvent) -> dict:
@@ -147,7 +156,8 @@ async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options) 
 async def chat_completions(req: ChatCompletionRequest, request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = _params(req, req.max_completion_tokens or req.max_tokens, top)
+    grammar = await _response_grammar(request.app.state.runtime, req.response_format)
+    params = _params(req, req.max_completion_tokens or req.max_tokens, top, grammar)
     messages = [m.as_template_message() for m in req.messages]
     events = await start_generation(rt, principal, _adapter_of(rt, req), None, messages, params, req.mix())
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

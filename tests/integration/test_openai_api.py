@@ -80,7 +80,6 @@ def test_errors_use_openai_shape(client):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("store", True), ("best_of", 2), ("no_such_field", 1),
 ])
