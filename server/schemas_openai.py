@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from server.schemas import SEED_MAX, SEED_MIN, AdapterMixField, PenaltyFields
 
 
+MAX_CHOICES = 8  # n: each choice holds a KV slot of the batch
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -43,7 +46,7 @@ class _SamplingFields(PenaltyFields, AdapterMixField):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension, as in vLLM")
-    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"choices for the one prompt, up to {MAX_CHOICES}")
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="as vLLM: any 64-bit integer")
     stream: bool = False

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -16,9 +17,9 @@ from server.engine.constraint import Grammar
 from server.engine.engine import TokenEvent
 from server.auth import Principal
 from server.engine.request import SamplingParams
-from server.errors import DeadlineExceeded, GenerationFailed, InvalidRequest
+from server.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, Overloaded
 from server.routes.security import caller, check_may_see
-from server.schemas import GenerateRequest, GenerateResponse, Usage
+from server.schemas import SEED_MAX, SEED_MIN, GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter()
 
@@ -73,6 +74,15 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
                            messages: list[dict] | None, params: SamplingParams,
                            mix: list[tuple[str, float]] | None = None) -> AsyncIterator[TokenEvent]:
     """Shared by the native and OpenAI routes: resolves the adapter, tokenizes, checks limits, submits."""
+    return (await start_generations(rt, principal, adapter_name, prompt, messages, params, mix))[0]
+
+
+async def start_generations(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
+                            messages: list[dict] | None, params: SamplingParams,
+                            mix: list[tuple[str, float]] | None = None, copies: int = 1) -> list[AsyncIterator]:
+    """`copies` requests for one prompt (OpenAI's n), tokenized once; a seeded request's copy i samples with
+    seed + i, so the choices differ as OpenAI's do. All are queued or none: room for every copy is checked
+    first, and nothing between that check and the submissions yields to the event loop."""
     adapter = await resolve_adapter(rt, principal, adapter_name, mix)
     chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
@@ -81,8 +91,18 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
     else:
         prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
     rt.check_length(len(prompt_ids), params.max_new_tokens)
+    if copies > 1 and rt.engine.pending + copies > rt.engine.max_pending:
+        raise Overloaded(f"{rt.engine.pending} requests are queued or running and this one asks for {copies} "
+                         f"(max_pending={rt.engine.max_pending}); retry shortly")
+    copies_params = [params if params.seed is None or i == 0 else replace(params, seed=nth_seed(params.seed, i))
+                     for i in range(copies)]
     # prefix-cache hits are visible as a faster first token, so prompts are shared only within one API key
-    return rt.engine.stream(prompt_ids, params, adapter, cache_scope=principal.key_id)
+    return [rt.engine.stream(prompt_ids, p, adapter, cache_scope=principal.key_id) for p in copies_params]
+
+
+def nth_seed(seed: int, i: int) -> int:
+    """seed + i, wrapped into the 64-bit range seeds are validated to."""
+    return (seed + i - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
 
 
 async def until_disconnected(events: AsyncIterator[TokenEvent], request: Request) -> AsyncIterator[TokenEvent]:

@@ -5,6 +5,7 @@ Unmodified OpenAI clients work against these; vLLM's runtime adapter endpoints a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -20,7 +21,7 @@ from server.engine.request import SamplingParams
 from adapters.confined import read_adapter_folder
 from server.errors import Forbidden, GenerationFailed, InvalidRequest
 from server.auth import Principal
-from server.routes.generate import output_grammar, raise_if_failed, start_generation, until_disconnected
+from server.routes.generate import output_grammar, raise_if_failed, start_generations, until_disconnected
 from server.routes.security import admin, caller, check_may_manage, check_may_see
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
@@ -112,40 +113,81 @@ class _Logprobs:
 async def completions(req: CompletionRequest, request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     params = _params(req, req.max_tokens or 16, req.logprobs)
-    events = await start_generation(rt, principal, _adapter_of(rt, req), req.prompt, None, params,
-                                    req.mix())
+    streams = await start_generations(rt, principal, _adapter_of(rt, req), req.prompt, None, params, req.mix(), req.n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs is not None else None
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     if req.stream:
-        return _streaming(_completion_chunks(events, head, lp, req.stream_options))
-    text, lps = [], []
-    async for event in until_disconnected(events, request):
-        text.append(event.text)
+        return _streaming(_completion_chunks(_merged(streams), head, lp, req.stream_options, len(streams)))
+    text, lps, choices, usage = _per_choice(list, streams), _per_choice(list, streams), [], None
+    async for index, event in until_disconnected(_merged(streams), request):
+        text[index].append(event.text)
         if event.logprob is not None:
-            lps.append(event.logprob)
+            lps[index].append(event.logprob)
         if event.finished:
             raise_if_failed(event)
-            choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason,
-                      "logprobs": lp.completion_block(lps) if lp else None}
-            return {**head, "choices": [choice], "usage": _usage(event)}
-    return Response(status_code=499)  # the client went away; nobody reads this
+            choices.append({"index": index, "text": "".join(text[index]), "finish_reason": event.finish_reason,
+                            "logprobs": lp.completion_block(lps[index]) if lp else None})
+            usage = _add_usage(usage, event)
+    if len(choices) < len(streams):
+        return Response(status_code=499)  # the client went away; nobody reads this
+    return {**head, "choices": sorted(choices, key=lambda c: c["index"]), "usage": usage}
 
 
-async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options) -> AsyncIterator[str]:
-    offset = 0
-    async for event in events:
+def _per_choice(make, streams: list) -> list:
+    return [make() for _ in streams]
+
+
+def _add_usage(usage: dict | None, event: TokenEvent) -> dict:
+    """One prompt, n completions: OpenAI counts the prompt once and every choice's tokens."""
+    if usage is None:
+        return _usage(event)
+    completion = usage["completion_tokens"] + event.completion_tokens
+    return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}
+
+
+async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """The events of n choices as they come, each with its choice's index; closing this closes them all
+    (aborting the requests still running)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, events: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for event in events:
+                await queue.put((index, event))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, events)) for i, events in enumerate(streams)]
+    running = len(tasks)
+    try:
+        while running:
+            index, event = await queue.get()
+            if event is None:
+                running -= 1
+            else:
+                yield index, event
+    finally:  # a cancelled pump leaves its request's event iterator by an exception, which aborts it
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options, choices: int) -> AsyncIterator[str]:
+    offsets, usage, finished = [0] * choices, None, 0
+    async for index, event in events:
         if event.error:
             yield _stream_error(event)
         elif event.finished:
-            yield _sse({**head, "choices": [{"index": 0, "text": "", "finish_reason": event.finish_reason,
+            yield _sse({**head, "choices": [{"index": index, "text": "", "finish_reason": event.finish_reason,
                                              "logprobs": None}]})
-            if options and options.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(event)})
+            usage, finished = _add_usage(usage, event), finished + 1
+            if options and options.include_usage and finished == choices:
+                yield _sse({**head, "choices": [], "usage": usage})
         elif event.text or event.logprob is not None:
-            logprobs = lp.completion_block([event.logprob], offset) if lp and event.logprob else None
-            offset += len(event.text)
-            yield _sse({**head, "choices": [{"index": 0, "text": event.text, "finish_reason": None,
+            logprobs = lp.completion_block([event.logprob], offsets[index]) if lp and event.logprob else None
+            offsets[index] += len(event.text)
+            yield _sse({**head, "choices": [{"index": index, "text": event.text, "finish_reason": None,
                                              "logprobs": logprobs}]})
     yield _sse("[DONE]")
 
@@ -159,39 +201,47 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     grammar = await _response_grammar(request.app.state.runtime, req.response_format)
     params = _params(req, req.max_completion_tokens or req.max_tokens, top, grammar)
     messages = [m.as_template_message() for m in req.messages]
-    events = await start_generation(rt, principal, _adapter_of(rt, req), None, messages, params, req.mix())
+    streams = await start_generations(rt, principal, _adapter_of(rt, req), None, messages, params, req.mix(), req.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs else None
     head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}
     if req.stream:
-        return _streaming(_chat_chunks(events, {**head, "object": "chat.completion.chunk"}, lp, req.stream_options))
-    text, entries = [], []
-    async for event in until_disconnected(events, request):
-        text.append(event.text)
+        return _streaming(_chat_chunks(_merged(streams), {**head, "object": "chat.completion.chunk"}, lp,
+                                       req.stream_options, len(streams)))
+    text, entries, choices, usage = _per_choice(list, streams), _per_choice(list, streams), [], None
+    async for index, event in until_disconnected(_merged(streams), request):
+        text[index].append(event.text)
         if lp and event.logprob is not None:
-            entries.append(lp.chat_entry(event.logprob))
+            entries[index].append(lp.chat_entry(event.logprob))
         if event.finished:
             raise_if_failed(event)
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                      "finish_reason": event.finish_reason, "logprobs": {"content": entries} if lp else None}
-            return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(event)}
-    return Response(status_code=499)  # the client went away; nobody reads this
+            choices.append({"index": index, "message": {"role": "assistant", "content": "".join(text[index])},
+                            "finish_reason": event.finish_reason,
+                            "logprobs": {"content": entries[index]} if lp else None})
+            usage = _add_usage(usage, event)
+    if len(choices) < len(streams):
+        return Response(status_code=499)  # the client went away; nobody reads this
+    return {**head, "object": "chat.completion", "choices": sorted(choices, key=lambda c: c["index"]),
+            "usage": usage}
 
 
-async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options) -> AsyncIterator[str]:
-    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}]})
-    async for event in events:
+async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options, choices: int) -> AsyncIterator[str]:
+    for index in range(choices):
+        yield _sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+    usage, finished = None, 0
+    async for index, event in events:
         if event.error:
             yield _stream_error(event)
         elif event.finished:
-            yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+            yield _sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
                                              "finish_reason": event.finish_reason}]})
-            if options and options.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(event)})
+            usage, finished = _add_usage(usage, event), finished + 1
+            if options and options.include_usage and finished == choices:
+                yield _sse({**head, "choices": [], "usage": usage})
         elif event.text or event.logprob is not None:
             logprobs = {"content": [lp.chat_entry(event.logprob)]} if lp and event.logprob else None
-            yield _sse({**head, "choices": [{"index": 0, "delta": {"content": event.text}, "logprobs": logprobs,
+            yield _sse({**head, "choices": [{"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
                                              "finish_reason": None}]})
     yield _sse("[DONE]")
 

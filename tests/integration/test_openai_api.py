@@ -75,7 +75,7 @@ def test_errors_use_openai_shape(client):
         client.chat.completions.create(model="no-such-adapter", messages=CHAT, max_tokens=4)
     assert err.value.body["code"] == "adapter_not_found"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, n=2)
+        client.chat.completions.create(model=BASE_ID, messages=CHAT, max_tokens=4, n=9)
     assert err.value.body["param"] == "n"
 
 
@@ -138,3 +138,23 @@ def test_vllm_style_load_and_unload(server, client, tmp_path):
             assert refused.status_code == 400
             assert refused.json()["error"]["message"] == missing.json()["error"]["message"]  # says nothing more
     assert "rt" not in {m.id for m in client.models.list().data}
+
+
+def test_n_choices_for_one_prompt_each_sampled_on_its_own(client):
+    ask = dict(model=BASE_ID, max_tokens=12, temperature=1.0, seed=7, messages=CHAT, extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(n=3, **ask)
+    alone = client.chat.completions.create(n=1, **ask)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert len(set(texts)) > 1 and texts[0] == alone.choices[0].message.content  # seeds 7, 8, 9
+    assert reply.usage.prompt_tokens == alone.usage.prompt_tokens and reply.usage.completion_tokens == 3 * 12
+    streamed = {}
+    for chunk in client.chat.completions.create(n=2, stream=True, stream_options={"include_usage": True}, **ask):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+        if chunk.usage is not None:
+            assert chunk.usage.completion_tokens == 2 * 12
+    assert streamed == {0: texts[0], 1: texts[1]}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(n=9, **ask)
+    assert err.value.body["param"] == "n"
