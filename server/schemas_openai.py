@@ -9,6 +9,7 @@ base model named in `model`).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -25,7 +26,6 @@ class StreamOptions(BaseModel):
 
 # a field not served yet -> the values that mean "not asked for" (OpenAI's defaults)
 _AT_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1), "suffix": (None,),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,), "store": (None, False),
@@ -123,15 +123,48 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # calls always follow the parameters' schema here when constrained
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: dict[Literal["name"], str]
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None  # a participant's name: OpenAI's templates do not show it either
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None             # a tool message: the call it answers
 
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        if self.tool_calls:  # shown to the model as it was asked to write them
+            text += "".join(json.dumps({"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")})
+                            for c in self.tool_calls)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
@@ -141,8 +174,8 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    tools: list[Tool] | None = Field(None, max_length=64)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # only says something together with tools
     functions: list | None = None
     function_call: str | dict | None = None
@@ -152,9 +185,30 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
     web_search_options: dict | None = None
 
-    _not_served_here = field_validator("tools", "tool_choice", "functions", "function_call",
+    _not_served_here = field_validator("functions", "function_call",
                                        "modalities", "audio", "prediction", "reasoning_effort",
                                        "web_search_options")(_refuse_unless_default)
+
+
+    @model_validator(mode="after")
+    def _choice_among_the_tools(self):
+        names = {t.function.name for t in self.tools or []}
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.get("name") not in names:
+            raise ValueError("tool_choice names a function that is not in `tools`")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice `required` needs `tools`")
+        if names and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("give `tools` or a JSON `response_format`, not both")
+        return self
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """("none" | "auto" | "required" | "named", the named function): OpenAI's default is auto with tools."""
+        if not self.tools or self.tool_choice == "none":
+            return "none", None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named", self.tool_choice.function["name"]
+        return self.tool_choice or "auto", None
 
 
 class LoadLoraRequest(BaseModel):

@@ -23,6 +23,7 @@ from server.errors import Forbidden, GenerationFailed, InvalidRequest
 from server.auth import Principal
 from server.routes.generate import output_grammar, raise_if_failed, start_generations, until_disconnected
 from server.routes.security import admin, caller, check_may_manage, check_may_see
+from server.tool_calls import call_grammar, parse_call, with_tools
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
 router = APIRouter(prefix="/v1")
@@ -198,16 +199,23 @@ async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options, 
 async def chat_completions(req: ChatCompletionRequest, request: Request, principal: Principal = Depends(caller)):
     rt = request.app.state.runtime
     top = (req.top_logprobs or 0) if req.logprobs else None
-    grammar = await _response_grammar(request.app.state.runtime, req.response_format)
-    params = _params(req, req.max_completion_tokens or req.max_tokens, top, grammar)
+    mode, named = req.tool_mode()
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if mode != "none" else None
     messages = [m.as_template_message() for m in req.messages]
+    if tools:
+        messages = with_tools(messages, tools)
+    if mode in ("required", "named"):
+        grammar = await run_in_threadpool(call_grammar, rt.grammars, tools, named)
+    else:
+        grammar = await _response_grammar(rt, req.response_format)
+    params = _params(req, req.max_completion_tokens or req.max_tokens, top, grammar)
     streams = await start_generations(rt, principal, _adapter_of(rt, req), None, messages, params, req.mix(), req.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs else None
     head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}
     if req.stream:
         return _streaming(_chat_chunks(_merged(streams), {**head, "object": "chat.completion.chunk"}, lp,
-                                       req.stream_options, len(streams)))
+                                       req.stream_options, len(streams), tools))
     text, entries, choices, usage = _per_choice(list, streams), _per_choice(list, streams), [], None
     async for index, event in until_disconnected(_merged(streams), request):
         text[index].append(event.text)
@@ -215,8 +223,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
             entries[index].append(lp.chat_entry(event.logprob))
         if event.finished:
             raise_if_failed(event)
-            choices.append({"index": index, "message": {"role": "assistant", "content": "".join(text[index])},
-                            "finish_reason": event.finish_reason,
+            message, finish = _reply("".join(text[index]), event.finish_reason, tools)
+            choices.append({"index": index, "message": {"role": "assistant", **message}, "finish_reason": finish,
                             "logprobs": {"content": entries[index]} if lp else None})
             usage = _add_usage(usage, event)
     if len(choices) < len(streams):
@@ -225,20 +233,36 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
             "usage": usage}
 
 
-async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options, choices: int) -> AsyncIterator[str]:
+def _reply(text: str, finish_reason: str, tools: list[dict] | None) -> tuple[dict, str]:
+    """A choice's message (text, or a tool call where the reply is one) and its finish reason."""
+    call = parse_call(text, tools) if tools else None
+    if call is None:
+        return {"content": text}, finish_reason
+    return {"content": None, "tool_calls": [{"index": 0, **call}]}, "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options, choices: int,
+                       tools: list[dict] | None = None) -> AsyncIterator[str]:
+    """With tools, a choice's text is held until it ends: only then is it known to be a call or text."""
     for index in range(choices):
         yield _sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
-    usage, finished = None, 0
+    usage, finished, held = None, 0, [[] for _ in range(choices)]
     async for index, event in events:
         if event.error:
             yield _stream_error(event)
         elif event.finished:
-            yield _sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                             "finish_reason": event.finish_reason}]})
+            finish = event.finish_reason
+            if tools:
+                delta, finish = _reply("".join(held[index]) + event.text, event.finish_reason, tools)
+                yield _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                 "finish_reason": None}]})
+            yield _sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}]})
             usage, finished = _add_usage(usage, event), finished + 1
             if options and options.include_usage and finished == choices:
                 yield _sse({**head, "choices": [], "usage": usage})
+        elif tools:
+            held[index].append(event.text)
         elif event.text or event.logprob is not None:
             logprobs = {"content": [lp.chat_entry(event.logprob)]} if lp and event.logprob else None
             yield _sse({**head, "choices": [{"index": index, "delta": {"content": event.text}, "logprobs": logprobs,

@@ -1,5 +1,7 @@
 """The OpenAI-compatible routes, driven by the official `openai` package, unchanged, over loopback."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -80,7 +82,7 @@ def test_errors_use_openai_shape(client):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
     ("store", True), ("best_of", 2), ("no_such_field", 1),
 ])
 def test_a_field_not_served_is_refused_naming_it_never_ignored(client, field, value):
@@ -158,3 +160,52 @@ def test_n_choices_for_one_prompt_each_sampled_on_its_own(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(n=9, **ask)
     assert err.value.body["param"] == "n"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 32},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 16}}, "required": ["zone"]}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_required_or_named_tool_choice_returns_a_call_whose_arguments_parse(client, choice):
+    reply = client.chat.completions.create(model=BASE_ID, messages=ASK_WEATHER, tools=[WEATHER, TIME],
+                                           tool_choice=choice, max_tokens=64, temperature=0)
+    choice_out = reply.choices[0]
+    assert choice_out.finish_reason == "tool_calls" and choice_out.message.content is None
+    (call,) = choice_out.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.type == "function" and call.id.startswith("call_")
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather" and set(arguments) == {"city", "unit"}
+    assert call.function.name in ("get_weather", "get_time")
+
+
+def test_a_streamed_tool_call_and_the_tools_answer_in_the_next_turn(client):
+    calls = {}
+    for chunk in client.chat.completions.create(model=BASE_ID, messages=ASK_WEATHER, tools=[WEATHER],
+                                                tool_choice="required", max_tokens=64, temperature=0, stream=True):
+        for delta_call in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            calls[delta_call.index] = delta_call
+        if chunk.choices and chunk.choices[0].finish_reason:
+            assert chunk.choices[0].finish_reason == "tool_calls"
+    call = calls[0]
+    json.loads(call.function.arguments)
+    followed = client.chat.completions.create(model=BASE_ID, max_tokens=24, temperature=0, tools=[WEATHER], messages=[
+        *ASK_WEATHER,
+        {"role": "assistant", "tool_calls": [{"id": call.id, "type": "function", "function": {
+            "name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "clear"}'}])
+    assert followed.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_must_name_a_given_tool(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BASE_ID, messages=ASK_WEATHER, tools=[WEATHER], max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert "tool_choice" in err.value.body["message"]

@@ -1,0 +1,50 @@
+"""OpenAI tool calling over a chat model: the tools shown to the model, `required` and a named function held
+to a grammar, and a reply read back as a tool call.
+
+The tools are described in a system message asking for `{"name": ..., "arguments": {...}}` (the default
+model's chat template has no tool format of its own). With `tool_choice` `required` or a named function
+the reply is constrained to exactly that JSON (server.engine.constraint), so its arguments always parse
+and follow the function's parameter schema; with `auto` the model may answer in text, and a reply that
+is such a JSON object naming a tool is returned as a call.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from server.engine.constraint import Grammar, Grammars
+
+INSTRUCTIONS = ("You can call the functions listed in <tools>. To call one, reply with only a JSON object "
+                '{"name": <function name>, "arguments": <an object of its parameters>} and nothing else.')
+
+
+def with_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The conversation with the tools described in its system message (one is added if it has none)."""
+    described = f"{INSTRUCTIONS}\n<tools>\n{json.dumps([t['function'] for t in tools])}\n</tools>"
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{described}"}, *messages[1:]]
+    return [{"role": "system", "content": described}, *messages]
+
+
+def call_grammar(grammars: Grammars, tools: list[dict], only: str | None = None) -> Grammar:
+    """A reply that is one call of a tool (of `only`, if named), its arguments per the tool's parameters."""
+    options = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                "properties": {"name": {"const": t["function"]["name"]},
+                               "arguments": t["function"].get("parameters") or {"type": "object"}}}
+               for t in tools if only is None or t["function"]["name"] == only]
+    return grammars.json_schema(options[0] if len(options) == 1 else {"anyOf": options})
+
+
+def parse_call(text: str, tools: list[dict]) -> dict | None:
+    """The OpenAI tool call a reply makes, or None when it is plain text."""
+    body = text.strip().removeprefix("<tool_call>").removesuffix("</tool_call>").strip()
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    names = {t["function"]["name"] for t in tools}
+    if not (isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments"), dict)):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
