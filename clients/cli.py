@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,9 +162,16 @@ def delete_adapter(ctx: typer.Context, name: str):
 @app.command()
 def generate(ctx: typer.Context, prompt: str, adapter: AdapterOption = None, max_new_tokens: MaxTokensOption = 128,
              temperature: TemperatureOption = None,
-             chat: Annotated[bool, typer.Option(help="send PROMPT as a user message (the chat template)")] = False):
+             chat: Annotated[bool, typer.Option(help="send PROMPT as a user message (the chat template)")] = False,
+             json_schema: Annotated[Path | None, typer.Option(
+                 exists=True, dir_okay=False, help="a JSON schema file the output must validate against")] = None,
+             regex: Annotated[str | None, typer.Option(help="a regex the output must match")] = None):
     """Stream a continuation of PROMPT to stdout."""
     inputs = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    if json_schema is not None:
+        inputs["json_schema"] = json.loads(json_schema.read_text())
+    if regex is not None:
+        inputs["regex"] = regex
     with connect(ctx) as client:
         for piece in client.stream(**inputs, adapter=adapter_choice(adapter), max_new_tokens=max_new_tokens,
                                    temperature=temperature).text():

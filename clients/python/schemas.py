@@ -22,6 +22,13 @@ class GenerationParams(TypedDict, total=False):
     seed: int | None
     stop: list[str]
     ignore_eos: bool
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: dict[int, float]
+    json_schema: dict  # the output is JSON that validates against it
+    regex: str         # the output matches it
 
 
 def _known_fields(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -129,3 +129,21 @@ def test_console_script_is_installed(server):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+def test_structured_output_from_the_client_and_the_command(server, tmp_path):
+    import json
+
+    schema = {"type": "object", "properties": {"crew": {"type": "integer", "minimum": 1, "maximum": 99}},
+              "required": ["crew"], "additionalProperties": False}
+    with LoraplexClient(server.url) as client:
+        result = client.chat(CHAT, json_schema=schema, max_new_tokens=24, temperature=0.0)
+        assert set(json.loads(result.text)) == {"crew"}
+        year = client.generate("The ship was built in the year", regex="1[0-9]{3}", max_new_tokens=8,
+                               temperature=0.0)
+        assert len(year.text) == 4 and year.text.startswith("1")
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = cli(server, "generate", "How many sailors?", "--chat", "--json-schema", str(tmp_path / "schema.json"),
+              "--max-new-tokens", "24", "--temperature", "0")
+    assert out.exit_code == 0, out.output
+    assert set(json.loads(out.output)) == {"crew"}
