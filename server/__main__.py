@@ -33,6 +33,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
              "max-json-bytes": "max_json_bytes", "max-messages": "max_messages",
              "max-prompt-chars": "max_prompt_chars", "max-stop-chars": "max_stop_chars",
              "max-adapter-memory-mb": "max_adapter_memory_mb", "adapter-root": "adapter_roots",
+             "adapter-dir": "adapter_dirs",
              "served-model-name": "served_model_name", "chat-template": "chat_template",
              "max-adapters-per-request": "max_adapters_per_request", "max-adapter-weight": "max_adapter_weight",
              "mix-cache-mb": "mix_cache_mb"}
@@ -40,7 +41,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         info = Settings.model_fields[field]
         # a list setting takes its flag once per item (--adapter-root A --adapter-root B), or, as vLLM's
         # --served-model-name, several items after one flag
-        kind = {"adapter_roots": {"action": "append"}, "served_model_name": {"nargs": "+"}}.get(field, {})
+        kind = {"adapter_roots": {"action": "append"}, "adapter_dirs": {"action": "append"},
+                "served_model_name": {"nargs": "+"}}.get(field, {})
         parser.add_argument(f"--{flag}", dest=field, default=None, **kind,
                             help=(info.description or "").replace("%", "%%"))
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

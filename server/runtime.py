@@ -15,6 +15,7 @@ import torch
 from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
 from adapters.confined import check_adapter_folder
 from adapters.mix import MixCache
+from adapters.resolver import AdapterDirs
 from server.engine.admission import AdmissionWait
 from server.engine.constraint import Grammars
 from server.engine.engine import Engine
@@ -96,6 +97,7 @@ class Runtime:
         loaded_names = self.registry.load_stored()
         if settings.preload_dir is not None:
             loaded_names += preload(self.registry, settings.preload_dir, settings.max_adapter_bytes)
+        self.adapter_dirs = AdapterDirs(self.registry, settings.adapter_dirs, settings.max_adapter_bytes)
         self.mixes = MixCache(self.registry.retired, settings.mix_cache_mb * 2**20, self.registry.is_current)
         self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype)
         self.adapter_slots = AdapterSlots(self.lora, self.registry.retired)

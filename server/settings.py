@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     store_dir: Path = Path("store")
     preload_dir: Path | None = Field(None, description="folder of PEFT adapter folders registered at start-up "
                                                        "(read-only; not copied into the store)")
+    adapter_dirs: list[Path] = Field(default_factory=list, description="folders where a request for an unknown "
+                                     "adapter name looks for <dir>/<name>/ as a PEFT folder and registers it in "
+                                     "place (not copied into the store; never a download)")
     # security and limits (issue: production hardening)
     admin_keys: str = Field("", description="comma-separated API keys that may change adapters")
     user_keys: str = Field("", description="comma-separated API keys that may generate and list")

@@ -17,7 +17,7 @@ from server.engine.constraint import Grammar
 from server.engine.engine import TokenEvent
 from server.auth import Principal
 from server.engine.request import SamplingParams
-from server.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, Overloaded
+from server.errors import AdapterNotFound, DeadlineExceeded, GenerationFailed, InvalidRequest, Overloaded
 from server.routes.security import caller, check_may_see
 from server.schemas import SEED_MAX, SEED_MIN, GenerateRequest, GenerateResponse, Usage
 
@@ -60,14 +60,24 @@ async def resolve_adapter(rt, principal: Principal, adapter_name: str | None, mi
         if adapter_name is None:
             return None
         check_may_see(principal, adapter_name)
-        return rt.registry.get(adapter_name)
+        return await find_adapter(rt, adapter_name)
     check_weights([weight for _, weight in mix], rt.settings.max_adapters_per_request, rt.settings.max_adapter_weight)
     members = []
     for name, weight in mix:
         check_may_see(principal, name)
-        members.append((rt.registry.get(name), weight))
+        members.append((await find_adapter(rt, name), weight))
     # a new mix copies its members' weights: off the event loop, as large prompts are tokenized
     return rt.mixes.find(members) or await run_in_threadpool(rt.mixes.get, members)
+
+
+async def find_adapter(rt, name: str):
+    """A registered adapter, else one registered now from an --adapter-dir (reading files: off the event loop)."""
+    try:
+        return rt.registry.get(name)
+    except AdapterNotFound:
+        if not rt.adapter_dirs.dirs:
+            raise
+    return await run_in_threadpool(rt.adapter_dirs.resolve, name)
 
 
 async def start_generation(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
