@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from adapters.format import WEIGHTS_FILE
+from adapters.format import CARD_FILE, WEIGHTS_FILE, read_card
 from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES
 from server.errors import AdapterInvalid, AdapterTooLarge
 
@@ -20,9 +20,12 @@ FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def read_adapter_folder(path: str | Path, roots: list[Path], max_bytes: int) -> dict[str, bytes]:
-    """The two files of the PEFT folder at `path`, which must resolve under one of `roots`."""
+    """The two files of the PEFT folder at `path`, which must resolve under one of `roots`, and its card if it
+    has one (read only if a regular file in the folder itself: see format.read_card)."""
     folder = check_adapter_folder(path, roots, max_bytes)
-    return {name: _read_at_most(folder / name, _limit(name, max_bytes)) for name in FILES}
+    files = {name: _read_at_most(folder / name, _limit(name, max_bytes)) for name in FILES}
+    card = read_card(folder)
+    return files if card is None else {**files, CARD_FILE: card.encode()}
 
 
 def check_adapter_folder(path: str | Path, roots: list[Path], max_bytes: int) -> Path:

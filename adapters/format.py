@@ -5,8 +5,11 @@ Every way a file can be wrong ends in AdapterInvalid or AdapterTooLarge naming t
 message is all the uploader gets to see.
 """
 
+import logging
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,10 +19,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES, AdapterConfig, config_json, parse_config
-from server.errors import AdapterInvalid, AdapterTooLarge
+from server.errors import AdapterInvalid, AdapterTooLarge, LoraplexError
+
+log = logging.getLogger(__name__)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"  # the model card `save_pretrained` writes beside the two files
+MAX_CARD_BYTES = 64 * 1024
 _GROUP = {p: "self_attn" for p in PROJECTIONS[:4]} | {p: "mlp" for p in PROJECTIONS[4:]}
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -56,6 +63,7 @@ class Adapter:
     weights: dict[str, LoraWeights]  # "layers.{i}.{proj}"
     target_modules: tuple[str, ...]
     size_bytes: int  # tensor bytes as stored, before widening to float32
+    card: str | None = None  # the folder's README.md, as its author wrote it
 
     @cached_property
     def held_bytes(self) -> int:
@@ -144,7 +152,36 @@ def _float32(module: str, half: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32, copy=True)
 
 
-def _build(name: str, alpha: float, pairs: dict, rank_of, scale_of) -> Adapter:
+def parse_card(data: bytes) -> str:
+    if len(data) > MAX_CARD_BYTES:
+        raise AdapterTooLarge(f"{CARD_FILE} is larger than the limit of {MAX_CARD_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterInvalid(f"{CARD_FILE} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_card(folder: Path) -> str | None:
+    """The folder's README.md, if it is a regular file (not a link: a folder named by a server-side path is
+    confined only as far as its two adapter files) within the size limit; else no card, logged."""
+    try:
+        fd = os.open(Path(folder) / CARD_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("%s: %s not read as the adapter's card: %s", folder, CARD_FILE, e)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise AdapterInvalid(f"{CARD_FILE} is not a regular file")
+            return parse_card(f.read(MAX_CARD_BYTES + 1))
+        except (OSError, LoraplexError) as e:
+            log.warning("%s: %s not read as the adapter's card: %s", folder, CARD_FILE, e)
+            return None
+
+
+def _build(name: str, alpha: float, pairs: dict, rank_of, scale_of, card: str | None = None) -> Adapter:
     weights, size = {}, 0
     for module, (a, b) in sorted(pairs.items(), key=lambda kv: (_layer(kv[0]), kv[0])):
         A, B = _float32(module, "A", a), _float32(module, "B", b)
@@ -159,11 +196,13 @@ def _build(name: str, alpha: float, pairs: dict, rank_of, scale_of) -> Adapter:
         weights=weights,
         target_modules=tuple(sorted({k.split(".")[2] for k in weights})),
         size_bytes=size,
+        card=card,
     )
 
 
 def read_peft_folder(path: Path, name: str) -> Adapter:
-    """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.save_pretrained` writes them."""
+    """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.save_pretrained` writes them, and
+    the README.md it writes beside them as the adapter's card."""
     validate_name(name)
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
@@ -176,6 +215,7 @@ def read_peft_folder(path: Path, name: str) -> Adapter:
         name, config.alpha, pairs,
         rank_of=lambda m: config.rank_for(_module_path(m)),
         scale_of=lambda m: config.scale_for(_module_path(m)),
+        card=read_card(path),
     )
 
 
@@ -214,12 +254,13 @@ def _config_for(adapter: Adapter) -> bytes:
 
 
 def peft_folder_files(adapter: Adapter) -> dict[str, bytes]:
-    """The two files of a PEFT folder, as bytes (float32 tensors)."""
+    """The files of a PEFT folder, as bytes (float32 tensors), with the card if the adapter has one."""
     tensors = {}
     for module, w in adapter.weights.items():
         tensors[_peft_key(module, "A")] = w.A.contiguous()
         tensors[_peft_key(module, "B")] = w.B.contiguous()
-    return {CONFIG_FILE: _config_for(adapter), WEIGHTS_FILE: save(tensors)}
+    card = {} if adapter.card is None else {CARD_FILE: adapter.card.encode()}
+    return {CONFIG_FILE: _config_for(adapter), WEIGHTS_FILE: save(tensors), **card}
 
 
 def raw_to_peft_files(raw_path: Path, adapter: Adapter) -> dict[str, bytes]:

@@ -10,11 +10,12 @@ import tempfile
 import threading
 import weakref
 from collections import deque
+from dataclasses import replace as with_fields
 from pathlib import Path
 
 from adapters.format import (
-    WEIGHTS_FILE, Adapter, AdapterLimits, BaseShapes, peft_folder_files, raw_to_peft_files,
-    read_peft_folder, read_raw_safetensors, validate, validate_name,
+    CARD_FILE, WEIGHTS_FILE, Adapter, AdapterLimits, BaseShapes, peft_folder_files, raw_to_peft_files,
+    parse_card, read_peft_folder, read_raw_safetensors, validate, validate_name,
 )
 from adapters.peft_config import CONFIG_FILE
 from adapters.store import AdapterStore
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 _PEFT_FILES = {CONFIG_FILE, WEIGHTS_FILE}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Text that save_pretrained (of an adapter, a tokenizer) writes beside the adapter: uploaded with a folder as
+# saved, read by nobody, and dropped rather than refused. README.md is the exception: it is kept as the card.
+_DROPPED_SUFFIXES = (".md", ".txt", ".json", ".jinja")
 # A safetensors header (names, dtypes, offsets) and the JSON config are small next to the weights;
 # this slack lets uploads near max_bytes through while refusing huge ones before parsing them.
 _HEADER_SLACK_BYTES = 1024 * 1024
@@ -68,6 +72,7 @@ class AdapterRegistry:
         """Parses, validates, stores and registers an upload. With replace=True an existing adapter of that
         name is swapped for the new version atomically; requests already running keep the old one."""
         validate_name(name)
+        files, card = _split_upload(files)
         raw = _is_raw_upload(files, rank, alpha)
         with self._lock:
             self._check_room(name, replace)
@@ -75,6 +80,8 @@ class AdapterRegistry:
             raise AdapterTooLarge(f"upload for {name!r} is larger than the limit of {self.limits.max_bytes} bytes")
         with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
             adapter, stored_files = _parse_upload(Path(tmp), name, files, raw, rank, alpha)
+        if card is not None:
+            adapter, stored_files = with_fields(adapter, card=card), {**stored_files, CARD_FILE: card.encode()}
         validate(adapter, self.base, self.limits)
         with self._lock:
             self._check_room(name, replace)
@@ -161,13 +168,20 @@ class AdapterRegistry:
             return len(self._adapters)
 
 
-def _is_raw_upload(files: dict[str, bytes], rank: int | None, alpha: float | None) -> bool:
-    """Check the uploaded file names; True for one raw .safetensors, False for a PEFT folder."""
+def _split_upload(files: dict[str, bytes]) -> tuple[dict[str, bytes], str | None]:
+    """Check the uploaded file names; returns the adapter's own files and its card, the other text files dropped."""
     for file_name in files:
         if not file_name or "/" in file_name or "\\" in file_name or ".." in file_name or "\0" in file_name:
             raise AdapterInvalid(f"file name {file_name!r} must be a plain name without path separators or '..'")
         if file_name.lower().endswith(_PICKLE_SUFFIXES):
             raise AdapterInvalid(f"{file_name}: pickle-based files are not accepted; use safetensors")
+    card = parse_card(files[CARD_FILE]) if CARD_FILE in files else None
+    kept = {f: data for f, data in files.items() if f in _PEFT_FILES or not f.lower().endswith(_DROPPED_SUFFIXES)}
+    return kept, card
+
+
+def _is_raw_upload(files: dict[str, bytes], rank: int | None, alpha: float | None) -> bool:
+    """True for one raw .safetensors, False for a PEFT folder."""
     if set(files) == _PEFT_FILES:
         return False
     if len(files) == 1 and next(iter(files)).endswith(".safetensors"):

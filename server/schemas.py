@@ -113,6 +113,10 @@ class AdapterInfo(BaseModel):
     size_bytes: int
 
 
+class AdapterDetail(AdapterInfo):
+    card: str | None = None  # the README.md uploaded or found with the adapter
+
+
 class AdapterList(BaseModel):
     adapters: list[AdapterInfo]
 

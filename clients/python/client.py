@@ -42,14 +42,16 @@ def generate_body(prompt: str | None, messages: Sequence[Message] | None, adapte
 
 def upload_parts(path: str | Path, name: str, rank: int | None, alpha: float | None,
                  replace: bool) -> dict[str, Any]:
-    """Multipart fields for POST /adapters: a PEFT folder's two files, or one raw .safetensors with rank and alpha."""
+    """Multipart fields for POST /adapters: a PEFT folder's two files (and README.md, its card, if there), or one
+    raw .safetensors with rank and alpha."""
     path = Path(path)
     data: dict[str, Any] = {"name": name, **({"replace": "true"} if replace else {})}
     if path.is_dir():
         missing = [f for f in (PEFT_CONFIG, PEFT_WEIGHTS) if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is not a PEFT adapter folder: missing {', '.join(missing)}")
-        files = [("files", (f, (path / f).read_bytes(), _content_type(f))) for f in (PEFT_CONFIG, PEFT_WEIGHTS)]
+        sent = (PEFT_CONFIG, PEFT_WEIGHTS, *(("README.md",) if (path / "README.md").is_file() else ()))
+        files = [("files", (f, (path / f).read_bytes(), _content_type(f))) for f in sent]
     elif path.is_file() and path.suffix == ".safetensors":
         if rank is None or alpha is None:
             raise ValueError("a raw .safetensors upload needs `rank` and `alpha`")

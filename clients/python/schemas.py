@@ -82,6 +82,7 @@ class AdapterInfo:
     alpha: float
     target_modules: list[str]
     size_bytes: int
+    card: str | None = None  # the adapter's README.md: from get_adapter only
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AdapterInfo:

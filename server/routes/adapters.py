@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Principal
 from server.errors import AdapterInvalid
 from server.routes.security import admin, caller, check_may_manage, check_may_see
-from server.schemas import AdapterInfo, AdapterList
+from server.schemas import AdapterDetail, AdapterInfo, AdapterList
 
 router = APIRouter(prefix="/adapters")
 
@@ -44,10 +44,11 @@ async def list_adapters(request: Request, principal: Principal = Depends(caller)
     return AdapterList(adapters=[adapter_info(a) for a in adapters if principal.may_use(a.name)])
 
 
-@router.get("/{name}", response_model=AdapterInfo, responses={404: {"description": "unknown adapter"}})
+@router.get("/{name}", response_model=AdapterDetail, responses={404: {"description": "unknown adapter"}})
 async def get_adapter(name: str, request: Request, principal: Principal = Depends(caller)):
     check_may_see(principal, name)
-    return adapter_info(request.app.state.runtime.registry.get(name))
+    adapter = request.app.state.runtime.registry.get(name)
+    return AdapterDetail(**adapter_info(adapter).model_dump(), card=adapter.card)
 
 
 @router.delete("/{name}", status_code=204, responses={404: {"description": "unknown adapter"}})

@@ -111,7 +111,27 @@ def test_unexpected_file_sets_are_refused(tmp_path):
     with pytest.raises(AdapterInvalid, match="unexpected files"):
         reg.register_upload("x", {"adapter_config.json": b"{}"})
     with pytest.raises(AdapterInvalid, match="unexpected files"):
-        reg.register_upload("x", peft_upload() | {"README.md": b"hi"})
+        reg.register_upload("x", peft_upload() | {"convert.py": b"import os"})
+
+
+def test_a_folder_as_saved_keeps_its_card_and_drops_other_text(tmp_path):
+    saved = peft_upload() | {"README.md": "# SQL\n\u00e9".encode(), "tokenizer.json": b"{}", "notes.txt": b"x"}
+    assert registry(tmp_path).register_upload("sql", saved).card == "# SQL\n\u00e9"
+    assert sorted(p.name for p in (tmp_path / "sql").iterdir()) == sorted([*peft_upload(), "README.md"])
+    reloaded = registry(tmp_path)
+    reloaded.load_stored()
+    assert reloaded.get("sql").card == "# SQL\n\u00e9"
+
+
+def test_a_card_too_large_or_not_utf8_or_a_pickle_beside_it_is_refused(tmp_path):
+    reg = registry(tmp_path)
+    with pytest.raises(AdapterTooLarge, match="README.md"):
+        reg.register_upload("x", peft_upload() | {"README.md": b"a" * (64 * 1024 + 1)})
+    with pytest.raises(AdapterInvalid, match="UTF-8"):
+        reg.register_upload("x", peft_upload() | {"README.md": b"\xff\xfe"})
+    with pytest.raises(AdapterInvalid, match="pickle"):
+        reg.register_upload("x", peft_upload() | {"README.md": b"hi", "training_args.bin": b"x"})
+    assert len(reg) == 0
 
 
 def test_corrupt_stored_adapter_is_quarantined(tmp_path, caplog):

@@ -176,7 +176,8 @@ def test_adapter_routes_parse_and_quote_names():
 def test_upload_sends_the_peft_folder_as_multipart(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"r": 8}')
     (tmp_path / "adapter_model.safetensors").write_bytes(b"WEIGHTS")
-    (tmp_path / "README.md").write_text("not sent")
+    (tmp_path / "README.md").write_text("the card")
+    (tmp_path / "training_args.bin").write_bytes(b"not sent")
     server = Recorder(json_reply(INFO, 201))
     with server.client() as client:
         assert client.upload_adapter(tmp_path, "pirate") == AdapterInfo(**INFO)
@@ -186,6 +187,7 @@ def test_upload_sends_the_peft_folder_as_multipart(tmp_path):
     assert b'name="name"\r\n\r\npirate' in body
     assert b'name="files"; filename="adapter_config.json"' in body and b'{"r": 8}' in body
     assert b'name="files"; filename="adapter_model.safetensors"' in body and b"WEIGHTS" in body
+    assert b'name="files"; filename="README.md"' in body and b"the card" in body
     assert b"not sent" not in body
     assert b'name="replace"' not in body
 
