@@ -7,12 +7,13 @@ const els = {
   form: $("composer"), select: $("adapter-select"), input: $("message-input"), send: $("send-button"),
   conversation: $("conversation"), hint: $("empty-hint"), status: $("status"), model: $("model-info"),
   maxTokens: $("max-tokens"), temperature: $("temperature"), clear: $("clear-button"), refresh: $("refresh-button"),
-  settings: $("settings"), apiKey: $("api-key"),
+  settings: $("settings"), apiKey: $("api-key"), stop: $("stop-button"), system: $("system-prompt"),
 };
 // Kept for this tab only (sessionStorage): a reload keeps it, closing the tab forgets it.
 const KEY_STORAGE = "loraplex-api-key";
 const history = [];
 let busy = false;
+let writing = null; // the AbortController of the reply being written: Stop closes its stream, which ends the request
 
 function option(value, text) {
   const el = document.createElement("option");
@@ -76,6 +77,7 @@ function setBusy(value) {
   els.send.disabled = value;
   els.clear.disabled = value;
   els.send.textContent = value ? "Writing…" : "Send";
+  els.stop.hidden = !value;
 }
 
 // A persona keeps one hue on every reply it writes, so switches are visible at a glance.
@@ -122,9 +124,10 @@ function finishReply(item, state, meta) {
 }
 
 // Events are `data: {json}` blocks separated by a blank line; the last one carries finish_reason and usage.
-async function streamReply(body, onText) {
+async function streamReply(body, onText, signal) {
   const response = await fetch("/generate", {
     method: "POST",
+    signal,
     headers: { "content-type": "application/json", accept: "text/event-stream", ...authHeaders() },
     body: JSON.stringify({ ...body, stream: true }),
   });
@@ -173,21 +176,31 @@ async function send(event) {
   els.input.value = "";
   const reply = addReply(adapter);
   const replyText = reply.querySelector(".message-text");
+  const system = els.system.value.trim();
+  const messages = system ? [{ role: "system", content: system }, ...history] : history;
+  writing = new AbortController();
   setBusy(true);
   setStatus(`${adapter ?? "base model"} is writing…`);
   try {
-    const result = await streamReply({ messages: history, adapter, ...generationParams() },
-      (piece) => { replyText.textContent += piece; });
+    const result = await streamReply({ messages, adapter, ...generationParams() },
+      (piece) => { replyText.textContent += piece; }, writing.signal);
     history.push({ role: "assistant", content: result.text });
     const tokens = result.usage.completion_tokens;
     finishReply(reply, "done", `${tokens} token${tokens === 1 ? "" : "s"} · ${result.finishReason}`);
     setStatus("");
   } catch (err) {
+    if (err.name === "AbortError") { // stopped: what was written so far stays, as the reply it is
+      history.push({ role: "assistant", content: replyText.textContent });
+      finishReply(reply, "done", "stopped");
+      setStatus("Stopped.");
+      return;
+    }
     history.pop(); // the turn failed: the next message must not follow an unanswered one
     question.classList.add("unsent");
     finishReply(reply, "error", `Not sent: ${err.message}`);
     setStatus(`Error: ${err.message}`);
   } finally {
+    writing = null;
     setBusy(false);
     els.input.focus();
   }
@@ -209,6 +222,7 @@ els.input.addEventListener("keydown", (event) => {
   }
 });
 els.clear.addEventListener("click", clearConversation);
+els.stop.addEventListener("click", () => writing?.abort());
 els.apiKey.addEventListener("change", () => {
   sessionStorage.setItem(KEY_STORAGE, els.apiKey.value.trim());
   setStatus("");

@@ -110,6 +110,29 @@ def test_persona_switch_keeps_history_and_labels_each_reply(page):
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
+def test_the_system_prompt_opens_each_request_and_stop_keeps_what_was_written(page):
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    page.get_by_label("System prompt").fill("You are a patient counter.")
+    page.get_by_label("Max new tokens").fill("800")
+    page.get_by_label("Persona").select_option("pirate")
+    page.get_by_label("Message").fill("Count from 1 to 500, separated by commas.")
+    page.get_by_role("button", name="Send").click()
+    reply = page.locator(".reply")
+    expect(reply.locator(".message-text")).not_to_be_empty(timeout=REPLY_TIMEOUT_MS)
+    page.get_by_role("button", name="Stop").click()
+    expect(reply).to_have_attribute("data-state", "done")
+    expect(reply).to_contain_text("stopped")
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    expect(page.get_by_role("status")).to_have_text("Stopped.")
+    assert bodies[0]["messages"] == [{"role": "system", "content": "You are a patient counter."},
+                                     {"role": "user", "content": "Count from 1 to 500, separated by commas."}]
+
+    send(page, "pirate", "Shorter, please.", replies_after=2)  # the stopped reply stays in the history
+    kept = reply.first.locator(".message-text").text_content()
+    assert bodies[1]["messages"][2] == {"role": "assistant", "content": kept} and kept
+
+
 def test_a_deleted_persona_shows_the_error_and_is_left_out_of_history(page, server):
     with LoraplexClient(server.url) as client:
         client.delete_adapter("ghost")
@@ -152,3 +175,4 @@ def test_a_server_with_keys_gets_the_key_from_settings_on_every_call(keyed_serve
         expect(page.get_by_label("Persona").locator("option")).to_have_count(2)
     finally:
         page.close()
+
