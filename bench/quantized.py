@@ -2,8 +2,8 @@
 per base weight format, as ratios against fp32 measured in the same run (also a step of `make bench`).
 
 One engine (Runtime) per format, each in its own process, all loaded at once and timed in turns (fp32, then
-each format, round after round), so a slow spell of the host hits every format alike: greedy requests of TOKENS tokens, 1 stream and
-16 at once, the tokens per second of each turn's wall time, and the median of the rounds. On the first
+each format, round after round), so a slow spell of the host hits every format alike: greedy requests of
+TOKENS tokens, 1 stream and 16 at once, the tokens per second of each turn's wall time, and the median of the rounds. On the first
 quantized format, 16 streams spread over `--mixed` q/v r=8 adapters (unmerged), against its own base.
 """
 

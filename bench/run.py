@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import baselines, llamacpp, micro, quantized, report, steadiness, targets
+from bench import baselines, constrained, llamacpp, micro, quantized, report, steadiness, targets
 from bench.targets import AGAIN
 from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
                             write_adapters)
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         results: dict = {"micro": in_fresh_process(micro.run_model_micro, qv8, folders["all"], args.quick)}
         log("quantized base (QLoRA) against fp32, engines in-process")
         results["quantized"] = in_fresh_process(quantized.run, ["gguf"], 2 if args.quick else 3, qv8)
+        log("structured output: half of 16 streams JSON-constrained against all free")
+        results["constrained"] = in_fresh_process(constrained.run, 2 if args.quick else 3)
         if llamacpp.available():
             log("baseline: llama.cpp on the same GGUF (optional, `pip install -e '.[llamacpp]'`)")
             results["llamacpp"] = in_fresh_process(llamacpp.run, 2 if args.quick else 3)

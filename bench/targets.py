@@ -131,7 +131,17 @@ def evaluate(results: dict) -> list[Target]:
         Target("TTFT p99 at 16 streams vs a lone request's", loaded_ttft / lone_ttft, 3.0, False,
                f"{loaded_ttft * 1e3:.0f} vs {lone_ttft * 1e3:.0f} ms (p99 over {loaded_requests} requests)"),
         *quantized_targets(results.get("quantized"), results.get("llamacpp")),
+        *constrained_targets(results.get("constrained")),
     ]
+
+
+def constrained_targets(reading: dict | None) -> list[Target]:
+    """Structured output's cost on a batch, from `bench.constrained.run` (one engine, in turns)."""
+    if not reading:
+        return []
+    return [Target(f"{reading['streams']} streams, half JSON-constrained vs all free",
+                   reading["half_constrained"] / reading["free"], 0.85, True,
+                   f"{reading['half_constrained']:.0f} vs {reading['free']:.0f} tok/s ({reading['weight_format']})")]
 
 
 def quantized_targets(readings: dict | None, llamacpp: dict | None = None) -> list[Target]:
@@ -146,8 +156,8 @@ def quantized_targets(readings: dict | None, llamacpp: dict | None = None) -> li
         Target("quantized base vs llama.cpp, 1 stream", gguf["streams_1"] / llamacpp["streams_1"], 1.0, True,
                f"{gguf['streams_1']:.1f} vs {llamacpp['streams_1']:.1f} tok/s (llama-cpp-python "
                f"{llamacpp['version']}, same GGUF)"),
-        Target(f"16 streams over {gguf['mixed_adapters']} adapters vs llama.cpp", gguf["mixed_16"] / llamacpp["streams_1"],
-               3.0, True, f"{gguf['mixed_16']:.0f} vs {llamacpp['streams_1']:.1f} tok/s (llama.cpp serializes "
+        Target(f"16 streams over {gguf['mixed_adapters']} adapters vs llama.cpp",
+               gguf["mixed_16"] / llamacpp["streams_1"], 3.0, True, f"{gguf['mixed_16']:.0f} vs {llamacpp['streams_1']:.1f} tok/s (llama.cpp serializes "
                "requests whose adapters differ: its one-stream rate, an upper bound)"),
     ]
     return [*against_llamacpp,

@@ -2,8 +2,9 @@
 
 A `BlockWeight` holds W as w = d * q + m per (output row, block of 32 inputs): 4-bit q in [0, 15] with an
 offset m (int4, the layout of GGUF's Q4_1), or 8-bit q in [-127, 127] with m = 0 (int8). The kernel rounds
-each activation row to 15-bit integers per block of 32 (`quantize_activations`) and multiplies in integers; `linear_reference` (those activations times `dequantize(W)` by `F.linear`) is the plain reference
-every fast path is tested against. `block_kernel()` returns the kernel, or None where it cannot run (then
+each activation row to 15-bit integers per block of 32 (`quantize_activations`) and multiplies in integers;
+`linear_reference` (those activations times `dequantize(W)` by `F.linear`) is the plain reference every
+fast path is tested against. `block_kernel()` returns the kernel, or None where it cannot run (then
 `BlockWeight` callers use the reference).
 """
 

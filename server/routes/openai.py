@@ -238,7 +238,8 @@ def _reply(text: str, finish_reason: str, tools: list[dict] | None) -> tuple[dic
     call = parse_call(text, tools) if tools else None
     if call is None:
         return {"content": text}, finish_reason
-    return {"content": None, "tool_calls": [{"index": 0, **call}]}, "tool_calls" if finish_reason == "stop" else finish_reason
+    finish = "tool_calls" if finish_reason == "stop" else finish_reason
+    return {"content": None, "tool_calls": [{"index": 0, **call}]}, finish
 
 
 async def _chat_chunks(events, head: dict, lp: _Logprobs | None, options, choices: int,

@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import httpx
 import jsonschema
 import openai
 import pytest
@@ -62,33 +61,28 @@ def test_json_object_returns_an_object(client):
 
 
 def test_eight_constrained_requests_for_different_adapters_run_with_unconstrained_ones(server):
-    adapters = ["pirate", "butler", "coach", "summarizer", "qa", None, "pirate", "butler"]
+    adapters = ["pirate", "butler", "coach", "summarizer", "qa", BASE_ID, "pirate", "butler"]
     schemas = [PERSON, SHIP, ANSWER, PERSON, ANSWER, SHIP, ANSWER, PERSON]
-
-    async def constrained(http, adapter, schema):
-        body = {"messages": [{"role": "user", "content": "Answer in JSON about the sea."}], "adapter": adapter,
-                "max_new_tokens": 96, "temperature": 0.7, "seed": 1, "json_schema": schema}
-        r = await http.post("/generate", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    async def free(http, adapter):
-        body = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "adapter": adapter,
-                "max_new_tokens": 32, "temperature": 0}
-        r = await http.post("/generate", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()
+    ask = [{"role": "user", "content": "Answer in JSON about the sea."}]
 
     async def everything():
-        async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
-            return await asyncio.gather(*(constrained(http, a, s) for a, s in zip(adapters, schemas)),
-                                        *(free(http, a) for a in ("pirate", None, "coach", "qa")))
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        constrained = [client.chat.completions.create(model=a, messages=ask, max_tokens=96, temperature=0.7, seed=1,
+                                                      response_format=json_format(s))
+                       for a, s in zip(adapters, schemas)]
+        free = [client.chat.completions.create(model=a, max_tokens=32, temperature=0,
+                                               messages=[{"role": "user", "content": "Tell me about the sea."}])
+                for a in ("pirate", BASE_ID, "coach", "qa")]
+        try:
+            return await asyncio.gather(*constrained, *free)
+        finally:
+            await client.close()
 
-    replies = asyncio.run(everything())
+    replies = [r.choices[0] for r in asyncio.run(everything())]
     for reply, schema in zip(replies, schemas):
-        assert reply["finish_reason"] == "stop", reply
-        jsonschema.validate(json.loads(reply["text"]), schema)
-    assert all(r["finish_reason"] in ("stop", "length") and r["text"] for r in replies[len(schemas):])
+        assert reply.finish_reason == "stop", reply
+        jsonschema.validate(json.loads(reply.message.content), schema)
+    assert all(r.finish_reason in ("stop", "length") and r.message.content for r in replies[len(schemas):])
 
 
 def test_a_regex_holds_the_output_on_generate(server):

@@ -1,7 +1,7 @@
 """The QLoRA rows of `make bench`: ratios of the quantized default against fp32 measured in the same run."""
 
 from bench.quantized import render
-from bench.targets import quantized_targets
+from bench.targets import constrained_targets, quantized_targets
 
 READINGS = {
     "none": {"weight_format": "float32", "base_weight_bytes": 1000 * 2**20, "streams_1": 30.0, "streams_16": 200.0},
@@ -36,3 +36,8 @@ def test_llama_cpp_goals_appear_only_with_its_reading():
     assert targets["quantized base vs llama.cpp, 1 stream"].ratio == 0.96
     assert targets["16 streams over 8 adapters vs llama.cpp"].ratio == 3.4
     assert len(quantized_targets(READINGS)) == len(targets) - 2
+
+
+def test_the_constrained_goal_is_half_constrained_against_all_free_in_the_same_run():
+    (target,) = constrained_targets({"weight_format": "gguf", "streams": 16, "free": 300.0, "half_constrained": 270.0})
+    assert target.ratio == 0.9 and target.passed and constrained_targets(None) == []
