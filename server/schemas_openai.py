@@ -139,6 +139,17 @@ class FunctionCallIn(BaseModel):
     name: str
     arguments: str
 
+    @field_validator("arguments")
+    @classmethod
+    def _a_json_object(cls, arguments: str) -> str:
+        try:
+            parsed = json.loads(arguments or "{}")
+        except ValueError as exc:
+            raise ValueError(f"a tool call's arguments are a JSON object as a string: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise ValueError("a tool call's arguments are a JSON object as a string")
+        return arguments or "{}"
+
 
 class ToolCallIn(BaseModel):
     id: str
@@ -163,7 +174,7 @@ class ChatMessageIn(BaseModel):
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         if self.tool_calls:  # shown to the model as it was asked to write them
-            text += "".join(json.dumps({"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")})
+            text += "".join(json.dumps({"name": c.function.name, "arguments": json.loads(c.function.arguments)})
                             for c in self.tool_calls)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 

@@ -209,3 +209,11 @@ def test_tool_choice_must_name_a_given_tool(client):
         client.chat.completions.create(model=BASE_ID, messages=ASK_WEATHER, tools=[WEATHER], max_tokens=4,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     assert "tool_choice" in err.value.body["message"]
+
+
+def test_an_earlier_tool_call_whose_arguments_are_not_a_json_object_is_refused(client):
+    bad = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                "function": {"name": "get_weather", "arguments": "not json"}}]}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BASE_ID, max_tokens=4, tools=[WEATHER], messages=[*ASK_WEATHER, bad])
+    assert err.value.body["param"] == "messages.1.tool_calls.0.function.arguments"
