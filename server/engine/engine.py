@@ -110,21 +110,27 @@ class Engine:
     # ---- submission (any thread)
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, sink: AsyncSink,
                cache_scope: str = "") -> Sequence:
-        # built before a queue place is taken, so nothing it raises can leak one
-        seq = Sequence(prompt_ids, params, adapter, device=self.runner.device, timeout_s=self.timeout_s,
-                       cache_scope=cache_scope)
-        # on the loop's clock, which admission watches, expiry and latencies read
-        seq.arrived = self._clock.now()
-        seq.deadline = seq.arrived + self.timeout_s if self.timeout_s else None
+        return self.submit_all(prompt_ids, [params], adapter, [sink], cache_scope)[0]
+
+    def submit_all(self, prompt_ids: list[int], params: list[SamplingParams], adapter, sinks: list[AsyncSink],
+                   cache_scope: str = "") -> list[Sequence]:
+        """Requests for one prompt (OpenAI's n), queued all together or, past max_pending, none."""
+        # built before queue places are taken, so nothing they raise can leak one; on the loop's clock, which
+        # admission watches, expiry and latencies read
+        now = self._clock.now()
+        seqs = [Sequence(prompt_ids, p, adapter, device=self.runner.device, timeout_s=self.timeout_s,
+                         cache_scope=cache_scope, arrived=now) for p in params]
         with self._pending_lock:
-            if self._pending >= self.max_pending:
+            if self._pending + len(seqs) > self.max_pending:
                 self.metrics.rejected.labels("queue_full").inc()
-                raise Overloaded(f"{self._pending} requests are queued or running (max_pending="
+                asked = f" and this one asks for {len(seqs)}" if len(seqs) > 1 else ""
+                raise Overloaded(f"{self._pending} requests are queued or running{asked} (max_pending="
                                  f"{self.max_pending}); retry shortly")
-            self._pending += 1
-        self._inbox.put(("add", seq, sink))
+            self._pending += len(seqs)
+        for seq, sink in zip(seqs, sinks):
+            self._inbox.put(("add", seq, sink))
         self._wake.set()
-        return seq
+        return seqs
 
     def abort(self, seq: Sequence) -> None:
         self._inbox.put(("abort", seq, None))
@@ -134,9 +140,15 @@ class Engine:
                cache_scope: str = "") -> AsyncIterator[TokenEvent]:
         """Submits a request now (so limits raise before any response starts) and returns its events;
         leaving the iterator early aborts the request."""
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = self.submit(prompt_ids, params, adapter, AsyncSink(asyncio.get_running_loop(), events), cache_scope)
-        return self._events(seq, events)
+        return self.streams(prompt_ids, [params], adapter, cache_scope)[0]
+
+    def streams(self, prompt_ids: list[int], params: list[SamplingParams], adapter,
+                cache_scope: str = "") -> list[AsyncIterator[TokenEvent]]:
+        """`stream` for requests sharing one prompt, submitted all together (see `submit_all`)."""
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue[TokenEvent]] = [asyncio.Queue() for _ in params]
+        seqs = self.submit_all(prompt_ids, params, adapter, [AsyncSink(loop, q) for q in queues], cache_scope)
+        return [self._events(seq, q) for seq, q in zip(seqs, queues)]
 
     async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         try:

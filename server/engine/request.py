@@ -55,7 +55,7 @@ class Status(Enum):
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter=None, device="cpu",
-                 timeout_s: float | None = None, cache_scope: str = ""):
+                 timeout_s: float | None = None, cache_scope: str = "", arrived: float | None = None):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -70,7 +70,7 @@ class Sequence:
         self.chunk_tokens = 0             # prompt tokens computed in the current step
         self.cache_scope = cache_scope    # prefix-cache entries are shared only within one scope (API key)
         self.finish_reason: str | None = None
-        self.arrived = time.monotonic()
+        self.arrived = time.monotonic() if arrived is None else arrived  # the engine's clock, when it builds one
         self.deadline = self.arrived + timeout_s if timeout_s else None
         self.first_token_at: float | None = None
         self.generator = None

@@ -17,7 +17,7 @@ from server.engine.constraint import Grammar
 from server.engine.engine import TokenEvent
 from server.auth import Principal
 from server.engine.request import SamplingParams
-from server.errors import AdapterNotFound, DeadlineExceeded, GenerationFailed, InvalidRequest, Overloaded
+from server.errors import AdapterNotFound, DeadlineExceeded, GenerationFailed, InvalidRequest
 from server.routes.security import caller, check_may_see
 from server.schemas import SEED_MAX, SEED_MIN, GenerateRequest, GenerateResponse, Usage
 
@@ -90,9 +90,8 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
 async def start_generations(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
                             messages: list[dict] | None, params: SamplingParams,
                             mix: list[tuple[str, float]] | None = None, copies: int = 1) -> list[AsyncIterator]:
-    """`copies` requests for one prompt (OpenAI's n), tokenized once; a seeded request's copy i samples with
-    seed + i, so the choices differ as OpenAI's do. All are queued or none: room for every copy is checked
-    first, and nothing between that check and the submissions yields to the event loop."""
+    """`copies` requests for one prompt (OpenAI's n), tokenized once and queued all together or not at all; a
+    seeded request's copy i samples with seed + i, so the choices differ as OpenAI's do."""
     adapter = await resolve_adapter(rt, principal, adapter_name, mix)
     chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
@@ -101,13 +100,10 @@ async def start_generations(rt, principal: Principal, adapter_name: str | None, 
     else:
         prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
     rt.check_length(len(prompt_ids), params.max_new_tokens)
-    if copies > 1 and rt.engine.pending + copies > rt.engine.max_pending:
-        raise Overloaded(f"{rt.engine.pending} requests are queued or running and this one asks for {copies} "
-                         f"(max_pending={rt.engine.max_pending}); retry shortly")
     copies_params = [params if params.seed is None or i == 0 else replace(params, seed=nth_seed(params.seed, i))
                      for i in range(copies)]
     # prefix-cache hits are visible as a faster first token, so prompts are shared only within one API key
-    return [rt.engine.stream(prompt_ids, p, adapter, cache_scope=principal.key_id) for p in copies_params]
+    return rt.engine.streams(prompt_ids, copies_params, adapter, cache_scope=principal.key_id)
 
 
 def nth_seed(seed: int, i: int) -> int:

@@ -5,8 +5,10 @@ step a request joins is the same on every run."""
 import pytest
 
 from server.engine.admission import AdmissionWait
+from server.engine.engine import AsyncSink
+from server.errors import Overloaded
 from server.engine.request import SamplingParams
-from tests.unit.engine_fakes import Loop, fake_loop
+from tests.unit.engine_fakes import Events, Inline, Loop, fake_loop
 
 STEP_S = 0.025
 WINDOW_S = 0.4 * STEP_S  # the default step fraction, under the 30 ms maximum
@@ -118,3 +120,15 @@ def test_an_aborted_request_ends_at_the_next_step_and_the_others_continue():
     assert kept.finish_reason == "length" and kept.got[-1].completion_tokens == 8
     assert [t for e in kept.got for t in e.token_ids] == [3] * 8
     assert loop.last_step_of(aborted.seq) == 2
+
+
+def test_requests_for_one_prompt_are_queued_all_together_or_not_at_all():
+    loop = fake_loop(step_s=STEP_S)
+    loop.engine.max_pending = 3
+    loop.submit(PROMPT, BACKGROUND)
+    sinks = [AsyncSink(Inline(), Events()) for _ in range(3)]
+    with pytest.raises(Overloaded, match="asks for 3"):
+        loop.engine.submit_all(list(range(1, PROMPT + 1)), [BACKGROUND] * 3, None, sinks)
+    assert loop.engine.pending == 1  # no place taken by the refused three
+    seqs = loop.engine.submit_all(list(range(1, PROMPT + 1)), [BACKGROUND] * 2, None, sinks[:2])
+    assert loop.engine.pending == 3 and len({s.id for s in seqs}) == 2
