@@ -9,13 +9,12 @@ tokens per second of each turn's wall time, medians.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench.quantized import decode_rate
 from server.engine.request import SamplingParams
 from server.runtime import Runtime
 from server.settings import Settings
@@ -31,20 +30,6 @@ SCHEMA = {"type": "object", "required": ["ship", "crew"], "properties": {
     "ship": {"type": "string"}, "crew": {"type": "array", "minItems": 16, "items": MEMBER}}}
 
 
-def tokens_per_second(rt: Runtime, params: list[SamplingParams]) -> float:
-    prompt = rt.encode(messages=[{"role": "user", "content": PROMPT}])
-
-    async def one(p: SamplingParams) -> int:
-        return sum([len(event.token_ids) async for event in rt.engine.stream(prompt, p, None)])
-
-    async def all_streams() -> list[int]:
-        return await asyncio.gather(*(one(p) for p in params))
-
-    started = time.perf_counter()
-    produced = sum(asyncio.run(all_streams()))
-    return produced / (time.perf_counter() - started)
-
-
 def run(rounds: int) -> dict:
     """Medians of 16 free streams and of 16 with half JSON-constrained, read in turns."""
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as store:
@@ -56,7 +41,7 @@ def run(rounds: int) -> dict:
             readings = {name: [] for name in turns}
             for round_ in range(rounds + 1):  # round 0 warms up
                 for name, params in turns.items():
-                    tps = tokens_per_second(rt, params)
+                    tps = decode_rate(rt, PROMPT, [(p, None) for p in params])
                     if round_:
                         readings[name].append(tps)
         finally:

@@ -31,16 +31,22 @@ PROMPT = "Tell me a long story about the sea."
 
 def tokens_per_second(rt: Runtime, streams: int, adapters: list[str | None] | None = None) -> float:
     """Tokens per second of `streams` greedy requests at once; stream i asks for adapters[i % len]."""
-    prompt = rt.encode(messages=[{"role": "user", "content": PROMPT}])
     params = SamplingParams(max_new_tokens=TOKENS, temperature=0.0, ignore_eos=True)
     names = adapters or [None]
+    picked = [names[i % len(names)] for i in range(streams)]
+    return decode_rate(rt, PROMPT, [(params, rt.registry.get(n) if n else None) for n in picked])
 
-    async def one(name: str | None) -> int:
-        adapter = rt.registry.get(name) if name else None
-        return sum([len(event.token_ids) async for event in rt.engine.stream(prompt, params, adapter)])
+
+def decode_rate(rt: Runtime, prompt: str, requests: list[tuple[SamplingParams, object]]) -> float:
+    """Tokens per second of the wall time of `requests` ((params, adapter or None) each) run at once, all
+    asking `prompt` as a user message."""
+    prompt_ids = rt.encode(messages=[{"role": "user", "content": prompt}])
+
+    async def one(params: SamplingParams, adapter) -> int:
+        return sum([len(event.token_ids) async for event in rt.engine.stream(prompt_ids, params, adapter)])
 
     async def all_streams() -> list[int]:
-        return await asyncio.gather(*(one(names[i % len(names)]) for i in range(streams)))
+        return await asyncio.gather(*(one(params, adapter) for params, adapter in requests))
 
     started = time.perf_counter()
     produced = sum(asyncio.run(all_streams()))

@@ -120,7 +120,7 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     if req.stream:
         return _streaming(_completion_chunks(_merged(streams), head, lp, req.stream_options, len(streams)))
-    text, lps, choices, usage = _per_choice(list, streams), _per_choice(list, streams), [], None
+    text, lps, choices, usage = [[] for _ in streams], [[] for _ in streams], [], None
     async for index, event in until_disconnected(_merged(streams), request):
         text[index].append(event.text)
         if event.logprob is not None:
@@ -133,10 +133,6 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
     if len(choices) < len(streams):
         return Response(status_code=499)  # the client went away; nobody reads this
     return {**head, "choices": sorted(choices, key=lambda c: c["index"]), "usage": usage}
-
-
-def _per_choice(make, streams: list) -> list:
-    return [make() for _ in streams]
 
 
 def _add_usage(usage: dict | None, event: TokenEvent) -> dict:
@@ -216,7 +212,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     if req.stream:
         return _streaming(_chat_chunks(_merged(streams), {**head, "object": "chat.completion.chunk"}, lp,
                                        req.stream_options, len(streams), tools))
-    text, entries, choices, usage = _per_choice(list, streams), _per_choice(list, streams), [], None
+    text, entries, choices, usage = [[] for _ in streams], [[] for _ in streams], [], None
     async for index, event in until_disconnected(_merged(streams), request):
         text[index].append(event.text)
         if lp and event.logprob is not None:
