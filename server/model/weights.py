@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
@@ -47,11 +50,11 @@ class FullPrecision:
         return Linear(_fused(self.ckpt, [hf_weight_name(layer, p) for p in projs], self.device, self.dtype), bias,
                       self.backend)
 
-    def head(self, weight: torch.Tensor):
-        return Linear(weight, None, self.backend, editable=False)
+    def head(self, weight: Callable[[], torch.Tensor]):
+        return Linear(weight(), None, self.backend, editable=False)
 
-    def embedding(self, table: torch.Tensor, head):
-        return TableEmbedding(table)
+    def embedding(self, table: Callable[[], torch.Tensor], head):
+        return TableEmbedding(table())
 
 
 class QuantizedAtLoad:
@@ -65,11 +68,11 @@ class QuantizedAtLoad:
         weight = _fused(self.ckpt, [hf_weight_name(layer, p) for p in projs], self.device, self.dtype)
         return QuantizedLinear(quantize(weight, self.name), bias, self.name)
 
-    def head(self, weight: torch.Tensor):
-        return QuantizedLinear(quantize(weight, "int8"), None, "int8")
+    def head(self, weight: Callable[[], torch.Tensor]):
+        return QuantizedLinear(quantize(weight(), "int8"), None, "int8")
 
-    def embedding(self, table: torch.Tensor, head):  # the int8 head rounds: lookups keep the exact table
-        return TableEmbedding(table)
+    def embedding(self, table: Callable[[], torch.Tensor], head):  # the int8 head rounds: lookups keep the exact table
+        return TableEmbedding(table())
 
 
 class FromGGUF:
@@ -85,13 +88,13 @@ class FromGGUF:
     def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
         return QuantizedLinear(self.blocks.fused(layer, projs), bias, "gguf")
 
-    def head(self, weight: torch.Tensor):  # the file's own output (or tied embedding) blocks, not `weight`
+    def head(self, weight: Callable[[], torch.Tensor]):  # the file's own output (or tied embedding) blocks
         return QuantizedLinear(self.blocks.output(), None, "gguf")
 
-    def embedding(self, table: torch.Tensor, head):
-        """A tied file's embedding is its lm_head's blocks: looked up there, `table` (that file dequantized)
-        is dropped."""
-        return BlockEmbedding(head.quantized) if self.blocks.tied else TableEmbedding(table)
+    def embedding(self, table: Callable[[], torch.Tensor], head):
+        """A tied file's embedding is its lm_head's blocks, looked up there: the checkpoint's table (that file
+        dequantized) is never read."""
+        return BlockEmbedding(head.quantized) if self.blocks.tied else TableEmbedding(table())
 
 
 def weight_format(quantization: str, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, backend: str,
@@ -137,9 +140,10 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.de
             qk_norms = tuple(_tensor(ckpt, f"model.layers.{i}.self_attn.{n}.weight", device, dtype)
                              for n in ("q_norm", "k_norm"))
         layers.append(DecoderLayer(i, cfg, linears, norms, qk_norms))
-    embed = _tensor(ckpt, "model.embed_tokens.weight", device, dtype)
-    head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else "lm_head.weight"
+    # read when a format asks (once): a tied GGUF never needs the table in full precision
+    table = functools.cache(lambda: _tensor(ckpt, "model.embed_tokens.weight", device, dtype))
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
     # The tied head shares the embedding's storage on the plain path; the packed kernel is a separate layout.
-    head = formats.head(embed if head_name == "model.embed_tokens.weight" else _tensor(ckpt, head_name, device, dtype))
+    head = formats.head(table if tied else lambda: _tensor(ckpt, "lm_head.weight", device, dtype))
     norm = _tensor(ckpt, "model.norm.weight", device, dtype)
-    return Transformer(cfg, formats.embedding(embed, head), layers, norm, head, device)
+    return Transformer(cfg, formats.embedding(table, head), layers, norm, head, device)
