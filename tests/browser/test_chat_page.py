@@ -113,6 +113,9 @@ def test_persona_switch_keeps_history_and_labels_each_reply(page):
 def test_the_system_prompt_opens_each_request_and_stop_keeps_what_was_written(page):
     bodies = []
     page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    # the first reply must still be running when Stop is clicked, whatever the model would write
+    page.route("**/generate", lambda route: route.continue_(
+        post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})))
     page.get_by_label("System prompt").fill("You are a patient counter.")
     page.get_by_label("Max new tokens").fill("800")
     page.get_by_label("Persona").select_option("pirate")
@@ -128,6 +131,8 @@ def test_the_system_prompt_opens_each_request_and_stop_keeps_what_was_written(pa
     assert bodies[0]["messages"] == [{"role": "system", "content": "You are a patient counter."},
                                      {"role": "user", "content": "Count from 1 to 500, separated by commas."}]
 
+    page.unroute("**/generate")
+    page.get_by_label("Max new tokens").fill("12")
     send(page, "pirate", "Shorter, please.", replies_after=2)  # the stopped reply stays in the history
     kept = reply.first.locator(".message-text").text_content()
     assert bodies[1]["messages"][2] == {"role": "assistant", "content": kept} and kept
