@@ -12,9 +12,9 @@ import os
 import stat
 from pathlib import Path
 
+from adapters.errors import AdapterInvalid, AdapterTooLarge
 from adapters.format import CARD_FILE, WEIGHTS_FILE, read_card
 from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES
-from server.errors import AdapterInvalid, AdapterTooLarge
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE)
 

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from adapters.errors import AdapterInvalid, AdapterTooLarge, LoraplexError
 from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES, AdapterConfig, config_json, parse_config
-from server.errors import AdapterInvalid, AdapterTooLarge, LoraplexError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.errors import InvalidRequest
 from adapters.format import Adapter, LoraWeights
-from server.errors import InvalidRequest
 
 
 @dataclass(frozen=True, eq=False)

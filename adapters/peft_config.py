@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import regex
 
-from server.errors import AdapterInvalid
+from adapters.errors import AdapterInvalid
 
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 64 * 1024  # a real config is under a KiB, some tens of KiB with a pattern for every module

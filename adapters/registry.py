@@ -13,13 +13,13 @@ from collections import deque
 from dataclasses import replace as with_fields
 from pathlib import Path
 
+from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, LoraplexError
 from adapters.format import (
     CARD_FILE, WEIGHTS_FILE, Adapter, AdapterLimits, BaseShapes, peft_folder_files, raw_to_peft_files,
     parse_card, read_peft_folder, read_raw_safetensors, validate, validate_name,
 )
 from adapters.peft_config import CONFIG_FILE
 from adapters.store import AdapterStore
-from server.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, LoraplexError
 
 log = logging.getLogger(__name__)
 

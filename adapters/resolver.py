@@ -17,9 +17,9 @@ import threading
 from pathlib import Path
 
 from adapters.confined import check_adapter_folder
+from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound
 from adapters.format import Adapter, read_peft_folder, validate_name
 from adapters.peft_config import CONFIG_FILE
-from server.errors import AdapterExists, AdapterInvalid, AdapterNotFound
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, LoraplexError
 from adapters.format import CARD_FILE, WEIGHTS_FILE, validate_name
 from adapters.peft_config import CONFIG_FILE
-from server.errors import AdapterExists, AdapterInvalid, AdapterNotFound, LoraplexError
 
 STORED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, CARD_FILE})
 VERSIONS = ".versions"

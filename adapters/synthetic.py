@@ -4,8 +4,8 @@ from collections.abc import Sequence
 
 import torch
 
+from adapters.errors import AdapterInvalid
 from adapters.format import PROJECTIONS, Adapter, BaseShapes, LoraWeights, module_key, validate_name
-from server.errors import AdapterInvalid
 
 
 def llama_base_shapes(num_layers: int, hidden: int, intermediate: int, kv_dim: int) -> BaseShapes:

@@ -1,36 +1,13 @@
 """Errors as values with stable codes.
 
 Raised deep (adapter validation, the engine, the store) and mapped to HTTP status in one place
-(`server/routes/errors.py`), so no inner layer knows about HTTP.
+(`server/routes/errors.py`), so no inner layer knows about HTTP. The adapters package's own errors live in
+`adapters/errors.py`, which imports nothing from the server; they are re-exported here.
 """
 
-
-class LoraplexError(Exception):
-    code = "internal_error"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class AdapterNotFound(LoraplexError):
-    code = "adapter_not_found"
-
-
-class AdapterExists(LoraplexError):
-    code = "adapter_exists"
-
-
-class AdapterInvalid(LoraplexError):
-    code = "adapter_invalid"
-
-
-class AdapterTooLarge(LoraplexError):
-    code = "adapter_too_large"
-
-
-class InvalidRequest(LoraplexError):
-    code = "invalid_request"
+from adapters.errors import (  # noqa: F401  (re-exported: the server raises and maps them too)
+    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidRequest, LoraplexError,
+)
 
 
 class EngineUnavailable(LoraplexError):

@@ -9,10 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import (
-    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, DeadlineExceeded, EngineUnavailable, Forbidden,
-    GenerationFailed, InvalidRequest, LoraplexError, Overloaded, Unauthorized,
-)
+from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidRequest, LoraplexError
+from server.errors import DeadlineExceeded, EngineUnavailable, Forbidden, GenerationFailed, Overloaded, Unauthorized
 
 log = logging.getLogger(__name__)
 
