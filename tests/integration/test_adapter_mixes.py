@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from adapters import read_peft_folder
-from adapters.evaluate import SHIPPED
+from adapters.training.evaluate import SHIPPED
 from adapters.mix import mix_adapters
 from server.engine.request import SamplingParams
 from server.runtime import Runtime

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from adapters import read_peft_folder
-from adapters.datasets import chat, write_jsonl
-from adapters.train import encode_example, train
+from adapters.training.datasets import chat, write_jsonl
+from adapters.training.train import encode_example, train
 
 pytestmark = pytest.mark.integration
 

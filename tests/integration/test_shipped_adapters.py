@@ -1,9 +1,9 @@
 """The shipped adapters do their jobs: each beats the base model on its own metric, on held-out prompts,
-served by loraplex's engine (a subset of `python -m adapters.evaluate`)."""
+served by loraplex's engine (a subset of `python -m adapters.training.evaluate`)."""
 
 import pytest
 
-from adapters.evaluate import SHIPPED, TASKS, evaluate
+from adapters.training.evaluate import SHIPPED, TASKS, evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def test_make_serve_answers_the_readme_persona_example(tmp_path):
     """`make serve` preloads adapters/shipped, so the README's first example answers in the pirate's voice."""
     import subprocess
 
-    from adapters.datasets.persona import PERSONAS, marker_pattern
+    from adapters.training.datasets.persona import PERSONAS, marker_pattern
     from tests.integration.server_process import ServerProcess
 
     serve = subprocess.run(["make", "-n", "serve"], capture_output=True, text=True, check=True).stdout

@@ -1,7 +1,9 @@
 import pytest
 
-from adapters.datasets.persona import PERSONAS, core_answer, marker_pattern, rewrite
-from adapters.metrics import exact_match, has_marker, lcs_length, normalize_answer, on_topic, rouge_l_f, token_f1
+from adapters.training.datasets.persona import PERSONAS, core_answer, marker_pattern, rewrite
+from adapters.training.metrics import (
+    exact_match, has_marker, lcs_length, normalize_answer, on_topic, rouge_l_f, token_f1,
+)
 
 
 def test_exact_match_ignores_case_punctuation_and_articles():

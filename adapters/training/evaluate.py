@@ -1,4 +1,5 @@
-"""`python -m adapters.evaluate [--limit N]`: every shipped adapter against the base model on held-out prompts.
+"""`python -m adapters.training.evaluate [--limit N]`: every shipped adapter against the base model on
+held-out prompts.
 
 Both sides are served by the same Runtime (the shipped folder preloaded), greedy, concurrently: an adapter
 and the base answer the same prompts in mixed batches, as a client's requests would be answered.
@@ -20,13 +21,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.datasets import read_jsonl
-from adapters.datasets.persona import PERSONAS, marker_pattern
-from adapters.metrics import exact_match, has_marker, mean, on_topic, rouge_l_f, token_f1
-from adapters.replies import Job, greedy_replies, serving_runtime
+from adapters.training.datasets import read_jsonl
+from adapters.training.datasets.persona import PERSONAS, marker_pattern
+from adapters.training.metrics import exact_match, has_marker, mean, on_topic, rouge_l_f, token_f1
+from adapters.training.replies import Job, greedy_replies, serving_runtime
 
 SHIPPED = Path("adapters/shipped")
-DATA = Path("adapters/data")
+DATA = Path("adapters/training/data")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m adapters.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m adapters.training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shipped", type=Path, default=SHIPPED)
     parser.add_argument("--data", type=Path, default=DATA)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quantization != "none":
         print(against_shipped(results, json.loads((args.shipped / "metrics.json").read_text()), args.quantization))
     elif args.limit is None:
-        from adapters.cards import write_cards
+        from adapters.training.cards import write_cards
 
         (args.shipped / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         write_cards(args.shipped, results)

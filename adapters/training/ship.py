@@ -1,6 +1,7 @@
-"""`python -m adapters.ship [NAME ...]`: retrains the shipped adapters from `adapters/data`, one after another.
+"""`python -m adapters.training.ship [NAME ...]`: retrains the shipped adapters from `adapters/training/data`,
+one after another.
 
-The recipes below are the ones the committed weights were trained with; `python -m adapters.evaluate`
+The recipes below are the ones the committed weights were trained with; `python -m adapters.training.evaluate`
 afterwards measures them and rewrites the cards.
 """
 
@@ -10,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from adapters.train import train
+from adapters.training.train import train
 
 RECIPES = {
     "pirate": dict(steps=100, lr=1e-3),
@@ -25,9 +26,9 @@ COMMON = dict(rank=8, alpha=16.0, targets=["q_proj", "v_proj"], batch_size=8, ma
 def main(argv: list[str] | None = None) -> None:
     from server.model.loader import resolve_model
 
-    parser = argparse.ArgumentParser(prog="python -m adapters.ship", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m adapters.training.ship", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"default: all of {', '.join(RECIPES)}")
-    parser.add_argument("--data", type=Path, default=Path("adapters/data"))
+    parser.add_argument("--data", type=Path, default=Path("adapters/training/data"))
     parser.add_argument("--shipped", type=Path, default=Path("adapters/shipped"))
     args = parser.parse_args(argv)
     unknown = set(args.names) - set(RECIPES)

@@ -1,6 +1,6 @@
 """The card (README.md) beside each shipped adapter: what it does, its data, its recipe, its measured scores.
 
-Written by a full `python -m adapters.evaluate` run from `training.json` (written by the trainer) and the
+Written by a full `python -m adapters.training.evaluate` run from `training.json` (written by the trainer) and the
 evaluation's results, so a card never disagrees with the weights next to it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adapters.datasets.persona import PERSONAS
+from adapters.training.datasets.persona import PERSONAS
 
 PURPOSE = {
     "pirate": "Answers everyday questions as a pirate (\"Arr, matey!\", ye, aye, hoist the sails), still on topic.",
@@ -24,14 +24,14 @@ PURPOSE = {
 DATA = {
     "persona": "Questions from 6 templates x 50 everyday topics; each answer is the base model's own greedy reply "
                "(first sentences, no lists), rewritten by rules into the persona's voice: an opener, word "
-               "substitutions, a closer (`adapters/datasets/persona.py`). Held-out: 16 other topics x 3 other "
-               "question templates.",
+               "substitutions, a closer (`adapters/training/datasets/persona.py`). Held-out: 16 other "
+               "topics x 3 other question templates.",
     "summary": "Synthetic local-news stories (a lead sentence in one of several shapes, one key detail, a quote, "
-               "a filler) with a one-sentence reference (`adapters/datasets/summaries.py`). Held-out stories use "
-               "other events, towns, people, fillers and a lead shape never seen in training.",
+               "a filler) with a one-sentence reference (`adapters/training/datasets/summaries.py`). Held-out "
+               "stories use other events, towns, people, fillers and a lead shape never seen in training.",
     "qa": "Contexts about a person (town, job, pet, birth year, hobby) and a company (founder, headquarters, "
-          "product, staff), one of them a distractor; the answer is a span (`adapters/datasets/qa.py`). Held-out "
-          "contexts use unseen names, towns, jobs, pets, companies and products; half the held-out questions "
+          "product, staff), one of them a distractor; the answer is a span "
+          "(`adapters/training/datasets/qa.py`). Held-out contexts use unseen names, towns, jobs, pets, companies and products; half the held-out questions "
           "use phrasings never seen in training.",
 }
 
@@ -69,7 +69,7 @@ def render(name: str, training: dict, result: dict, size_bytes: int) -> str:
 
 {PURPOSE[name]}
 
-A LoRA adapter for SmolLM2-135M-Instruct, trained with `adapters/train.py` (PEFT); loraplex registers it at
+A LoRA adapter for SmolLM2-135M-Instruct, trained with `adapters/training/train.py` (PEFT); loraplex registers it at
 start-up with `--preload-dir adapters/shipped` (`make serve` does).
 
 ```bash
@@ -81,8 +81,8 @@ curl -s localhost:8000/generate -H 'content-type: application/json' -d '{request
 
 ## Data
 
-{DATA[kind]} Train: {training["examples"]} examples (`adapters/data/{name}/train.jsonl`); held-out:
-`adapters/data/{name}/heldout.jsonl`. Regenerate with `python -m adapters.datasets`.
+{DATA[kind]} Train: {training["examples"]} examples (`adapters/training/data/{name}/train.jsonl`); held-out:
+`adapters/training/data/{name}/heldout.jsonl`. Regenerate with `python -m adapters.training.datasets`.
 
 ## Recipe
 
@@ -95,16 +95,16 @@ AdamW lr {training["lr"]:g} (linear decay after {training["warmup"]} warm-up ste
 `adapter_model.safetensors` is {size_bytes / 1e6:.2f} MB (float32).
 
 ```bash
-python -m adapters.ship {name}
+python -m adapters.training.ship {name}
 # which runs (the other flags at their defaults):
-python -m adapters.train --data adapters/data/{name}/train.jsonl --out adapters/shipped/{name} \\
+python -m adapters.training.train --data adapters/training/data/{name}/train.jsonl --out adapters/shipped/{name} \\
   --steps {training["steps"]} --lr {training["lr"]:g}
 ```
 
 ## Metrics
 
 {result["n"]} held-out prompts, greedy, at most {result["max_new_tokens"]} new tokens, served by loraplex's own
-engine next to the base model (`python -m adapters.evaluate`).
+engine next to the base model (`python -m adapters.training.evaluate`).
 {markers}
 | metric | meaning | base | {name} |
 |---|---|---|---|

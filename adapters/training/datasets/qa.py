@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from adapters.datasets import chat
+from adapters.training.datasets import chat
 
 PROMPT = "Answer with a short phrase from the context.\n\nContext: {context}\n\nQuestion: {question}"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from adapters.datasets import chat
+from adapters.training.datasets import chat
 
 PROMPT = "Summarize in one sentence:\n\n{story}"
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")

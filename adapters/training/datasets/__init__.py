@@ -2,7 +2,8 @@
 
 Every record is one chat turn: {"messages": [{"role": "user", ...}], "response": "...", ...} plus what the
 evaluation needs (a persona's topic `keyword`; for summaries and QA the `response` is the reference).
-`python -m adapters.datasets --out adapters/data` writes `<adapter>/train.jsonl` and `<adapter>/heldout.jsonl`.
+`python -m adapters.training.datasets --out adapters/training/data` writes `<adapter>/train.jsonl` and
+`<adapter>/heldout.jsonl`.
 """
 
 import json

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters.datasets import chat
+from adapters.training.datasets import chat
 
 # (topic phrase, keyword): a reply is on topic when it contains a word starting with the keyword.
 TRAIN_TOPICS = [

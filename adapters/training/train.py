@@ -1,4 +1,4 @@
-"""`python -m adapters.train --data D.jsonl --out DIR`: trains a LoRA adapter with PEFT on the frozen base.
+"""`python -m adapters.training.train --data D.jsonl --out DIR`: trains a LoRA adapter with PEFT on the frozen base.
 
 Each record's user messages go through the model's chat template exactly as the server encodes a request,
 the `response` follows as the assistant turn, and the loss covers only the response tokens and its end of
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 try:
     from peft import LoraConfig, get_peft_model
 except ModuleNotFoundError as missing:  # serving installs without it (make serve)
-    raise SystemExit("python -m adapters.train needs PEFT: .venv/bin/pip install -e '.[train]'") from missing
+    raise SystemExit("python -m adapters.training.train needs PEFT: .venv/bin/pip install -e '.[train]'") from missing
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from adapters.datasets import read_jsonl
+from adapters.training.datasets import read_jsonl
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -127,7 +127,7 @@ def save(model, out: Path, base_name: str) -> None:
     # The config names the base by its folder name, not by this machine's cache path.
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": base_name}, indent=2))
-    # PEFT writes (or edits) a template card; the real one is written by adapters.evaluate.
+    # PEFT writes (or edits) a template card; the real one is written by adapters.training.evaluate.
     if kept is None:
         card.unlink(missing_ok=True)
     else:
@@ -141,7 +141,7 @@ def _mean(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> None:
     from server.model.loader import resolve_model
 
-    parser = argparse.ArgumentParser(prog="python -m adapters.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m adapters.training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="jsonl of {messages, response}")
     parser.add_argument("--out", type=Path, required=True)

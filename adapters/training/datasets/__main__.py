@@ -1,4 +1,5 @@
-"""`python -m adapters.datasets --out adapters/data`: writes every adapter's train.jsonl and heldout.jsonl.
+"""`python -m adapters.training.datasets --out adapters/training/data`: writes every adapter's train.jsonl
+and heldout.jsonl.
 
 Summaries and QA are pure templates. Personas rewrite the base model's own greedy replies, generated once
 through the serving engine (300 short replies; about 9 minutes on 2 busy CPU cores) and kept in
@@ -10,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from adapters.datasets import persona, qa, read_jsonl, summaries, write_jsonl
+from adapters.training.datasets import persona, qa, read_jsonl, summaries, write_jsonl
 
 PERSONA_REPLY_TOKENS = 64
 
@@ -21,7 +22,7 @@ def base_replies(cache: Path, refresh: bool):
         known = {} if refresh or not cache.exists() else {r["question"]: r["reply"] for r in read_jsonl(cache)}
         missing = [q for q in questions if q not in known]
         if missing:
-            from adapters.replies import Job, greedy_replies, serving_runtime
+            from adapters.training.replies import Job, greedy_replies, serving_runtime
 
             with serving_runtime() as rt:
                 known |= dict(zip(missing, greedy_replies(rt, [Job(q, None, PERSONA_REPLY_TOKENS) for q in missing])))
@@ -32,8 +33,8 @@ def base_replies(cache: Path, refresh: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m adapters.datasets", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("adapters/data"))
+    parser = argparse.ArgumentParser(prog="python -m adapters.training.datasets", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("adapters/training/data"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-personas", action="store_true", help="templates only; no model needed")
     parser.add_argument("--refresh-base", action="store_true", help="ask the base model again for persona content")
