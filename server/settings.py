@@ -42,8 +42,7 @@ class Settings(BaseSettings):
                                      "whole one; skipped while such waits do not pay (0: off)")
     admission_wait_fraction: float = Field(0.4, ge=0, le=1, description="the most of a step's time one such "
                                            "wait may take; a wait ends when the awaited requests are in, so "
-                                           "it costs what they take to come (at 16 streams here, 0.15 -> 0.3 "
-                                           "or 0.45: TTFT mean -28%, throughput unchanged)")
+                                           "it costs only what they take to come")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
     prefix_cache_mb: int = Field(256, ge=0, description="memory for KV of prompt prefixes reused across "
                                                          "requests (0: off)")
