@@ -36,6 +36,7 @@ from server.model.llama import FUSED_SITES, projection_rows
 from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
 from server.settings import Settings
+from server.tool_calls import renders_tools
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Runtime:
         self.model_id = self.model_names[0]
         self.tokenizer = load_tokenizer(self.folder, settings.chat_template)  # before the weights: fails sooner
         self.grammars = Grammars(self.tokenizer)
+        self.native_tools = renders_tools(self.tokenizer)  # else tools are described in a system message
         backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
         quantization = resolve_quantization(settings.quantization, self.device, self.folder)
         self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)
@@ -124,11 +126,13 @@ class Runtime:
                  backend if quantization == "none" else "block kernel" if block_kernel() else "reference",
                  self.weight_format, self.base_weight_bytes >> 20, len(loaded_names), "?" if huge is None else huge >> 20)
 
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """`tools` go to a chat template with a tool format of its own (`native_tools`)."""
         if messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidRequest("this model has no chat template; send `prompt` instead of `messages`")
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
             ids = self.tokenizer(prompt or "").input_ids

@@ -1,11 +1,12 @@
 """OpenAI tool calling over a chat model: the tools shown to the model, `required` and a named function held
 to a grammar, and a reply read back as a tool call.
 
-The tools are described in a system message asking for `{"name": ..., "arguments": {...}}` (the default
-model's chat template has no tool format of its own). With `tool_choice` `required` or a named function
-the reply is constrained to exactly that JSON (server.engine.constraint), so its arguments always parse
-and follow the function's parameter schema; with `auto` the model may answer in text, and a reply that
-is such a JSON object naming a tool is returned as a call.
+A chat template with a tool format of its own (Qwen's, Hermes', Llama 3.1's) is given the tools and the
+earlier calls as it expects them; for one without (the default model's), the tools are described in a
+system message asking for `{"name": ..., "arguments": {...}}`. With `tool_choice` `required` or a named
+function the reply is constrained to exactly that JSON (server.engine.constraint), so its arguments always
+parse and follow the function's parameter schema; with `auto` the model may answer in text, and a reply
+that is such a JSON object naming a tool (bare or in `<tool_call>` tags) is returned as a call.
 """
 
 from __future__ import annotations
@@ -13,10 +14,29 @@ from __future__ import annotations
 import json
 import uuid
 
+from jinja2 import TemplateError
+
 from server.engine.constraint import Grammar, Grammars
 
 INSTRUCTIONS = ("You can call the functions listed in <tools>. To call one, reply with only a JSON object "
                 '{"name": <function name>, "arguments": <an object of its parameters>} and nothing else.')
+
+
+PROBE_TOOL = {"type": "function", "function": {"name": "loraplex_probe_tool", "description": "",
+                                               "parameters": {"type": "object", "properties": {}}}}
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template has a tool format: it shows a tool it is given. Templates
+    without one ignore `tools`, so their prompt would not mention the tools at all."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[PROBE_TOOL],
+                                             add_generation_prompt=True, tokenize=False)
+    except (TemplateError, TypeError, ValueError):
+        return False
+    return PROBE_TOOL["function"]["name"] in text
 
 
 def with_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
@@ -44,7 +64,10 @@ def parse_call(text: str, tools: list[dict]) -> dict | None:
     except ValueError:
         return None
     names = {t["function"]["name"] for t in tools}
-    if not (isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments"), dict)):
+    if not (isinstance(call, dict) and call.get("name") in names):
+        return None
+    arguments = call.get("arguments", call.get("parameters"))  # Llama 3.1's templates ask for "parameters"
+    if not isinstance(arguments, dict):
         return None
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+            "function": {"name": call["name"], "arguments": json.dumps(arguments)}}

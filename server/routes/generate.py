@@ -89,16 +89,18 @@ async def start_generation(rt, principal: Principal, adapter_name: str | None, p
 
 async def start_generations(rt, principal: Principal, adapter_name: str | None, prompt: str | None,
                             messages: list[dict] | None, params: SamplingParams,
-                            mix: list[tuple[str, float]] | None = None, copies: int = 1) -> list[AsyncIterator]:
+                            mix: list[tuple[str, float]] | None = None, copies: int = 1,
+                            tools: list[dict] | None = None) -> list[AsyncIterator]:
     """`copies` requests for one prompt (OpenAI's n), tokenized once and queued all together or not at all; a
-    seeded request's copy i samples with seed + i, so the choices differ as OpenAI's do."""
+    seeded request's copy i samples with seed + i, so the choices differ as OpenAI's do. `tools` are for a
+    chat template with a tool format of its own."""
     adapter = await resolve_adapter(rt, principal, adapter_name, mix)
     chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
     if chars + template_chars <= INLINE_ENCODE_CHARS:
-        prompt_ids = rt.encode(prompt, messages)
+        prompt_ids = rt.encode(prompt, messages, tools)
     else:
-        prompt_ids = await run_in_threadpool(rt.encode, prompt, messages)
+        prompt_ids = await run_in_threadpool(rt.encode, prompt, messages, tools)
     rt.check_length(len(prompt_ids), params.max_new_tokens)
     copies_params = [params if params.seed is None or i == 0 else replace(params, seed=nth_seed(params.seed, i))
                      for i in range(copies)]

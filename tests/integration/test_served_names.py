@@ -1,10 +1,14 @@
 """A server on a folder of the user's: the base answers to every --served-model-name, /v1/models lists it
-under each with the adapters' `parent` set to it, and --chat-template replaces a tokenizer without one."""
+under each with the adapters' `parent` set to it, and --chat-template replaces a tokenizer without one (here
+a template with a tool format of its own, which then gets the tools and earlier calls)."""
+
+import json
 
 import pytest
 import torch
 
 from adapters import random_adapter, write_peft_folder
+from server.model.backend import resolve_backend
 from server.model.loader import ModelFolder
 from server.model.weights import LoadedModel
 from tests.integration.server_process import ServerProcess
@@ -12,14 +16,19 @@ from tests.integration.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.integration
 
-TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}: {{ m['content'] }}>>{% endfor %}"
+TEMPLATE = ("{% if tools %}<<tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}>>{% endif %}"
+            "{% for m in messages %}<<{{ m['role'] }}: {{ m['content'] }}{% for c in m.tool_calls or [] %}"
+            "[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}>>{% endfor %}")
+CITY = {"type": "function", "function": {"name": "city_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_folder):
     root = tmp_path_factory.mktemp("named")
     folder = tiny_llama(root / "model", default_model_folder.path)
-    base = LoadedModel(ModelFolder(folder), torch.device("cpu"), torch.float32, "torch")
+    base = LoadedModel(ModelFolder(folder), resolve_backend(torch.device("cpu"), torch.float32, "torch"))
     shapes = base.transformer.lora_target_shapes()
     write_peft_folder(random_adapter("style", shapes), root / "preload" / "style")
     (root / "template.jinja").write_text(TEMPLATE)
@@ -53,3 +62,23 @@ def test_the_chat_template_file_renders_the_messages(server):
         templated = c.post("/tokenize", json={"messages": messages}).json()["tokens"]
         plain = c.post("/tokenize", json={"prompt": "<<user: hi there>>", "add_special_tokens": False}).json()["tokens"]
     assert templated == plain
+
+
+def test_a_template_with_a_tool_format_renders_the_tools_and_earlier_calls_itself(server):
+    messages = [{"role": "user", "content": "weather in Rome?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "city_weather", "arguments": json.dumps({"city": "Rome"})}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "user", "content": "and Paris?"}]
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "tools": [CITY],
+                                                 "tool_choice": "required", "max_tokens": 64, "temperature": 0})
+        rendered = ('<<tools: city_weather>><<user: weather in Rome?>><<assistant: [call city_weather {"city": '
+                    '"Rome"}]>><<tool: sunny>><<user: and Paris?>>')
+        plain = c.post("/tokenize", json={"prompt": rendered, "add_special_tokens": False}).json()["tokens"]
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["usage"]["prompt_tokens"] == len(plain)  # the template's rendering, not a system message's
+    (call,) = reply["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "city_weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
