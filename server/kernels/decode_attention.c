@@ -4,13 +4,12 @@
  * chunk's earlier rows (causal), and rides in the same call.
  *
  * Why: in torch this is two KV-cache index_puts, two batched matmuls, a scale, a mask add, a softmax and
- * casts per layer, ~10 ms of a 16-row SmolLM2 step on a 2-core AVX2 EPYC for ~2 MB of keys and values per
- * layer. Here a task is one (sequence, KV head): it reads that head's keys and values from memory once for
- * all the query heads sharing them (grouped-query attention; the later heads find them in cache), in
- * chunks of CHUNK keys with a running softmax (max and sum rescaled per chunk, as in FlashAttention), so
- * no score buffer grows with the context. Dot products run four keys at a time and the weighted sum of
- * values 64 columns at a time in registers: with one FMA chain per dot product the kernel was
- * latency-bound at 1.6x this time.
+ * casts per layer, several times what reading the layer's keys and values costs (docs/decisions.md). Here
+ * a task is one (sequence, KV head): it reads that head's keys and values from memory once for all the
+ * query heads sharing them (grouped-query attention; the later heads find them in cache), in chunks of
+ * CHUNK keys with a running softmax (max and sum rescaled per chunk, as in FlashAttention), so no score
+ * buffer grows with the context. Dot products run four keys at a time and the weighted sum of values 64
+ * columns at a time in registers: one FMA chain per dot product leaves the kernel latency-bound.
  *
  * Layouts: q [n][heads][d] with row stride q_row; k_new, v_new [n][kv_heads][d] with row strides k_row,
  * v_row; the cache K, V [slots][kv_heads][max_len][d] (slot stride, head stride); row i's sequence is in

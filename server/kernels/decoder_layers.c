@@ -5,9 +5,9 @@
  * so each stays built and tested on its own).
  *
  * Why: from Python each of those is a call through ctypes with its checks, a torch.empty for its output
- * and an interpreter whose code and data the step's 540 MB weight stream has evicted from cache: ~300 such
- * calls per step of SmolLM2 (30 layers) cost 30-50 us each on a 2-core AVX2 EPYC (Zen 3), a fifth of a
- * one-row step; timed at 6.5 us each on a Zen 5 one. Here they are plain C calls between the same kernels.
+ * and an interpreter whose code and data the step's weight stream has evicted from cache: a step's ~300 such
+ * calls cost a large share of a one-row step (docs/decisions.md). Here they are plain C calls between the
+ * same kernels.
  *
  * Layouts: h [n][hidden], updated in place; weights, per layer, W_FIELDS longs (see the enum): norm
  * weights, and per projection its operand: P_BITS 0 for fp32 panels at P_DATA ([n_panels][in][16], see

@@ -2,22 +2,17 @@
  * y[row, out_p] += (x[row] A_g)[cols_{g,p}] Bt_{g,p} for every row of every group g (one adapter each),
  * as server.lora.apply.lora_apply computes it with torch.bmm over stacked ("cover") weights.
  *
- * Why: a step's LoRA on CPU is ~330 small batched matmuls plus gathers and scatters (8 adapters on all
- * seven projections at r=16: 28 ms of a 133 ms 16-row step on a 2-core AVX2 EPYC), while its weights are
- * 156 MB that stream in ~10 ms. Here a task is (group, some of its rows): A_g is read once per task,
- * front to back, into x A_g held in L1, then each projection's B^T is read once, front to back, and added
- * straight into the rows of y (sequential reads: an earlier version that kept 4x16 tiles in registers read
- * B^T 16 strided rows at a time and streamed at half the rate; four rows at a time, each y row updated once
- * per four, took 0.80-0.86x the time of one at a time at 16 rows and 0.74-0.76x at 64 on a 2-core Zen 4
- * EPYC, timed in turns). Tasks touch disjoint rows of y, so they run in parallel unlocked. A group's rows go
- * to as few tasks as keep every thread busy (up to MAX_ROWS each), as each task reads its adapter whole: a
- * 10-row prompt chunk in 4-row tasks read its adapter three times. The weights are prefetched 8 KB ahead of
- * use: on a 2-core Zen 5 EPYC the LoRA of 8 all-projection r16 adapters at 16 rows went 9.1 -> 6.6 ms per
- * step, and with a 10-row prompt chunk among them 12.7 -> 9.1 ms (in-process, in turns).
+ * Why: in torch a step's LoRA on CPU is hundreds of small batched matmuls plus gathers and scatters, far
+ * slower than streaming its weights once. Here a task is (group, some of its rows): A_g is read once per
+ * task, front to back, into x A_g held in L1, then each projection's B^T is read once, front to back, and
+ * added straight into the rows of y, four rows at a time (sequential reads stream at the memory's rate;
+ * strided register tiles did not). Tasks touch disjoint rows of y, so they run in parallel unlocked. A
+ * group's rows go to as few tasks as keep every thread busy (up to MAX_ROWS each), as each task reads its
+ * adapter whole. The weights are prefetched 8 KB ahead of use.
  *
  * Each group's weights are read where its device slot keeps them (a table of pointers), so no step copies
- * adapters into a stacked batch: with Zipf traffic over 100 adapters the set in a batch changes every few
- * steps, and stacking ("covers", still the torch path's) cost 29-46 builds of ~10-20 ms per 6-9 s run.
+ * adapters into a stacked batch: with Zipf traffic the set of adapters in a batch changes every few steps.
+ * Measured by `make bench` (mixed8-16, all8-16, zipf100); figures and what was tried in docs/decisions.md.
  *
  * Layouts: x [T][ldx], y [T][ldy]. Group g's entries are e in [offsets[g], offsets[g + 1]), entry e being
  * row rows[e] (rows NULL: row e). tab holds, per group, 2 + 3 * n_proj longs: A_g's address ([in][w_g], A^T of

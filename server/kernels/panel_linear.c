@@ -2,10 +2,10 @@
  * input-major, so one panel is a single sequential stream of K cache lines.
  *
  * Why: at decode batch sizes (1-64 rows) a step streams all weights from DRAM once and is bound by how fast
- * the kernel consumes them. On the 2-core AVX2 EPYC this was written on, oneDNN's fp32 GEMM read the
- * SmolLM2 weights at 4-6 GB/s at 16 rows while a plain sum read them at 18 GB/s. This kernel keeps each
- * 6x16 tile of y in 12 ymm registers for a block of K, reads each weight line once from DRAM, and reuses it
- * for the other row tiles from L1.
+ * the kernel consumes them, and oneDNN's fp32 GEMM consumed them at a fraction of the memory's rate there
+ * (`python -m bench.micro_linear`; figures in docs/decisions.md). This kernel keeps each 6x16 tile of y in
+ * 12 ymm registers for a block of K, reads each weight line once from DRAM, and reuses it for the other row
+ * tiles from L1.
  *
  * Threads: OpenMP over panels, linked against the libgomp torch has already loaded (same soname), so it
  * shares torch's thread pool rather than adding a second spinning one.
@@ -16,19 +16,16 @@
 #define TILE_ROWS 6
 #define K_BLOCK 128 /* AVX-512: 8 KB of panel and at most 6 KB of x per tile: both stay in L1 */
 /* Weight lines are prefetched 8 KB ahead of the FMAs per thread (AVX2: one panel stream, 128 panel rows of 64
- * bytes; AVX-512: two streams, 64 rows each). The hardware prefetcher alone left the loads waiting on DRAM: on
- * a 2-core AVX-512 EPYC (Zen 5, 54 GB/s sum read) a pass over a decode step's 540 MB of SmolLM2 weights at 16
- * rows went 32-36 -> 20-25 ms with the AVX-512 tile and 46-59 -> 25-34 ms with the AVX2 one, 1.2-1.3x at 64
- * rows, 1.0-1.1x at 1-4 (in turns, one process; 4 KB and 16 KB ahead were no better; on Zen 4, with half
- * the bandwidth, it was within noise). A prefetch past the last panel is harmless: prefetches do not fault.
- * With it, a 16 rows x 1 panel AVX-512 tile was 1.02-1.05x as fast at 16 rows but 0.8x at 64: not kept. */
+ * bytes; AVX-512: two streams, 64 rows each): the hardware prefetcher alone leaves the loads waiting on DRAM
+ * (`python -m bench.micro_linear`; the distances tried in docs/decisions.md). A prefetch past the last panel
+ * is harmless: prefetches do not fault. */
 #define AHEAD_AVX2 128
 #define AHEAD_512 64
 /* AVX2: blocks of 96 panel rows (6 KB of panel, 6 KB of x, 6 KB prefetched), and where a block has several
- * row tiles the first one prefetches exactly the next block: with 128 and 128 ahead, a step's weights at 16
- * rows took 30.3-30.9 ms vs 28.8-28.9 (5%: 142 vs 149 GFLOP/s; 64 rows 1.0x) on a 2-core Zen 3 EPYC, in
- * turns, three runs; blocks of 64 were no better than 128. One tile (up to 6 rows) streams at DRAM speed
- * and keeps 128 ahead: 96 ahead took 1.15x as long at 1 row. The AVX-512 path is unchanged (not measured). */
+ * row tiles the first one prefetches exactly the next block, which beats blocks of 64 or 128 at 16 rows. One
+ * tile (up to 6 rows) streams at DRAM speed and keeps 128 ahead, which beats 96 at 1 row
+ * (`python -m bench.micro_linear`; docs/decisions.md). The AVX-512 path keeps K_BLOCK: 96 was not tried
+ * there. */
 #define K_BLOCK_AVX2 96
 
 #define ACC(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = _mm256_setzero_ps();
@@ -37,7 +34,7 @@
     c##r##0 = _mm256_fmadd_ps(xb, w0, c##r##0); c##r##1 = _mm256_fmadd_ps(xb, w1, c##r##1); }
 #define STORE(r) if (ROWS > r) { _mm256_storeu_ps(y + r * ldy, c##r##0); _mm256_storeu_ps(y + r * ldy + 8, c##r##1); }
 
-/* Named accumulators, not an array: gcc spilled an array of __m256 to the stack on every iteration (3x slower). */
+/* Named accumulators, not an array: gcc spills an array of __m256 to the stack on every iteration. */
 #define TILE(N_ROWS) \
 static inline void tile_##N_ROWS(const float *x, long ldx, const float *panel, long k0, long k1, float *y, long ldy, int first, \
                                  long ahead) { \
@@ -66,10 +63,9 @@ static void tile(int rows, const float *x, long ldx, const float *panel, long k0
 }
 
 /* AVX-512 (chosen at run time): a panel's row of 16 outputs is one zmm, and a tile is up to 8 rows x 2
- * panels in 16 zmm accumulators, each x value broadcast once into a register for two FMAs. On the 2-core
- * Zen 4 EPYC, a cache-warm [16,576]x[576,1536] product ran at 106 GFLOP/s on one thread (oneDNN: 90-108),
- * where the AVX2 tile above reached 81 and a 16 rows x 1 panel tile, its x operands broadcast from memory
- * inside the FMAs, 81 too. */
+ * panels in 16 zmm accumulators, each x value broadcast once into a register for two FMAs: faster than the
+ * AVX2 tile above and than a 16 rows x 1 panel tile with its x operands broadcast from memory inside the FMAs
+ * (`python -m bench.micro_linear`; docs/decisions.md). */
 #define TILE_ROWS_512 8
 #define ACC512(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
 #define LOAD512(r) if (ROWS > r && !first) { c##r##0 = _mm512_loadu_ps(y + r * ldy); if (PANELS > 1) c##r##1 = _mm512_loadu_ps(y + r * ldy + 16); }

@@ -1,10 +1,10 @@
 /* The decoder layer's small steps between matmuls: RMS norm, rotary embedding of q and k, SiLU(gate) * up.
  *
  * Why: in torch each is a handful of ops (RMS norm alone is pow, mean, add, rsqrt, two muls and a copy),
- * each dispatched and, for a 16-row decode step, over a few KB. Here each is one pass over its rows: on a
- * 2-core Zen 4 EPYC a decode step took 0.86x the time of the torch forms at 1 row, 0.95x at 16 and 0.93x
- * at 64 (in turns, in-process). Rows are independent, so a long prompt's chunk splits them over threads;
- * a decode step's few rows run on the calling thread (waking the team costs more than the work).
+ * each dispatched and, for a 16-row decode step, over a few KB. Here each is one pass over its rows (a
+ * step's time against the torch forms: docs/decisions.md). Rows are independent, so a long prompt's chunk
+ * splits them over threads; a decode step's few rows run on the calling thread (waking the team costs more
+ * than the work).
  */
 #include <immintrin.h>
 #include <math.h>
