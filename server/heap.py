@@ -2,13 +2,11 @@
 and Python's collector for the objects start-up leaves behind.
 
 By default glibc serves blocks above a (dynamic) threshold with fresh mmap()s and returns free memory at
-the top of the heap to the OS once it exceeds a trim threshold. A hot-swap that re-packs its kernels frees
-about 70 MB of them and allocates them again on the next merge; with the defaults every such buffer came
-back as new pages, and the page faults doubled the swap's time (38 vs 20 ms for merge_into_base +
-restore_base of a q/v r8 adapter on SmolLM2, in-process, median of 15, when fp32 kernels were still
-re-packed; they are now written in place, bf16 ones still re-pack). Keeping up to `trim_mb` of freed
-memory in the heap costs at most that much resident memory. Other C libraries (musl, macOS) have no
-mallopt: nothing to do there.
+the top of the heap to the OS once it exceeds a trim threshold. A hot-swap that re-packs its kernels (bf16;
+fp32 ones are written in place) frees tens of MB and allocates them again on the next merge; with the
+defaults every such buffer comes back as new pages, whose faults can double the swap's time (`make bench`,
+the swap row; docs/decisions.md). Keeping up to `trim_mb` of freed memory in the heap costs at most that
+much resident memory. Other C libraries (musl, macOS) have no mallopt: nothing to do there.
 """
 
 from __future__ import annotations
@@ -52,12 +50,10 @@ def back_with_huge_pages(tensors) -> bool:
     returns whether they are in huge pages now. False where the kernel or C library cannot, and before
     Linux 6.1 (no MADV_COLLAPSE), where the advice still lets khugepaged move them in its own time.
 
-    Why: a decode step streams every weight from DRAM once, 540 MB for SmolLM2 fp32, and with 4 KB pages
-    that is 130,000 TLB misses, each a page walk (two-dimensional in a VM). With the packed weights in 2 MB
-    pages a 16-row decode step took 34.7 vs 36.4 ms and a 1-row one 19.1 vs 20.4 (2-core Zen 3 EPYC VM,
-    in-process, in turns). Only the weights: with glibc's huge-page malloc for the whole process (its
-    `glibc.malloc.hugetlb` tunable) decoding was as fast, but each KV slot's few touched 4 KB pages grew to
-    whole 2 MB ones and the server's peak RSS rose 0.7-1.9 GB. The tensors' ranges are merged (the heap
+    Why: a decode step streams every weight from DRAM once, and with 4 KB pages that is a TLB miss, a page
+    walk (two-dimensional in a VM), every 4 KB (`make bench`, base-16; docs/decisions.md). Only the weights:
+    huge pages for the whole process (glibc's `glibc.malloc.hugetlb`) decode as fast but turn each KV slot's
+    few touched 4 KB pages into whole 2 MB ones, costing peak RSS. The tensors' ranges are merged (the heap
     keeps them side by side) and their 2 MB-aligned insides advised (MADV_HUGEPAGE, so the kernel may) and
     collapsed (MADV_COLLAPSE, so it does now rather than whenever khugepaged passes)."""
     storages = [t.untyped_storage() for t in tensors if t.device.type == "cpu"]
@@ -97,9 +93,9 @@ def huge_page_bytes() -> int | None:
 def freeze_startup_objects() -> int:
     """Moves every object alive now out of the cyclic collector's reach; returns how many it froze.
 
-    After start-up the server holds about 350,000 long-lived objects (torch, transformers, the tokenizer).
-    A full collection walks all of them: the ones during start-up took 170-250 ms each on this 2-core CPU,
-    holding the GIL, so one during serving would stall the engine thread and every stream by as much.
+    After start-up the server holds hundreds of thousands of long-lived objects (torch, transformers, the
+    tokenizer). A full collection walks all of them holding the GIL, so one during serving would stall the
+    engine thread and every stream for as long (the GC pauses on `/metrics`; docs/decisions.md).
     Frozen (as vLLM does once its engine is up), they are skipped; they are never freed either, which costs
     nothing for objects that live as long as the process. Called by the serving process once it is up, not
     by Runtime: tests build several runtimes in one process and drop them, and frozen cycles stay forever.
