@@ -1,8 +1,8 @@
 """Adapters: the weight format (PEFT read/write, validation), the on-disk store and the registry.
 
-Those are pure Python + torch + safetensors and know nothing about HTTP or the engine. The tools beside
-them make the shipped adapters: `datasets` (training data), `train` (PEFT), `evaluate` (through the
-engine, via `replies`) and `ship`; `shipped/` holds the weights and their cards.
+Those are pure Python + torch + safetensors and know nothing about HTTP or the engine. The tooling that
+made the shipped adapters (data, PEFT training, evaluation through the engine, cards) is `adapters.training`,
+which serving never imports; `shipped/` holds the weights and their cards.
 """
 
 from adapters.format import (

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 class Runtime:
     """Owns the engine thread. All model work, loading included, happens on that one thread: with torch's
-    OpenMP pool, a model loaded on one thread and run on another decoded 20% slower (two thread teams
-    contending for 2 cores)."""
+    OpenMP pool, a model loaded on one thread and run on another decodes slower (two thread teams contend
+    for the cores; docs/decisions.md)."""
 
     def __init__(self, settings: Settings, registry_type: type[AdapterRegistry] = AdapterRegistry):
         self.settings = settings
