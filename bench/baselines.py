@@ -11,10 +11,8 @@
 `run_all` is meant to run in a fresh process (see bench.run), after the server under test has stopped, so
 it neither competes with it for cores nor inherits its memory. `batch16` measures the two batch-16 figures
 again, each time in a fresh process: before the servers and between them. The targets take the median of
-the three readings, spread over the run as the servers' own base-only runs are: one reading at the end of
-the run used to stand for the whole run (transformers b16 read 112-148 tok/s across runs on one kind of
-2-core VM, and 136 before the servers against 112 after them within one), and the mean of two let one slow
-spell move it by 10%.
+the three readings, spread over the run as the servers' own base-only runs are, so no one slow spell on a
+shared host decides a ratio (the readings' spread: docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -102,7 +100,7 @@ def peft_load_to_first_token(model: PeftModel, folder: Path, prompt_ids: list[in
 
 def loraplex_model() -> LoadedModel:
     # No keep_freed_memory() here, unlike the server: it is process-wide and would spare PEFT's merges
-    # their page faults too (61 vs 70 ms); loraplex's in-place swap allocates nothing large either way.
+    # their page faults too; loraplex's in-place swap allocates nothing large either way.
     cpu = torch.device("cpu")
     return LoadedModel(resolve_model(None), cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
 

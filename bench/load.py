@@ -9,9 +9,8 @@ all streams had their first token to when the first stream finished), so the sta
 draining tail are left out. When that window does not exist (some stream got its first token only after
 another stream had finished, as when merged mode serves one adapter at a time), tok/s is over the whole run.
 
-The client is aiohttp (as vLLM's benchmark_serving), not httpx: it shares the 2 cores with the server under
-test, and at 16 streams httpx's client took 0.54 s of CPU per 7 s workload against aiohttp's 0.20; the same
-server read 407-412 tok/s under the httpx client and 432-440 under aiohttp (in turns, 3 runs each).
+The client is aiohttp (as vLLM's benchmark_serving), not httpx: it shares the cores with the server under
+test, and httpx's client takes about three times its CPU per request (docs/decisions.md).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def matmul_ceiling_gflops(backend: str, reps: int) -> float:
 
 def contention_probe() -> dict:
     """GEMM throughput on one thread and on all: when other processes hold the cores, torch's thread team
-    waits on its descheduled members and all threads fall far below one (seen: 6 vs 91 GFLOP/s). And the
+    waits on its descheduled members and all threads together fall far below one thread's rate. And the
     memory read rate on all threads, which a GEMM hardly notices: decode streams its weights, so a
     neighbour that takes memory bandwidth slows the server and not the compute-bound baselines."""
     threads = torch.get_num_threads()

@@ -47,7 +47,7 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-LONE_REQUESTS = 8  # the TTFT target's denominator is their median: three of them once read 42 ms for ~22
+LONE_REQUESTS = 8  # the TTFT target's denominator is their median: a few can read twice the usual
 
 
 @dataclass
@@ -72,9 +72,7 @@ def auto_workloads(qv: list[str], wide: list[str], zipf: list[str], stream_count
     all8 = Workload("all8-16", 16, lambda i, r: wide[(i + r) % 8])
     # The targets' workloads twice, the second time in mirror order right after the first: each ratio to the
     # base takes the mean of both runs of each side, centred on the same moment, so a steady drift cancels,
-    # and the block is short (about a minute and a half on a 2-core Zen 3), so little unsteady drift falls
-    # in it. Spread over the whole auto sequence (minutes), a slow spell on a shared machine had landed on
-    # the repeats alone and moved the adapter ratios by 0.1.
+    # and the block is short, so little unsteady drift falls in it (docs/decisions.md).
     targets = [base16, mixed8, all8]
     loads = [Workload("lone", 1, lambda i, r: None), *targets,
              *(Workload(f"{w.name}{AGAIN}", w.streams, w.pick) for w in reversed(targets))]

@@ -2,12 +2,12 @@
 
 On a shared VM a neighbour's work slows whatever runs at that moment, and a slow spell that lands on one
 side of a ratio moves it by as much as it slows that side. The run carries three signals of it:
-- the contention probes (start, between the servers, end): a free two-core machine runs the probe's GEMM
-  1.93-1.97x faster on two threads than on one; one read 118 against 85 GFLOP/s (1.39x) at the end of a
-  run in which base-16 read 328-401 tok/s, where a threshold of 1.3x had called the cores free;
-- their memory read rates (best of 5 each): 35 GB/s in quiet runs here, 23-31 in slow ones;
-- base-16's six runs on the auto, merged and unmerged servers, the same traffic through the same code:
-  within 1.11x of each other in quiet runs, 1.2-1.6x in slow ones.
+- the contention probes (start, between the servers, end): a free machine runs the probe's GEMM nearly
+  twice as fast on two threads as on one (SCALING_PER_THREAD);
+- their memory read rates (best of 5 each) against the run's best (READ_SPREAD);
+- base-16's six runs on the auto, merged and unmerged servers, the same traffic through the same code,
+  against each other (BASE_SPREAD).
+The thresholds come from quiet and slow runs on a shared 2-core VM (docs/decisions.md).
 """
 
 from __future__ import annotations

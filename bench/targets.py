@@ -29,7 +29,7 @@ AGAIN = "-again"  # suffix of a base-only workload run a second time, after the 
 
 def base_tokens_per_s(workloads: dict, streams: int) -> float | None:
     """A server's base-only throughput at `streams`: the mean of its runs before and after the other
-    workloads where both exist (this machine drifts by 10-20% over a server's lifetime)."""
+    workloads where both exist (a shared machine drifts over a server's lifetime)."""
     return mean_tokens_per_s(workloads, f"base-{streams}")
 
 
@@ -42,9 +42,7 @@ def pooled_base_tokens_per_s(results: dict, streams: int) -> tuple[float | None,
     """loraplex's base-only throughput at `streams`, for the comparison with transformers: the median of the
     base-only runs of every server in SAME_ENGINE (a request without an adapter is served alike in each
     LoRA mode), and those runs in time order. They are spread over the run as transformers' three readings
-    are, and a median of them lets no single slow spell decide the ratio: in one run the auto server's
-    first base-16 read 338 tok/s (steps of 40 ms, a lone request's 26 against 18-21 in other runs) and the
-    five others 400-430."""
+    are, and a median of them lets no single slow spell decide the ratio (docs/decisions.md)."""
     runs = [w[name]["tokens_per_s"] for server in SAME_ENGINE if server in results["servers"]
             for w in [results["servers"][server]["workloads"]]
             for name in (f"base-{streams}", f"base-{streams}{AGAIN}") if name in w]

@@ -31,7 +31,7 @@ from server.lora.layers import LoraSlots, SiteLayout
 from server.lora.manager import AdapterSlots
 from server.metrics import Metrics
 from server.model.config import ModelConfig
-from server.model.linear import resolve_backend
+from server.model.backend import resolve_backend
 from server.model.llama import FUSED_SITES, projection_rows
 from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
@@ -81,9 +81,9 @@ class Runtime:
         self.tokenizer = load_tokenizer(self.folder, settings.chat_template)  # before the weights: fails sooner
         self.grammars = Grammars(self.tokenizer)
         self.native_tools = renders_tools(self.tokenizer)  # else tools are described in a system message
-        backend = resolve_backend(settings.linear_backend, self.device, self.dtype)
         quantization = resolve_quantization(settings.quantization, self.device, self.folder)
-        self.loaded = LoadedModel(self.folder, self.device, self.dtype, backend, quantization)
+        self.backend = backend = resolve_backend(self.device, self.dtype, settings.linear_backend, quantization)
+        self.loaded = LoadedModel(self.folder, backend, quantization)
         self.weight_format = self.loaded.weight_format
         weights = self.loaded.transformer.linear_tensors()
         self.base_weight_bytes = sum(t.numel() * t.element_size() for t in weights)
@@ -101,7 +101,7 @@ class Runtime:
             loaded_names += preload(self.registry, settings.preload_dir, settings.max_adapter_bytes)
         self.adapter_dirs = AdapterDirs(self.registry, settings.adapter_dirs, settings.max_adapter_bytes)
         self.mixes = MixCache(self.registry.retired, settings.mix_cache_mb * 2**20, self.registry.is_current)
-        self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, self.device, self.dtype)
+        self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, backend)
         self.adapter_slots = AdapterSlots(self.lora, self.registry.retired)
         kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
         prefix_cache = PrefixCache(kv, settings.prefix_block_tokens, settings.prefix_cache_mb * 2**20) \
@@ -121,10 +121,10 @@ class Runtime:
                              admission=AdmissionWait(settings.admission_wait_ms / 1e3,
                                                      settings.admission_wait_fraction))
         huge = huge_page_bytes()
-        log.info("model %s on %s/%s (linear: %s, base weights %s: %d MiB), %d stored adapters loaded; %s MiB of "
+        log.info("model %s on %s/%s (%s, base weights %s: %d MiB), %d stored adapters loaded; %s MiB of "
                  "memory in huge pages", self.model_id, self.device, str(self.dtype).removeprefix("torch."),
-                 backend if quantization == "none" else "block kernel" if block_kernel() else "reference",
-                 self.weight_format, self.base_weight_bytes >> 20, len(loaded_names), "?" if huge is None else huge >> 20)
+                 backend.describe(quantization), self.weight_format, self.base_weight_bytes >> 20, len(loaded_names),
+                 "?" if huge is None else huge >> 20)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
                tools: list[dict] | None = None) -> list[int]:
