@@ -1,9 +1,8 @@
 """`python -m bench.micro_detokenizer`: streaming detokenization per token, as a ratio.
 
 Times `server.engine.detokenizer.Detokenizer` (a short window decoded per token) against decoding the whole
-output again for every token (what the server did before, and the simplest correct method) in the same
-run, with the default model's tokenizer, at several output lengths. The cost is per token and per running
-sequence, on the engine thread.
+output again for every token (the simplest correct method) in the same run, with the default model's
+tokenizer, at several output lengths. The cost is per token and per running sequence, on the engine thread.
 """
 
 from __future__ import annotations

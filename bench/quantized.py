@@ -78,8 +78,8 @@ def run(formats: list[str], rounds: int, adapters: dict[str, Path] | None = None
     given `adapters` (name -> PEFT folder), 16 streams spread over them on the first quantized format.
 
     Each format's engine lives in its own process, all started at once and read in turns: engines sharing
-    a process slowed each other's one-stream decode by half here (libgomp wakes a team's workers from
-    futex sleep, not spinning, once its threads outnumber the cores), which one server never meets."""
+    a process slow each other's one-stream decode (libgomp wakes a team's workers from futex sleep, not
+    spinning, once its threads outnumber the cores; bench/README.md), which one server never meets."""
     formats = ["none", *[f for f in formats if f != "none"]]
     mixed_on = formats[1] if adapters and len(formats) > 1 else None
     turns = [(fmt, n, None) for fmt in formats for n in (1, 16)]
