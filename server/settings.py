@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     adapter_dirs: list[Path] = Field(default_factory=list, description="folders where a request for an unknown "
                                      "adapter name looks for <dir>/<name>/ as a PEFT folder and registers it in "
                                      "place (not copied into the store; never a download)")
-    # security and limits (issue: production hardening)
+    # security and limits
     admin_keys: str = Field("", description="comma-separated API keys that may change adapters")
     user_keys: str = Field("", description="comma-separated API keys that may generate and list")
     keys_file: Path | None = Field(None, description='JSON list of {"key", "role", "adapters"?}')
