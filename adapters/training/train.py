@@ -1,4 +1,5 @@
-"""`python -m adapters.training.train --data D.jsonl --out DIR`: trains a LoRA adapter with PEFT on the frozen base.
+"""`python -m adapters.training.train --data D.jsonl --out DIR`: trains a LoRA adapter with PEFT on the frozen
+base.
 
 Each record's user messages go through the model's chat template exactly as the server encodes a request,
 the `response` follows as the assistant turn, and the loss covers only the response tokens and its end of
