@@ -30,7 +30,7 @@ from adapters import read_peft_folder
 from bench.fixtures import NEW_TOKENS, PROMPT
 from bench.micro import SwapCycle
 from server.heap import back_with_huge_pages, huge_page_bytes
-from server.model.linear import resolve_backend
+from server.model.backend import resolve_backend
 from server.model.loader import resolve_model
 from server.model.weights import LoadedModel
 
@@ -102,7 +102,7 @@ def loraplex_model() -> LoadedModel:
     # No keep_freed_memory() here, unlike the server: it is process-wide and would spare PEFT's merges
     # their page faults too; loraplex's in-place swap allocates nothing large either way.
     cpu = torch.device("cpu")
-    return LoadedModel(resolve_model(None), cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
+    return LoadedModel(resolve_model(None), resolve_backend(cpu, torch.float32))
 
 
 def _load(model_dir: str):

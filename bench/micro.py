@@ -31,7 +31,8 @@ from server.engine.kv_cache import KVCache
 from server.heap import keep_freed_memory
 from server.lora.layers import LoraSlots
 from server.lora.merge import merge_into_base, restore_base
-from server.model.linear import Linear, resolve_backend
+from server.model.backend import Backend, resolve_backend
+from server.model.linear import Linear
 from server.model.llama import projection_rows
 from server.model.loader import resolve_model
 from server.model.weights import LoadedModel
@@ -49,7 +50,7 @@ def _median_seconds(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def matmul_ceiling_gflops(backend: str, reps: int) -> float:
+def matmul_ceiling_gflops(backend: Backend, reps: int) -> float:
     m, k, n = 64, 576, 1536
     linear = Linear(torch.randn(n, k), None, backend)
     x = torch.randn(m, k)
@@ -71,7 +72,7 @@ def contention_probe() -> dict:
     memory read rate on all threads, which a GEMM hardly notices: decode streams its weights, so a
     neighbour that takes memory bandwidth slows the server and not the compute-bound baselines."""
     threads = torch.get_num_threads()
-    backend = resolve_backend("auto", torch.device("cpu"), torch.float32)
+    backend = resolve_backend(torch.device("cpu"), torch.float32)
     torch.set_num_threads(1)
     one = matmul_ceiling_gflops(backend, reps=5)
     torch.set_num_threads(threads)
@@ -139,7 +140,7 @@ def lora_overhead(loaded: LoadedModel, qv: list, wide: list, batches: list[int],
                   reps: int) -> list[dict]:
     cfg = loaded.config
     model = loaded.transformer
-    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), len(qv) + len(wide), model.device, model.dtype)
+    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), len(qv) + len(wide), model.backend)
     for slot, adapter in enumerate(qv + wide):
         slots.set_lora(slot, adapter)
     bench = DecodeBench(loaded, max(batches), kv_len=prompt_tokens + NEW_TOKENS // 2)
@@ -203,15 +204,15 @@ def merged_step(loaded: LoadedModel, adapter, batch: int, kv_len: int, reps: int
 def run_model_micro(qv_folders: dict[str, Path], wide_folders: dict[str, Path], quick: bool) -> dict:
     keep_freed_memory()  # as the server's Runtime does
     device, dtype = torch.device("cpu"), torch.float32
-    backend = resolve_backend("auto", device, dtype)
+    backend = resolve_backend(device, dtype)
     folder = resolve_model(None)
-    loaded = LoadedModel(folder, device, dtype, backend)
+    loaded = LoadedModel(folder, backend)
     prompt_tokens = len(AutoTokenizer.from_pretrained(str(folder.path))(PROMPT).input_ids)
     qv = [read_peft_folder(folder, name) for name, folder in qv_folders.items()]
     wide = [read_peft_folder(folder, name) for name, folder in wide_folders.items()]
     reps = 5 if quick else 15
     return {
-        "backend": backend,
+        "backend": backend.linear,
         "threads": torch.get_num_threads(),
         "params_per_token": params_per_token(loaded),
         "matmul_ceiling_gflops": matmul_ceiling_gflops(backend, reps),

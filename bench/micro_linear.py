@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from bench.micro import interleaved_medians
-from server.kernels.block_linear import block_kernel
-from server.model.linear import Linear, available_backends
+from server.model.backend import linear_kinds, resolve_backend
+from server.model.linear import Linear
 from server.model.quantized_linear import FORMATS, QuantizedLinear, quantize
 
 LAYERS = 30
@@ -23,13 +23,16 @@ LM_HEAD = (49152, 576)
 
 
 def main() -> None:
-    backends = available_backends(torch.device("cpu"), torch.float32)
+    cpu = torch.device("cpu")
+    backends = linear_kinds(cpu, torch.float32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, backends: {', '.join(backends)}")
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(*shape, generator=generator) * 0.02 for shape in LAYER_SHAPES * LAYERS + [LM_HEAD]]
-    linears = {b: [Linear(w, None, b, editable=False) for w in weights] for b in backends}
-    if block_kernel() is not None:
-        linears |= {fmt: [QuantizedLinear(quantize(w, fmt), None, fmt) for w in weights] for fmt in FORMATS}
+    linears = {b: [Linear(w, None, resolve_backend(cpu, torch.float32, b), editable=False) for w in weights]
+               for b in backends}
+    block = resolve_backend(cpu, torch.float32, quantization="int4").block
+    if block is not None:
+        linears |= {fmt: [QuantizedLinear(quantize(w, fmt), None, fmt, block) for w in weights] for fmt in FORMATS}
     fp32_bytes = sum(w.numel() * w.element_size() for w in weights)
     weight_bytes = {b: sum(linear.quantized.nbytes for linear in ls) if b in FORMATS else fp32_bytes
                     for b, ls in linears.items()}

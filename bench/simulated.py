@@ -22,7 +22,7 @@ from server.engine.kv_cache import KVCache
 from server.heap import keep_freed_memory
 from server.lora.layers import LoraSlots
 from server.model.config import ModelConfig
-from server.model.linear import resolve_backend
+from server.model.backend import resolve_backend
 from server.model.llama import hf_weight_name, projection_shapes
 from server.model.weights import build_transformer, weight_format
 from server.runtime import site_layouts
@@ -80,12 +80,12 @@ def measure(shape: str, quantization: str, reps: int) -> None:
     before = rss_gib()
     started = time.perf_counter()
     checkpoint = RandomCheckpoint(cfg)
-    formats = weight_format(quantization, checkpoint, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
-    model = build_transformer(cfg, checkpoint, cpu, torch.float32, formats)
+    backend = resolve_backend(cpu, torch.float32, quantization=quantization)
+    model = build_transformer(cfg, checkpoint, backend, weight_format(quantization, checkpoint, backend))
     load_s = time.perf_counter() - started
     base_bytes = sum(t.numel() * t.element_size() for t in model.linear_tensors())
     shapes = llama_base_shapes(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.kv_size)
-    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), ADAPTERS, cpu, torch.float32)
+    slots = LoraSlots(cfg.num_layers, site_layouts(cfg), ADAPTERS, backend)
     for slot in range(ADAPTERS):
         slots.set_lora(slot, random_adapter(f"a{slot}", shapes, rank=8, seed=slot, init_std=0.01))
     kv = KVCache(cfg, 16, CONTEXT + 8, cpu, torch.float32)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.context import StepContext
-from server.kernels.attention import decode_attention_kernel
+from server.kernels.attention import DecodeAttention
 from server.model.config import ModelConfig
 
 
@@ -37,8 +37,6 @@ class KVCache:
         self.cfg = cfg
         self.max_len = max_len
         self.used = 0
-        native = torch.device(device).type == "cpu" and dtype == torch.float32
-        self._native_decode = decode_attention_kernel() if native else None
 
     def _fresh_zeros(self, shape, dtype: torch.dtype, nbytes: int) -> torch.Tensor:
         pages = mmap.mmap(-1, nbytes)
@@ -65,8 +63,10 @@ class KVCache:
         """Frees the highest slot in use (callers first move what they keep out of it)."""
         self.used -= 1
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Stores k, v and returns [tokens, heads, d]."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
+               native_decode: DecodeAttention | None = None) -> torch.Tensor:
+        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Stores k, v and returns [tokens, heads, d].
+        `native_decode`: the backend's decode attention kernel (None: torch)."""
         kc, vc = self.k[layer], self.v[layer]
         window = self.cfg.window(layer)
         outs = []
@@ -74,8 +74,8 @@ class KVCache:
         if n:
             out = None
             # a window shorter than every row's keys changes nothing; the native kernel attends to them all
-            if self._native_decode is not None and (window is None or ctx.kv_len <= window):
-                out = self._native_decode(kc, vc, q[:n], k[:n], v[:n], ctx.positions[:n], ctx.kv_len)
+            if native_decode is not None and (window is None or ctx.kv_len <= window):
+                out = native_decode(kc, vc, q[:n], k[:n], v[:n], ctx.positions[:n], ctx.kv_len)
             outs.append(out if out is not None else self._decode(kc, vc, q[:n], k[:n], v[:n], ctx, window))
         row = n
         for chunk in ctx.prefills:

@@ -2,8 +2,8 @@
 
 Like vLLM's LoRA layers, each device slot holds one adapter (`set_lora` / `reset_lora`). A site is one
 fused base projection (qkv, o, gate_up, down); a slot holds, per site, A^T of its projections there side by
-side [in, w] and each projection's B^T [r, rows] with alpha/r folded in. On CPU in fp32 a step's plan groups
-the rows by slot and the native kernel reads each slot's weights in place (`SlotGroups`); elsewhere a cover
+side [in, w] and each projection's B^T [r, rows] with alpha/r folded in. Where the backend has the grouped
+kernel (CPU, fp32) a step's plan groups the rows by slot and the native kernel reads each slot's weights in place (`SlotGroups`); elsewhere a cover
 stacks its slots' weights per site along a batch axis for batched matmuls (see server.lora.apply).
 """
 
@@ -15,9 +15,10 @@ from itertools import accumulate
 
 import torch
 
-from server.kernels.lora import MAX_RANK_COLUMNS, slot_groups_kernel
+from server.kernels.lora import MAX_RANK_COLUMNS
 from server.lora.apply import LoraBatch, SiteStack, SlotGroups, SlotRows, SlotTable
 from server.lora.covers import CoverCache
+from server.model.backend import Backend
 
 SITES = ("qkv", "o", "gate_up", "down")
 BASE = -1  # row_slots value of a row served by the bare base model
@@ -54,20 +55,19 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int
 
 
 class LoraSlots:
-    def __init__(self, num_layers: int, layouts: dict[str, SiteLayout], max_slots: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(self, num_layers: int, layouts: dict[str, SiteLayout], max_slots: int, backend: Backend):
+        """Slots in the backend's device and dtype, planned for its grouped LoRA kernel where it has one."""
         self.layouts = layouts
         self.num_layers = num_layers
         self.max_slots = max_slots
-        self.device = device
-        self.dtype = dtype
+        self.device = backend.device
+        self.dtype = backend.dtype
         # lora[layer][site][slot] -> {proj: (A [r, in], B [rows, r] scaled)} (views of the slot's tensors) or None
         self.lora = [[[None] * max_slots for _ in SITES] for _ in range(num_layers)]
         self._plan_key: tuple | None = None
         self._plan: LoraStep | None = None
         self.covers: CoverCache[list] = CoverCache(self._cover_operands)
-        native = torch.device(device).type == "cpu" and dtype == torch.float32
-        self._kernel = slot_groups_kernel() if native else None
+        self._kernel = backend.lora
         # per site, its projections in output order; the native table's rows (see lora_grouped.c)
         self._projections = [sorted(layouts[site].projections, key=lambda p: layouts[site].projections[p][0])
                              for site in SITES]

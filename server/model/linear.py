@@ -32,48 +32,20 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
-from server.kernels.panel import pack_panels, panel_kernel
+from server.kernels.panel import pack_panels
 
-BACKENDS = ("auto", "torch", "mkldnn", "panel")
+if TYPE_CHECKING:
+    from server.model.backend import Backend
+
 _BLOCK_CANDIDATES = (64, 32, 16, 8, 48, 128)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"linear backend {name!r} is not one of {BACKENDS}")
-    if name == "panel" and (device.type != "cpu" or dtype != torch.float32 or panel_kernel() is None):
-        raise ValueError("the panel linear backend needs a CPU with AVX2/FMA, a C compiler (or a cached build) "
-                         "and float32")
-    if name != "auto":
-        return name
-    if device.type != "cpu":
-        return "torch"
-    # Faster than oneDNN at decode's row counts on every CPU measured (see the module docstring); a long
-    # prompt's chunk (256 rows) ran 0.88-0.91x of oneDNN's speed on Zen 3 and 4 (level on Zen 5), a price
-    # paid once per prompt.
-    if dtype == torch.float32 and panel_kernel():
-        return "panel"
-    if dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear_works(dtype):
-        return "mkldnn"
-    return "torch"
-
-
-def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The backends that run here for `dtype`, plain `F.linear` first."""
-    names = ["torch"]
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear_works(dtype):
-        names.append("mkldnn")
-    if device.type == "cpu" and dtype == torch.float32 and panel_kernel():
-        names.append("panel")
-    return names
-
-
-def _mkldnn_linear_works(dtype: torch.dtype) -> bool:
+def mkldnn_linear_works(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -212,22 +184,22 @@ class Linear:
     `editable=False` (the tied lm_head) skips the scratch kernel a packed pair keeps for merges.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, editable: bool = True):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: Backend, editable: bool = True):
         self.bias = bias
-        self.backend = backend
+        self.backend = backend.linear
         self.out_features, self.in_features = weight.shape
         self._edits: list[RowEdit] = []  # merged since the last restore, where the base comes from `refill`
         self._base_kernel: torch.Tensor | None = None
-        self._panel = panel_kernel() if backend == "panel" else None
-        if backend == "panel" and self._panel is None:
-            raise ValueError("the panel kernel does not run on this machine (see resolve_backend)")
-        self._pair = _PackedPair.build(weight, backend) \
-            if backend in _PACKERS and editable and weight.dtype == torch.float32 else None
+        self._panel = backend.panel if self.backend == "panel" else None
+        if self.backend == "panel" and self._panel is None:
+            raise ValueError("the panel kernel does not run on this machine (see server.model.backend)")
+        self._pair = _PackedPair.build(weight, self.backend) \
+            if self.backend in _PACKERS and editable and weight.dtype == torch.float32 else None
         self.weight: torch.Tensor | None = None if self._pair else weight  # row-major, where edits go through it
         if self._pair:
             self.kernel = self._pair.base
         else:
-            self.kernel = _PACKERS[backend](weight) if backend in _PACKERS else weight
+            self.kernel = _PACKERS[self.backend](weight) if self.backend in _PACKERS else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._panel:

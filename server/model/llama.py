@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.context import StepContext
-from server.kernels.pointwise import pointwise_kernels
+from server.kernels.pointwise import PointwiseKernels
 from server.lora.layers import SITES, add_lora
+from server.model.backend import Backend
 from server.model.config import ModelConfig
 from server.model.linear import Linear
 from server.model.native_stack import NativeStack
@@ -27,8 +28,7 @@ FUSED_SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up
 assert tuple(FUSED_SITES) == SITES
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    fused = pointwise_kernels()
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: PointwiseKernels | None = None) -> torch.Tensor:
     if fused is not None and (out := fused.rms_norm(x, weight, eps)) is not None:
         return out
     xf = x.float()
@@ -50,16 +50,14 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: PointwiseKernels | None = None) -> torch.Tensor:
     """x [rows, heads, d] rotated by each row's angles: in place where the fused kernel runs."""
-    fused = pointwise_kernels()
     if fused is not None and fused.rope_(x, cos, sin):
         return x
     return apply_rope(x, cos, sin)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    fused = pointwise_kernels()
+def silu_mul(gate_up: torch.Tensor, fused: PointwiseKernels | None = None) -> torch.Tensor:
     if fused is not None and (out := fused.silu_mul(gate_up)) is not None:
         return out
     gate, up = gate_up.chunk(2, dim=-1)
@@ -74,12 +72,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class DecoderLayer:
     def __init__(self, index: int, cfg: ModelConfig, linears: dict[str, Linear],
-                 norms: tuple[torch.Tensor, torch.Tensor], qk_norms: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 norms: tuple[torch.Tensor, torch.Tensor], qk_norms: tuple[torch.Tensor, torch.Tensor] | None,
+                 backend: Backend):
         self.index = index
         self.cfg = cfg
         self.linears = linears
         self.input_norm, self.post_attention_norm = norms
         self.qk_norms = qk_norms  # (q, k) weights over one head, where the family norms each head (Qwen3)
+        self.pointwise = backend.pointwise
+        self.decode_attention = backend.decode_attention
 
     def _project(self, site: str, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         y = self.linears[site](x)
@@ -89,41 +90,42 @@ class DecoderLayer:
     def _norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        q = rms_norm(q.reshape(-1, cfg.head_dim), self.qk_norms[0], cfg.rms_norm_eps).view_as(q)
-        k = rms_norm(k.reshape(-1, cfg.head_dim), self.qk_norms[1], cfg.rms_norm_eps).view_as(k)
+        q = rms_norm(q.reshape(-1, cfg.head_dim), self.qk_norms[0], cfg.rms_norm_eps, self.pointwise).view_as(q)
+        k = rms_norm(k.reshape(-1, cfg.head_dim), self.qk_norms[1], cfg.rms_norm_eps, self.pointwise).view_as(k)
         return torch.cat((q, k), dim=1)
 
     def __call__(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
         cfg = self.cfg
-        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps, self.pointwise)
         qkv = self._project("qkv", x, ctx)
         # q and k sit side by side in the fused output: rotated in one pass, as heads + kv_heads heads
         qk = qkv[:, : cfg.q_size + cfg.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         if self.qk_norms is not None:
             qk = self._norm_heads(qk)
-        qk = rotate(qk, cos, sin)
+        qk = rotate(qk, cos, sin, self.pointwise)
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
-        attn = kv.attend(self.index, q, k, v, ctx)
+        attn = kv.attend(self.index, q, k, v, ctx, self.decode_attention)
         # in place: h is this step's own tensor (the embedding lookup's, then each layer's), never an input's
         h = h.add_(self._project("o", attn.reshape(-1, cfg.q_size), ctx))
-        x = rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps)
-        return h.add_(self._project("down", silu_mul(self._project("gate_up", x, ctx)), ctx))
+        x = rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps, self.pointwise)
+        return h.add_(self._project("down", silu_mul(self._project("gate_up", x, ctx), self.pointwise), ctx))
 
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, embed, layers: list[DecoderLayer], norm: torch.Tensor, lm_head: Linear,
-                 device: torch.device):
+                 backend: Backend):
         self.cfg = cfg
         self.embed = embed  # token ids -> rows (server.model.embedding)
         self.layers = layers
         self.norm = norm
         self.lm_head = lm_head
-        self.device = device
+        self.backend = backend
+        self.device = backend.device
         self.dtype = embed.dtype
-        self.inv_freq = rope_inv_freq(cfg).to(device)
+        self.inv_freq = rope_inv_freq(cfg).to(self.device)
         # the decode steps' layers in one native call where they can be (None: always layer by layer)
-        self.native_stack = NativeStack.build(self)
+        self.native_stack = NativeStack.build(self, backend.decoder_layers)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -138,7 +140,7 @@ class Transformer:
         if self.native_stack is None or not self.native_stack.run(h, ctx, cos, sin, kv):
             for layer in self.layers:
                 h = layer(h, ctx, cos, sin, kv)
-        h = rms_norm(h[ctx.logits_rows], self.norm, self.cfg.rms_norm_eps)
+        h = rms_norm(h[ctx.logits_rows], self.norm, self.cfg.rms_norm_eps, self.backend.pointwise)
         return self.lm_head(h).float()
 
     def linear_tensors(self) -> list[torch.Tensor]:

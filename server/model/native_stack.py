@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from server.engine.context import StepContext
-from server.kernels.decoder import WEIGHT_FIELDS, DecoderLayersKernel, decoder_layers_kernel
+from server.kernels.decoder import WEIGHT_FIELDS, DecoderLayersKernel
 
 
 LONG_CHUNK_KEYS = 512
@@ -32,10 +32,10 @@ class NativeStack:
         self._scale = cfg.head_dim ** -0.5
 
     @classmethod
-    def build(cls, model) -> NativeStack | None:
-        """None where the model cannot take this path at all."""
+    def build(cls, model, kernel: DecoderLayersKernel | None) -> NativeStack | None:
+        """None where the model cannot take this path at all (`kernel`: the backend's, None where it has none)."""
         cfg = model.cfg
-        if model.device.type != "cpu" or model.dtype != torch.float32:
+        if kernel is None or model.device.type != "cpu" or model.dtype != torch.float32:
             return None
         if cfg.hidden_size % 8 or cfg.head_dim % 16 or cfg.intermediate_size % 8:  # the kernels' vector widths
             return None
@@ -45,8 +45,7 @@ class NativeStack:
             return None
         if not all(norm.is_contiguous() for layer in model.layers for norm in (layer.input_norm, layer.post_attention_norm)):
             return None
-        kernel = decoder_layers_kernel()
-        return cls(kernel, model) if kernel is not None else None
+        return cls(kernel, model)
 
     def run(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv) -> bool:
         """Runs every layer on h in place and returns True, or returns False (nothing touched) for a step it

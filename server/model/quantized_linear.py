@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from server.kernels.block_linear import (
-    BlockWeight, block_kernel, dequantize, linear_reference, quantize_int4, quantize_int8,
+    BlockKernel, BlockWeight, dequantize, linear_reference, quantize_int4, quantize_int8,
 )
 from server.model.linear import RowEdit
 
@@ -20,12 +20,13 @@ FORMATS = ("int8", "int4")
 
 
 class QuantizedLinear:
-    def __init__(self, weight: BlockWeight, bias: torch.Tensor | None, fmt: str):
+    def __init__(self, weight: BlockWeight, bias: torch.Tensor | None, fmt: str, kernel: BlockKernel | None):
+        """`kernel`: the backend's block kernel, or None to multiply by the reference."""
         self.quantized = weight
         self.bias = bias
         self.backend = fmt
         self.out_features, self.in_features = weight.out_features, weight.in_features
-        self._kernel = block_kernel()
+        self._kernel = kernel
         self._scratch: torch.Tensor | None = None  # dequant(W) + merged deltas, while an adapter is merged
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from server.model.backend import Backend
 from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
 from server.model.embedding import BlockEmbedding, TableEmbedding
 from server.model.config import ModelConfig
@@ -22,11 +23,10 @@ class LoadedModel:
     """The transformer plus the read-only checkpoint it came from (the exact-restore source for hot-swap).
 
     `quantization` names the base weights' format, chosen once here for the whole model: "none" (the
-    checkpoint in `dtype`, on `backend`), "int8"/"int4" (quantized as read), "gguf" (the GGUF file the
-    folder was converted from, its blocks as they are)."""
+    checkpoint in the backend's dtype, multiplied by its linear kernel), "int8"/"int4" (quantized as read),
+    "gguf" (the GGUF file the folder was converted from, its blocks as they are)."""
 
-    def __init__(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype, backend: str,
-                 quantization: str = "none"):
+    def __init__(self, folder: ModelFolder, backend: Backend, quantization: str = "none"):
         self.folder = folder
         self.config = ModelConfig.from_hf(folder.config)
         self.checkpoint = MappedCheckpoint(folder.weight_files())
@@ -34,17 +34,17 @@ class LoadedModel:
             self.checkpoint = UnfusedCheckpoint(self.checkpoint, self.config)
         check_checkpoint(self.config, {name: self.checkpoint[name].shape for name in self.checkpoint.keys()},
                          str(folder.path))
-        formats = weight_format(quantization, self.checkpoint, device, dtype, backend, folder, self.config)
-        self.transformer = build_transformer(self.config, self.checkpoint, device, dtype, formats)
+        formats = weight_format(quantization, self.checkpoint, backend, folder, self.config)
+        self.transformer = build_transformer(self.config, self.checkpoint, backend, formats)
         self.weight_format = formats.name
 
 
 class FullPrecision:
-    """The checkpoint's weights in the serving dtype, multiplied by `backend` (see server.model.linear)."""
+    """The checkpoint's weights in the serving dtype, multiplied by the backend's linear kernel."""
 
-    def __init__(self, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, backend: str):
-        self.ckpt, self.device, self.dtype, self.backend = ckpt, device, dtype, backend
-        self.name = str(dtype).removeprefix("torch.")
+    def __init__(self, ckpt: MappedCheckpoint, backend: Backend):
+        self.ckpt, self.device, self.dtype, self.backend = ckpt, backend.device, backend.dtype, backend
+        self.name = str(self.dtype).removeprefix("torch.")
 
     def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
         return Linear(_fused(self.ckpt, [hf_weight_name(layer, p) for p in projs], self.device, self.dtype), bias,
@@ -61,15 +61,16 @@ class QuantizedAtLoad:
     """Each projection read in full precision, quantized and dropped, so the whole model never exists in full
     precision; the lm_head in int8."""
 
-    def __init__(self, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, fmt: str):
-        self.ckpt, self.device, self.dtype, self.name = ckpt, device, dtype, fmt
+    def __init__(self, ckpt: MappedCheckpoint, backend: Backend, fmt: str):
+        self.ckpt, self.device, self.dtype, self.name = ckpt, backend.device, backend.dtype, fmt
+        self.kernel = backend.block
 
     def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
         weight = _fused(self.ckpt, [hf_weight_name(layer, p) for p in projs], self.device, self.dtype)
-        return QuantizedLinear(quantize(weight, self.name), bias, self.name)
+        return QuantizedLinear(quantize(weight, self.name), bias, self.name, self.kernel)
 
     def head(self, weight: Callable[[], torch.Tensor]):
-        return QuantizedLinear(quantize(weight(), "int8"), None, "int8")
+        return QuantizedLinear(quantize(weight(), "int8"), None, "int8", self.kernel)
 
     def embedding(self, table: Callable[[], torch.Tensor], head):  # the int8 head rounds: lookups keep the exact table
         return TableEmbedding(table())
@@ -78,18 +79,19 @@ class QuantizedAtLoad:
 class FromGGUF:
     """The projections and the lm_head as the GGUF file stores them (server.model.gguf_blocks)."""
 
-    def __init__(self, blocks: GGUFBlocks):
+    def __init__(self, blocks: GGUFBlocks, backend: Backend):
         self.blocks = blocks
+        self.kernel = backend.block
 
     @property
     def name(self) -> str:
         return f"gguf {'+'.join(sorted(self.blocks.types))}"
 
     def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
-        return QuantizedLinear(self.blocks.fused(layer, projs), bias, "gguf")
+        return QuantizedLinear(self.blocks.fused(layer, projs), bias, "gguf", self.kernel)
 
     def head(self, weight: Callable[[], torch.Tensor]):  # the file's own output (or tied embedding) blocks
-        return QuantizedLinear(self.blocks.output(), None, "gguf")
+        return QuantizedLinear(self.blocks.output(), None, "gguf", self.kernel)
 
     def embedding(self, table: Callable[[], torch.Tensor], head):
         """A tied file's embedding is its lm_head's blocks, looked up there: the checkpoint's table (that file
@@ -97,17 +99,17 @@ class FromGGUF:
         return BlockEmbedding(head.quantized) if self.blocks.tied else TableEmbedding(table())
 
 
-def weight_format(quantization: str, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype, backend: str,
-                  folder: ModelFolder | None = None, cfg: ModelConfig | None = None):
+def weight_format(quantization: str, ckpt: MappedCheckpoint, backend: Backend, folder: ModelFolder | None = None,
+                  cfg: ModelConfig | None = None):
     if quantization == "none":
-        return FullPrecision(ckpt, device, dtype, backend)
+        return FullPrecision(ckpt, backend)
     if quantization in FORMATS:
-        return QuantizedAtLoad(ckpt, device, dtype, quantization)
+        return QuantizedAtLoad(ckpt, backend, quantization)
     if quantization == "gguf":
         if folder is None or folder.gguf is None:
             raise ValueError("--quantization gguf serves a GGUF file's own blocks; this model folder was not "
                              "converted from one")
-        return FromGGUF(GGUFBlocks(folder.gguf, cfg))
+        return FromGGUF(GGUFBlocks(folder.gguf, cfg), backend)
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
@@ -121,10 +123,10 @@ def _fused(ckpt, names: list[str], device, dtype) -> torch.Tensor:
     return torch.cat([_tensor(ckpt, n, device, dtype) for n in names], dim=0).contiguous()
 
 
-def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.device, dtype: torch.dtype,
-                      formats) -> Transformer:
+def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, backend: Backend, formats) -> Transformer:
     """`formats` (FullPrecision, QuantizedAtLoad, FromGGUF) builds each projection and the lm_head; norms,
-    biases and the embedding table (for lookups) come from the checkpoint in `dtype`."""
+    biases and the embedding table (for lookups) come from the checkpoint in the backend's dtype."""
+    device, dtype = backend.device, backend.dtype
     layers = []
     for i in range(cfg.num_layers):
         linears = {}
@@ -139,11 +141,11 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, device: torch.de
         if cfg.qk_norm:
             qk_norms = tuple(_tensor(ckpt, f"model.layers.{i}.self_attn.{n}.weight", device, dtype)
                              for n in ("q_norm", "k_norm"))
-        layers.append(DecoderLayer(i, cfg, linears, norms, qk_norms))
+        layers.append(DecoderLayer(i, cfg, linears, norms, qk_norms, backend))
     # read when a format asks (once): a tied GGUF never needs the table in full precision
     table = functools.cache(lambda: _tensor(ckpt, "model.embed_tokens.weight", device, dtype))
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
     # The tied head shares the embedding's storage on the plain path; the packed kernel is a separate layout.
     head = formats.head(table if tied else lambda: _tensor(ckpt, "lm_head.weight", device, dtype))
     norm = _tensor(ckpt, "model.norm.weight", device, dtype)
-    return Transformer(cfg, formats.embedding(table, head), layers, norm, head, device)
+    return Transformer(cfg, formats.embedding(table, head), layers, norm, head, backend)

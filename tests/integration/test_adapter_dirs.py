@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adapters import random_adapter, write_peft_folder
+from server.model.backend import resolve_backend
 from server.model.loader import ModelFolder
 from server.model.weights import LoadedModel
 from tests.integration.server_process import ServerProcess
@@ -25,7 +26,8 @@ TENANT = "tenant-key-0123456789abcdef"
 def server(tmp_path_factory, default_model_folder):
     root = tmp_path_factory.mktemp("dirs")
     folder = tiny_llama(root / "model", default_model_folder.path)
-    shapes = LoadedModel(ModelFolder(folder), torch.device("cpu"), torch.float32, "torch").transformer.lora_target_shapes()
+    backend = resolve_backend(torch.device("cpu"), torch.float32, "torch")
+    shapes = LoadedModel(ModelFolder(folder), backend).transformer.lora_target_shapes()
     dirs = root / "first", root / "second"
     write_peft_folder(random_adapter("x", shapes, seed=1, init_std=0.5), dirs[0] / "pirate")
     write_peft_folder(random_adapter("x", shapes, seed=2, init_std=0.5), dirs[1] / "butler")

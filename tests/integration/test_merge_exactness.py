@@ -19,7 +19,7 @@ from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.merge import merge_into_base, restore_base
 from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
-from server.model.linear import resolve_backend
+from server.model.backend import resolve_backend
 from server.model.llama import hf_weight_name
 from server.model.weights import LoadedModel
 
@@ -33,7 +33,7 @@ PROMPT_IDS = torch.tensor([1, 504, 3575, 282, 4649, 314, 253, 1789])
 @pytest.fixture(scope="module", params=list(DTYPES))
 def model(request, default_model_folder) -> LoadedModel:
     dtype = DTYPES[request.param]
-    return LoadedModel(default_model_folder, CPU, dtype, resolve_backend("auto", CPU, dtype))
+    return LoadedModel(default_model_folder, resolve_backend(CPU, dtype))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
-from server.model.linear import available_backends
+from server.model.backend import linear_kinds, resolve_backend
 from server.model.loader import ModelFolder
 from server.model.weights import LoadedModel
 from server.runtime import site_layouts
@@ -88,9 +88,9 @@ def reference(family) -> dict[str, torch.Tensor]:
                 "peft": family.peft(family.tokens[None]).logits[0]}
 
 
-@pytest.fixture(scope="module", params=available_backends(CPU, torch.float32))
+@pytest.fixture(scope="module", params=linear_kinds(CPU, torch.float32))
 def model(request, family) -> LoadedModel:
-    return LoadedModel(family.folder, CPU, torch.float32, request.param)
+    return LoadedModel(family.folder, resolve_backend(CPU, torch.float32, request.param))
 
 
 def run_sequences(model: LoadedModel, tokens: torch.Tensor, lora_rows: list[int] | None = None,
@@ -124,7 +124,7 @@ def test_base_logits_match_transformers_on_prompt_and_decode(model, family, refe
 
 
 def test_peft_adapter_unmerged_beside_a_base_row_matches_transformers_peft(model, family, reference):
-    slots = LoraSlots(model.config.num_layers, site_layouts(model.config), 2, CPU, torch.float32)
+    slots = LoraSlots(model.config.num_layers, site_layouts(model.config), 2, model.transformer.backend)
     slots.set_lora(0, family.adapter)
     base_row, adapter_row = run_sequences(model, family.tokens, [BASE, 0], slots)
     assert (reference["peft"] - reference["base"]).abs().max() > 0.1  # the adapter is not a no-op

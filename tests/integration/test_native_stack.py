@@ -17,7 +17,7 @@ from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
-from server.model.linear import resolve_backend
+from server.model.backend import resolve_backend
 from server.model.native_stack import LONG_CHUNK_KEYS
 from server.model.weights import LoadedModel
 from server.runtime import site_layouts
@@ -32,7 +32,7 @@ ROWS = 5
 def model(request, default_model_folder) -> LoadedModel:
     """fp32 panels, and the shipped GGUF's own blocks (the block kernel inside the stack)."""
     cpu = torch.device("cpu")
-    loaded = LoadedModel(default_model_folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32),
+    loaded = LoadedModel(default_model_folder, resolve_backend(cpu, torch.float32, quantization=request.param),
                          request.param)
     if loaded.transformer.native_stack is None:
         pytest.skip("the native decoder stack does not run here (no panel kernel or no build)")
@@ -49,7 +49,7 @@ def adapters(model):
 
 @pytest.fixture(scope="module")
 def slots(model, adapters) -> LoraSlots:
-    held = LoraSlots(model.config.num_layers, site_layouts(model.config), 4, torch.device("cpu"), torch.float32)
+    held = LoraSlots(model.config.num_layers, site_layouts(model.config), 4, model.transformer.backend)
     for slot, adapter in enumerate(adapters):
         held.set_lora(slot, adapter)
     return held
@@ -143,12 +143,15 @@ def test_prompt_chunks_match_layer_by_layer(model, slots):
     torch.testing.assert_close(native_kv.k, layered_kv.k, atol=2e-2 if quantized else 1e-4, rtol=1e-5)
 
 
-def test_a_chunk_past_the_native_key_limit_runs_layer_by_layer(model, monkeypatch):
+def test_a_chunk_past_the_native_key_limit_runs_layer_by_layer(model):
     kv = prefilled_kv(model, 2)
-    stack = model.transformer.native_stack
-    monkeypatch.setattr(type(stack), "_weights", lambda self: pytest.fail("the native stack ran a long chunk"))
+    transformer = model.transformer
     chunk = PrefillChunk(2, LONG_CHUNK_KEYS - 2, 3)  # its last key lies past the limit
     ctx = build_step([PROMPT_TOKENS] * 2, [chunk], torch.device("cpu"))
     kv.used = 3
-    logits = model.transformer.forward(torch.arange(5), ctx, kv)
+    h = transformer.embed(torch.arange(5))
+    before = h.clone()
+    assert not transformer.native_stack.run(h, ctx, *transformer.rope_tables(ctx.positions), kv)
+    assert torch.equal(h, before)  # declined with nothing touched, so the forward takes the layers one by one
+    logits = transformer.forward(torch.arange(5), ctx, kv)
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()

@@ -10,7 +10,7 @@ from adapters import random_adapter
 from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.engine.request import SamplingParams
-from server.model.linear import resolve_backend
+from server.model.backend import resolve_backend
 from server.model.weights import LoadedModel
 from tests.integration.test_engine_batching import complete, start_runtime
 
@@ -106,7 +106,7 @@ def test_prefill_after_a_cached_prefix_matches_a_full_prefill(default_model_fold
     """The model-level contract the cache relies on: attending over keys already in the KV cache gives the
     logits a full prefill gives."""
     cpu = torch.device("cpu")
-    model = LoadedModel(default_model_folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32))
+    model = LoadedModel(default_model_folder, resolve_backend(cpu, torch.float32))
     ids = torch.arange(100, 140)
     kv = KVCache(model.config, 2, 64, cpu, torch.float32)
     full = model.transformer.forward(ids, build_step([], [PrefillChunk(0, 0, 40)], cpu), kv)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
 from server.engine.request import SamplingParams
-from server.model.linear import resolve_backend
+from server.model.backend import resolve_backend
 from server.model.weights import LoadedModel
 from server.runtime import Runtime, preload
 from server.settings import Settings
@@ -41,7 +41,7 @@ def held_out(default_model_folder) -> torch.Tensor:
 
 def teacher_forced_logits(folder, quantization: str, chunks: torch.Tensor) -> torch.Tensor:
     cpu = torch.device("cpu")
-    model = LoadedModel(folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32), quantization)
+    model = LoadedModel(folder, resolve_backend(cpu, torch.float32, quantization=quantization), quantization)
     return torch.stack([prefill(model, chunk, 1, KVCache(model.config, 1, CHUNK, cpu, torch.float32))[0]
                         for chunk in chunks])
 
@@ -78,7 +78,7 @@ def quantized(request, tmp_path_factory):
 
 def test_a_quantized_base_is_served_unmerged_in_a_quarter_of_the_bytes(quantized):
     assert quantized.weight_format in ("int4", "gguf Q4_1+Q8_0") and quantized.lora_mode == "unmerged"
-    fp32 = LoadedModel(quantized.folder, torch.device("cpu"), torch.float32, "torch")
+    fp32 = LoadedModel(quantized.folder, resolve_backend(torch.device("cpu"), torch.float32, "torch"))
     fp32_bytes = sum(t.numel() * t.element_size() for t in fp32.transformer.linear_tensors())
     assert quantized.base_weight_bytes <= 0.25 * fp32_bytes
 
@@ -140,7 +140,7 @@ def test_a_tied_gguf_looks_tokens_up_in_its_head_blocks_exactly(default_model_fo
     from server.model.embedding import BlockEmbedding
 
     cpu = torch.device("cpu")
-    model = LoadedModel(default_model_folder, cpu, torch.float32, resolve_backend("auto", cpu, torch.float32), "gguf")
+    model = LoadedModel(default_model_folder, resolve_backend(cpu, torch.float32, quantization="gguf"), "gguf")
     assert isinstance(model.transformer.embed, BlockEmbedding)
     ids = torch.tensor([0, 1, 17, 49151, 17, 30000])
     table = MappedCheckpoint(default_model_folder.weight_files())["model.embed_tokens.weight"].float()

@@ -18,7 +18,7 @@ from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
 from server.model.config import ModelConfig
-from server.model.linear import available_backends
+from server.model.backend import linear_kinds, resolve_backend
 from server.model.weights import LoadedModel
 from server.runtime import site_layouts
 
@@ -53,9 +53,9 @@ def next_token(prompt_ids) -> torch.Tensor:
     return prompt_ids[-1:]
 
 
-@pytest.fixture(scope="module", params=available_backends(torch.device("cpu"), torch.float32))
+@pytest.fixture(scope="module", params=linear_kinds(torch.device("cpu"), torch.float32))
 def model(request, default_model_folder) -> LoadedModel:
-    return LoadedModel(default_model_folder, torch.device("cpu"), torch.float32, request.param)
+    return LoadedModel(default_model_folder, resolve_backend(torch.device("cpu"), torch.float32, request.param))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def new_kv(model: LoadedModel) -> KVCache:
 
 
 def lora_slots(model: LoadedModel, adapters: list) -> LoraSlots:
-    slots = LoraSlots(model.config.num_layers, site_layouts(model.config), 4, torch.device("cpu"), torch.float32)
+    slots = LoraSlots(model.config.num_layers, site_layouts(model.config), 4, model.transformer.backend)
     for slot, adapter in enumerate(adapters):
         slots.set_lora(slot, adapter)
     return slots

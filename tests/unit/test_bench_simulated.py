@@ -6,6 +6,7 @@ from bench.simulated import RandomCheckpoint
 from server.engine.context import build_step
 from server.engine.kv_cache import KVCache
 from server.model.config import ModelConfig
+from server.model.backend import resolve_backend
 from server.model.weights import build_transformer, weight_format
 
 TINY = ModelConfig.from_hf({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
@@ -24,8 +25,8 @@ def test_a_random_checkpoint_draws_the_same_tensor_for_a_name_every_time():
 def test_a_simulated_model_built_into_int4_decodes():
     cpu = torch.device("cpu")
     checkpoint = RandomCheckpoint(TINY)
-    model = build_transformer(TINY, checkpoint, cpu, torch.float32,
-                              weight_format("int4", checkpoint, cpu, torch.float32, "torch"))
+    backend = resolve_backend(cpu, torch.float32, "torch", "int4")
+    model = build_transformer(TINY, checkpoint, backend, weight_format("int4", checkpoint, backend))
     kv = KVCache(TINY, 2, 16, cpu, torch.float32)
     kv.used = 2
     logits = model.forward(torch.tensor([3, 5]), build_step([4, 4], [], cpu), kv)

@@ -88,7 +88,7 @@ def test_a_weight_whose_inputs_are_not_whole_blocks_is_refused():
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_a_thousand_swaps_leave_the_quantized_base_bit_identical(fmt):
-    linear = QuantizedLinear(quantize(weight(48, 64), fmt), None, fmt)
+    linear = QuantizedLinear(quantize(weight(48, 64), fmt), None, fmt, KERNEL)
     before = [t.clone() for t in linear.quantized.tensors()]
     x = torch.randn(3, 64)
     base_out = linear(x)

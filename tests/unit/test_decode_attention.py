@@ -10,7 +10,8 @@ from server.engine.kv_cache import KVCache
 from server.kernels.attention import decode_attention_kernel
 from server.model.config import ModelConfig
 
-pytestmark = pytest.mark.skipif(decode_attention_kernel() is None, reason="the kernel does not build here")
+KERNEL = decode_attention_kernel()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="the kernel does not build here")
 
 
 def config(heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
@@ -21,10 +22,9 @@ def config(heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
 
 
 def filled_caches(cfg: ModelConfig, seqs: int, max_len: int):
-    """Two caches holding the same random history, one that may use the kernel and one that may not."""
+    """Two caches holding the same random history, one for the kernel and one for the torch form."""
     g = torch.Generator().manual_seed(0)
     native, torch_only = (KVCache(cfg, seqs, max_len, torch.device("cpu"), torch.float32) for _ in range(2))
-    torch_only._native_decode = None
     for cache in (native, torch_only):
         g.manual_seed(0)
         cache.k.copy_(torch.randn(cache.k.shape, generator=g))
@@ -37,7 +37,6 @@ def filled_caches(cfg: ModelConfig, seqs: int, max_len: int):
 def test_native_decode_equals_the_torch_form(heads, kv_heads, head_dim, positions):
     cfg = config(heads, kv_heads, head_dim)
     native, torch_only = filled_caches(cfg, seqs=len(positions) + 1, max_len=256)
-    assert native._native_decode is not None
     g = torch.Generator().manual_seed(1)
     n = len(positions)
     q = torch.randn(n, heads, head_dim, generator=g)
@@ -46,7 +45,7 @@ def test_native_decode_equals_the_torch_form(heads, kv_heads, head_dim, position
     v = qkv[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(n, kv_heads, head_dim)
     ctx = build_step(positions, [], torch.device("cpu"))
     for layer in range(cfg.num_layers):
-        got = native.attend(layer, q, k, v, ctx)
+        got = native.attend(layer, q, k, v, ctx, KERNEL)
         want = torch_only.attend(layer, q, k, v, ctx)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(native.k, torch_only.k) and torch.equal(native.v, torch_only.v)
@@ -57,5 +56,5 @@ def test_a_head_size_the_kernel_does_not_take_falls_back():
     native, torch_only = filled_caches(cfg, seqs=2, max_len=32)
     q, k, v = torch.randn(2, 2, 12), torch.randn(2, 2, 12), torch.randn(2, 2, 12)
     ctx = build_step([3, 7], [], torch.device("cpu"))
-    torch.testing.assert_close(native.attend(0, q, k, v, ctx), torch_only.attend(0, q, k, v, ctx))
+    torch.testing.assert_close(native.attend(0, q, k, v, ctx, KERNEL), torch_only.attend(0, q, k, v, ctx))
     assert torch.equal(native.k, torch_only.k)

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model.linear import Linear, RowEdit, available_backends
+from server.model.backend import linear_kinds, resolve_backend
+from server.model.linear import Linear, RowEdit
 
 CPU = torch.device("cpu")
-BACKENDS = available_backends(CPU, torch.float32)
+BACKENDS = linear_kinds(CPU, torch.float32)
 PACKED_PAIRS = [b for b in BACKENDS if b != "torch"]
 
 
@@ -45,7 +46,7 @@ CASES = [
 @pytest.mark.parametrize("shape,ranges", CASES)
 def test_merge_computes_with_the_delta_and_restore_is_bit_exact(backend, shape, ranges):
     base = torch.randn(*shape)
-    linear = Linear(base.clone(), None, backend)
+    linear = Linear(base.clone(), None, resolve_backend(CPU, torch.float32, backend))
     x = torch.randn(5, shape[1])
     before = linear(x)
     edits = [edit(base, rows, rank=4, seed=i) for i, rows in enumerate(ranges)]
@@ -63,7 +64,7 @@ def test_merge_computes_with_the_delta_and_restore_is_bit_exact(backend, shape, 
 @pytest.mark.parametrize("restore_between", [False, True])
 def test_a_second_merge_adds_on_top_or_after_a_restore_carries_nothing_of_the_first(backend, restore_between):
     base = torch.randn(256, 48)
-    linear = Linear(base.clone(), None, backend)
+    linear = Linear(base.clone(), None, resolve_backend(CPU, torch.float32, backend))
     first, second = edit(base, slice(0, 100), 2, seed=1), edit(base, slice(64, 256), 8, seed=2)
     linear.merge([first])
     if restore_between:
@@ -79,7 +80,7 @@ def test_a_second_merge_adds_on_top_or_after_a_restore_carries_nothing_of_the_fi
 @pytest.mark.parametrize("backend", PACKED_PAIRS)
 def test_a_packed_kernel_is_never_repacked_and_keeps_no_row_major_copy(backend):
     base = torch.randn(192, 40)
-    linear = Linear(base.clone(), None, backend)
+    linear = Linear(base.clone(), None, resolve_backend(CPU, torch.float32, backend))
     loaded = linear.kernel
     assert linear.weight is None  # the base lives in its packed kernel only
     linear.merge([edit(base, slice(0, 64), 4, seed=0)])

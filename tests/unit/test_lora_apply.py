@@ -11,6 +11,7 @@ from adapters import llama_base_shapes, random_adapter
 from server.kernels.lora import slot_groups_kernel
 from server.lora.apply import LoraBatch, SlotGroups, lora_apply_reference
 from server.lora.layers import BASE, SITES, LoraSlots, SiteLayout
+from server.model.backend import resolve_backend, torch_backend
 
 LAYERS, HIDDEN, INTER, KV = 2, 16, 32, 8
 SHAPES = llama_base_shapes(num_layers=LAYERS, hidden=HIDDEN, intermediate=INTER, kv_dim=KV)
@@ -30,19 +31,25 @@ ADAPTERS = [
 ]
 MIXED_ROWS = [0, BASE, 1, 2, 2, BASE, 0, 1, 1, BASE]
 NATIVE = slot_groups_kernel() is not None
+CPU = torch.device("cpu")
+path = {"native": False}  # the path the running test's slots take, set by `lora_path`
 
 
 @pytest.fixture(autouse=True, params=["native", "torch"])
-def lora_path(request, monkeypatch):
+def lora_path(request):
     if request.param == "native" and not NATIVE:
         pytest.skip("the grouped LoRA kernel does not build here")
-    if request.param == "torch":
-        monkeypatch.setattr(layers_module, "slot_groups_kernel", lambda: None)
+    path["native"] = request.param == "native"
     return request.param
 
 
+def backend(dtype=torch.float32):
+    """The backend the running test's slots are built on: this machine's kernels, or plain torch."""
+    return resolve_backend(CPU, dtype) if path["native"] else torch_backend(CPU, dtype)
+
+
 def loaded_slots(adapters, dtype=torch.float32) -> LoraSlots:
-    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=len(adapters) + 1, device=torch.device("cpu"), dtype=dtype)
+    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=len(adapters) + 1, backend=backend(dtype))
     for slot, adapter in enumerate(adapters):
         slots.set_lora(slot, adapter)
     return slots
@@ -57,7 +64,7 @@ def site_inputs(site: str, rows: int, seed: int = 0):
 
 
 def native_path() -> bool:
-    return NATIVE and layers_module.slot_groups_kernel is slot_groups_kernel
+    return path["native"]
 
 
 def covers_only():
@@ -218,7 +225,7 @@ def test_bf16_slots_stay_close_to_the_float64_definition():
 def spread_slots() -> tuple[LoraSlots, dict[int, object]]:
     """Three adapters in scattered device slots, as LRU eviction leaves them."""
     placement = {0: ADAPTERS[0], 3: ADAPTERS[2], 9: ADAPTERS[1], 5: ADAPTERS[2]}
-    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=16, device=torch.device("cpu"), dtype=torch.float32)
+    slots = LoraSlots(LAYERS, LAYOUTS, max_slots=16, backend=backend())
     for slot, adapter in placement.items():
         slots.set_lora(slot, adapter)
     return slots, placement
