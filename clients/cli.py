@@ -165,16 +165,22 @@ def generate(ctx: typer.Context, prompt: str, adapter: AdapterOption = None, max
              chat: Annotated[bool, typer.Option(help="send PROMPT as a user message (the chat template)")] = False,
              json_schema: Annotated[Path | None, typer.Option(
                  exists=True, dir_okay=False, help="a JSON schema file the output must validate against")] = None,
-             regex: Annotated[str | None, typer.Option(help="a regex the output must match")] = None):
-    """Stream a continuation of PROMPT to stdout."""
+             regex: Annotated[str | None, typer.Option(help="a regex the output must match")] = None,
+             n: Annotated[int, typer.Option("--n", "-n", min=1, help="choices for the prompt, printed one after "
+                                            "another once all are done")] = 1):
+    """Stream a continuation of PROMPT to stdout (with -n, print each of the choices)."""
     inputs = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
     if json_schema is not None:
         inputs["json_schema"] = json.loads(json_schema.read_text())
     if regex is not None:
         inputs["regex"] = regex
+    params = dict(adapter=adapter_choice(adapter), max_new_tokens=max_new_tokens, temperature=temperature)
     with connect(ctx) as client:
-        for piece in client.stream(**inputs, adapter=adapter_choice(adapter), max_new_tokens=max_new_tokens,
-                                   temperature=temperature).text():
+        if n > 1:
+            for i, choice in enumerate(client.generate(**inputs, **params, n=n).choices):
+                typer.echo(f"--- choice {i} ({choice.finish_reason}) ---\n{choice.text}")
+            return
+        for piece in client.stream(**inputs, **params).text():
             typer.echo(piece, nl=False)
     typer.echo()
 

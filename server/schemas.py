@@ -12,6 +12,7 @@ MAX_LOGIT_BIAS = 300  # entries per request: each is applied on every step
 
 
 MAX_REGEX_CHARS = 4096
+MAX_CHOICES = 8  # n: each choice holds a KV slot of the batch
 
 
 class PenaltyFields(BaseModel):
@@ -78,6 +79,8 @@ class GenerateRequest(PenaltyFields, AdapterMixField):
     stream: bool = False
     json_schema: dict | None = Field(None, description="the output is JSON that validates against this schema")
     regex: str | None = Field(None, max_length=MAX_REGEX_CHARS, description="the output matches this regex")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"choices for the one prompt, up to {MAX_CHOICES}; a "
+                   "seeded request's choice i samples with seed + i")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -97,12 +100,20 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
-class GenerateResponse(BaseModel):
+class GenerateChoice(BaseModel):
+    index: int
     text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str  # of the first choice, as finish_reason
     adapter: str | None
     adapters: list[AdapterWeight] | None = None  # the mix asked for, if one was
     finish_reason: str
-    usage: Usage
+    usage: Usage  # the prompt counted once, the completion tokens of every choice
+    choices: list[GenerateChoice] | None = None  # with n > 1: every choice in order
 
 
 class AdapterInfo(BaseModel):

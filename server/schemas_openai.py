@@ -14,10 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from server.schemas import SEED_MAX, SEED_MIN, AdapterMixField, PenaltyFields
+from server.schemas import MAX_CHOICES, SEED_MAX, SEED_MIN, AdapterMixField, PenaltyFields
 
 
-MAX_CHOICES = 8  # n: each choice holds a KV slot of the batch
 
 
 class StreamOptions(BaseModel):
@@ -176,7 +175,8 @@ class ChatMessageIn(BaseModel):
         and is given earlier calls as structured `tool_calls` (arguments as an object, as transformers asks)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         role = "system" if self.role == "developer" else self.role
-        calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in self.tool_calls or ()]
+        calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
+                 for c in self.tool_calls or ()]
         if native_tools:
             message = {"role": role, "content": text}
             if calls:

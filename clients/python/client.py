@@ -110,7 +110,7 @@ class LoraplexClient:
                adapter: Adapter = None, **params: Unpack[GenerationParams]) -> GenerateStream:
         """The request is sent when iteration starts; errors raise from the first step."""
         body = generate_body(prompt, messages, adapter, params, stream=True)
-        return GenerateStream(self._chunks(body))
+        return GenerateStream(self._chunks(body), body.get("n", 1))
 
     def _chunks(self, body: dict[str, Any]) -> Iterator[StreamChunk]:
         with self._http.stream("POST", "/generate", json=body) as response:
@@ -174,7 +174,7 @@ class AsyncLoraplexClient:
                adapter: Adapter = None, **params: Unpack[GenerationParams]) -> AsyncGenerateStream:
         """`async for chunk in client.stream(...)`; the request is sent when iteration starts."""
         body = generate_body(prompt, messages, adapter, params, stream=True)
-        return AsyncGenerateStream(self._chunks(body))
+        return AsyncGenerateStream(self._chunks(body), body.get("n", 1))
 
     async def _chunks(self, body: dict[str, Any]) -> AsyncIterator[StreamChunk]:
         async with self._http.stream("POST", "/generate", json=body) as response:

@@ -29,6 +29,7 @@ class GenerationParams(TypedDict, total=False):
     logit_bias: dict[int, float]
     json_schema: dict  # the output is JSON that validates against it
     regex: str         # the output matches it
+    n: int             # choices for the one prompt (GenerateResult.choices); seeded: choice i uses seed + i
 
 
 def _known_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -43,16 +44,27 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Choice:
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
 class GenerateResult:
+    """The reply; with n > 1, `text` and `finish_reason` are the first choice's and `choices` holds all n."""
+
     text: str
     adapter: str | None
     finish_reason: str
     usage: Usage
+    choices: tuple[Choice, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerateResult:
+        choices = tuple(Choice(**_known_fields(Choice, c)) for c in data.get("choices") or ())
         return cls(text=data["text"], adapter=data.get("adapter"), finish_reason=data["finish_reason"],
-                   usage=Usage(**_known_fields(Usage, data["usage"])))
+                   usage=Usage(**_known_fields(Usage, data["usage"])), choices=choices)
 
 
 @dataclass(frozen=True)
@@ -63,12 +75,13 @@ class StreamChunk:
     adapter: str | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    index: int = 0  # the choice it belongs to (n > 1); each choice has its own final chunk
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StreamChunk:
         usage = data.get("usage")
         return cls(text=data.get("text", ""), adapter=data.get("adapter"), finish_reason=data.get("finish_reason"),
-                   usage=Usage(**_known_fields(Usage, usage)) if usage else None)
+                   usage=Usage(**_known_fields(Usage, usage)) if usage else None, index=data.get("index", 0))
 
     @property
     def is_final(self) -> bool:

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 
 from clients.python.errors import LoraplexError
-from clients.python.schemas import GenerateResult, StreamChunk
+from clients.python.schemas import Choice, GenerateResult, StreamChunk, Usage
 
 
 class SSEDecoder:
@@ -32,15 +32,27 @@ class SSEDecoder:
 
 
 class _Collector:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
+    """Gathers each choice's chunks; the result is whole once all `n` choices have sent their final chunk."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.parts: list[list[str]] = [[] for _ in range(n)]
+        self.finals: dict[int, StreamChunk] = {}
         self.result: GenerateResult | None = None
 
     def add(self, chunk: StreamChunk) -> None:
-        self.parts.append(chunk.text)
-        if chunk.is_final:
-            self.result = GenerateResult(text="".join(self.parts), adapter=chunk.adapter,
-                                         finish_reason=chunk.finish_reason, usage=chunk.usage)
+        self.parts[chunk.index].append(chunk.text)
+        if not chunk.is_final:
+            return
+        self.finals[chunk.index] = chunk
+        if len(self.finals) < len(self.parts):
+            return
+        choices = tuple(Choice("".join(self.parts[i]), self.finals[i].finish_reason,
+                               self.finals[i].usage.completion_tokens) for i in range(len(self.parts)))
+        usage = Usage(prompt_tokens=chunk.usage.prompt_tokens,
+                      completion_tokens=sum(c.completion_tokens for c in choices))
+        self.result = GenerateResult(text=choices[0].text, adapter=chunk.adapter,
+                                     finish_reason=choices[0].finish_reason, usage=usage,
+                                     choices=choices if len(choices) > 1 else ())
 
     def check_complete(self) -> None:
         if self.result is None:
@@ -50,9 +62,9 @@ class _Collector:
 class GenerateStream:
     """Iterate for the chunks as they arrive; once the final chunk has passed, `result` holds the whole reply."""
 
-    def __init__(self, chunks: Iterator[StreamChunk]):
+    def __init__(self, chunks: Iterator[StreamChunk], n: int = 1):
         self._chunks = chunks
-        self._collector = _Collector()
+        self._collector = _Collector(n)
 
     @property
     def result(self) -> GenerateResult | None:
@@ -72,9 +84,9 @@ class GenerateStream:
 class AsyncGenerateStream:
     """The async twin of `GenerateStream`."""
 
-    def __init__(self, chunks: AsyncIterator[StreamChunk]):
+    def __init__(self, chunks: AsyncIterator[StreamChunk], n: int = 1):
         self._chunks = chunks
-        self._collector = _Collector()
+        self._collector = _Collector(n)
 
     @property
     def result(self) -> GenerateResult | None:

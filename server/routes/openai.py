@@ -5,7 +5,6 @@ Unmodified OpenAI clients work against these; vLLM's runtime adapter endpoints a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -21,7 +20,7 @@ from server.engine.request import SamplingParams
 from adapters.confined import read_adapter_folder
 from server.errors import Forbidden, GenerationFailed, InvalidRequest
 from server.auth import Principal
-from server.routes.generate import output_grammar, raise_if_failed, start_generations, until_disconnected
+from server.routes.generation import merged, output_grammar, raise_if_failed, start_generations, until_disconnected
 from server.routes.security import admin, caller, check_may_manage, check_may_see
 from server.tool_calls import call_grammar, parse_call, with_tools
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
@@ -119,9 +118,9 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
     lp = _Logprobs(rt.tokenizer) if req.logprobs is not None else None
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     if req.stream:
-        return _streaming(_completion_chunks(_merged(streams), head, lp, req.stream_options, len(streams)))
+        return _streaming(_completion_chunks(merged(streams), head, lp, req.stream_options, len(streams)))
     text, lps, choices, usage = [[] for _ in streams], [[] for _ in streams], [], None
-    async for index, event in until_disconnected(_merged(streams), request):
+    async for index, event in until_disconnected(merged(streams), request):
         text[index].append(event.text)
         if event.logprob is not None:
             lps[index].append(event.logprob)
@@ -141,33 +140,6 @@ def _add_usage(usage: dict | None, event: TokenEvent) -> dict:
         return _usage(event)
     completion = usage["completion_tokens"] + event.completion_tokens
     return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}
-
-
-async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """The events of n choices as they come, each with its choice's index; closing this closes them all
-    (aborting the requests still running)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, events: AsyncIterator[TokenEvent]) -> None:
-        try:
-            async for event in events:
-                await queue.put((index, event))
-        finally:
-            await queue.put((index, None))
-
-    tasks = [asyncio.ensure_future(pump(i, events)) for i, events in enumerate(streams)]
-    running = len(tasks)
-    try:
-        while running:
-            index, event = await queue.get()
-            if event is None:
-                running -= 1
-            else:
-                yield index, event
-    finally:  # a cancelled pump leaves its request's event iterator by an exception, which aborts it
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _completion_chunks(events, head: dict, lp: _Logprobs | None, options, choices: int) -> AsyncIterator[str]:
@@ -212,10 +184,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     lp = _Logprobs(rt.tokenizer) if req.logprobs else None
     head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}
     if req.stream:
-        return _streaming(_chat_chunks(_merged(streams), {**head, "object": "chat.completion.chunk"}, lp,
+        return _streaming(_chat_chunks(merged(streams), {**head, "object": "chat.completion.chunk"}, lp,
                                        req.stream_options, len(streams), tools))
     text, entries, choices, usage = [[] for _ in streams], [[] for _ in streams], [], None
-    async for index, event in until_disconnected(_merged(streams), request):
+    async for index, event in until_disconnected(merged(streams), request):
         text[index].append(event.text)
         if lp and event.logprob is not None:
             entries[index].append(lp.chat_entry(event.logprob))

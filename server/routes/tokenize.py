@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Principal
 from server.engine.request import SamplingParams
 from server.errors import InvalidRequest
-from server.routes.generate import check_prompt_shape
+from server.routes.generation import check_prompt_shape
 from server.routes.security import caller
 from server.schemas_openai import ChatMessageIn
 

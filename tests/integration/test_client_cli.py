@@ -147,3 +147,30 @@ def test_structured_output_from_the_client_and_the_command(server, tmp_path):
               "--max-new-tokens", "24", "--temperature", "0")
     assert out.exit_code == 0, out.output
     assert set(json.loads(out.output)) == {"crew"}
+
+
+def test_n_choices_from_the_client_its_streams_and_the_command(server):
+    seeded = {"max_new_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3}
+    with LoraplexClient(server.url) as client:
+        result = client.generate("Ahoy", **seeded)
+        stream = client.stream("Ahoy", **seeded)
+        chunks = list(stream)
+        solo = [client.generate("Ahoy", **{**seeded, "n": 1, "seed": 7 + i}).text for i in range(3)]
+    assert [c.text for c in result.choices] == solo  # choice i samples with seed + i, as alone
+    assert result.text == solo[0] and result.usage.completion_tokens == sum(c.completion_tokens for c in result.choices)
+    assert {c.index for c in chunks} == {0, 1, 2} and [c.text for c in stream.result.choices] == solo
+    assert stream.result.usage == result.usage
+
+    async def run():
+        async with AsyncLoraplexClient(server.url) as client:
+            return await client.generate("Ahoy", **seeded)
+    assert asyncio.run(run()) == result
+
+    out = cli(server, "generate", "Ahoy", "-n", "2", *FAST_FLAGS)
+    assert out.exit_code == 0, out.output
+    assert "--- choice 0" in out.output and "--- choice 1" in out.output
+
+
+def test_n_past_the_limit_is_refused(server):
+    with LoraplexClient(server.url) as client, pytest.raises(InvalidRequestError):
+        client.generate("Ahoy", n=9, **FAST)
