@@ -6,7 +6,7 @@ which serving never imports; `shipped/` holds the weights and their cards.
 """
 
 from adapters.format import (
-    PROJECTIONS, Adapter, AdapterLimits, BaseShapes, LoraWeights, peft_folder_files, read_peft_folder,
+    PROJECTIONS, Adapter, AdapterLimits, BaseShapes, LoraWeights, in_float32, peft_folder_files, read_peft_folder,
     read_raw_safetensors, validate, validate_name, write_peft_folder,
 )
 from adapters.registry import AdapterRegistry
@@ -15,6 +15,6 @@ from adapters.synthetic import llama_base_shapes, random_adapter
 
 __all__ = [
     "PROJECTIONS", "Adapter", "AdapterLimits", "AdapterRegistry", "AdapterStore", "BaseShapes", "LoraWeights",
-    "llama_base_shapes", "peft_folder_files", "random_adapter", "read_peft_folder", "read_raw_safetensors",
+    "in_float32", "llama_base_shapes", "peft_folder_files", "random_adapter", "read_peft_folder", "read_raw_safetensors",
     "validate", "validate_name", "write_peft_folder",
 ]

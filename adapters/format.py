@@ -10,7 +10,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -44,10 +44,18 @@ _MAX_UPDATE = 1e3
 BaseShapes = dict[str, tuple[int, int]]  # "layers.{i}.{proj}" -> (out_features, in_features)
 
 
+# Held as stored: widening in memory would double a 16-bit adapter's bytes for no gain, since whoever
+# computes with the weights (device slots, merges, mixes) converts them once anyway. FP8 becomes bfloat16,
+# which holds every fp8 value exactly and which every CPU op takes; anything else becomes float32.
+HELD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP8_DTYPES = {d for d in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                              "float8_e5m2fnuz")) if d is not None}
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensors with == has no single truth value
 class LoraWeights:
-    A: torch.Tensor  # [r, in_features], float32 on CPU
-    B: torch.Tensor  # [out_features, r], float32 on CPU
+    A: torch.Tensor  # [r, in_features], on CPU in one of HELD_DTYPES
+    B: torch.Tensor  # [out_features, r], on CPU in one of HELD_DTYPES
     scale: float
 
     @property
@@ -62,12 +70,12 @@ class Adapter:
     alpha: float
     weights: dict[str, LoraWeights]  # "layers.{i}.{proj}"
     target_modules: tuple[str, ...]
-    size_bytes: int  # tensor bytes as stored, before widening to float32
+    size_bytes: int  # tensor bytes as stored in the file
     card: str | None = None  # the folder's README.md, as its author wrote it
 
     @cached_property
     def held_bytes(self) -> int:
-        """Bytes the weights take in memory (float32 whatever they were stored as): what limits count."""
+        """Bytes the weights take in memory (as stored; fp8 as bfloat16): what limits count."""
         return sum(t.numel() * t.element_size() for w in self.weights.values() for t in (w.A, w.B))
 
     @property
@@ -80,7 +88,8 @@ class AdapterLimits:
     max_rank: int = 64
     max_bytes: int = 64 * 1024 * 1024
     max_adapters: int = 1000
-    max_total_bytes: int = 4096 * 1024 * 1024  # all registered adapters' held_bytes together
+    max_total_bytes: int = 4096 * 1024 * 1024  # all adapters in memory, their held_bytes together
+    max_resident: int | None = None  # adapters kept in memory (the most recently used); None: every one
 
 
 def validate_name(name: str) -> str:
@@ -143,13 +152,23 @@ def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
     return {m: (h["A"], h["B"]) for m, h in halves.items()}
 
 
-def _float32(module: str, half: str, tensor: torch.Tensor) -> torch.Tensor:
+def _held(module: str, half: str, tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise AdapterInvalid(f"{module}: lora_{half} has dtype {tensor.dtype}; a float type is required")
     if tensor.ndim != 2:
         raise AdapterInvalid(f"{module}: lora_{half} must be 2-D, got shape {list(tensor.shape)}")
+    dtype = tensor.dtype if tensor.dtype in HELD_DTYPES else torch.bfloat16 if tensor.dtype in _FP8_DTYPES \
+        else torch.float32
     # copy=True: detach from the file's memory map, which the store may delete later.
-    return tensor.to(torch.float32, copy=True)
+    return tensor.to(dtype, copy=True)
+
+
+def in_float32(adapter: Adapter) -> Adapter:
+    """The adapter with float32 weights, for computing with them (the same object if they are float32)."""
+    if all(t.dtype == torch.float32 for w in adapter.weights.values() for t in (w.A, w.B)):
+        return adapter
+    weights = {m: LoraWeights(w.A.float(), w.B.float(), w.scale) for m, w in adapter.weights.items()}
+    return replace(adapter, weights=weights)
 
 
 def parse_card(data: bytes) -> str:
@@ -184,7 +203,7 @@ def read_card(folder: Path) -> str | None:
 def _build(name: str, alpha: float, pairs: dict, rank_of, scale_of, card: str | None = None) -> Adapter:
     weights, size = {}, 0
     for module, (a, b) in sorted(pairs.items(), key=lambda kv: (_layer(kv[0]), kv[0])):
-        A, B = _float32(module, "A", a), _float32(module, "B", b)
+        A, B = _held(module, "A", a), _held(module, "B", b)
         if A.shape[0] != rank_of(module):
             raise AdapterInvalid(f"{module}: lora_A has r={A.shape[0]} rows, but the config says r={rank_of(module)}")
         size += a.numel() * a.element_size() + b.numel() * b.element_size()
@@ -254,7 +273,7 @@ def _config_for(adapter: Adapter) -> bytes:
 
 
 def peft_folder_files(adapter: Adapter) -> dict[str, bytes]:
-    """The files of a PEFT folder, as bytes (float32 tensors), with the card if the adapter has one."""
+    """The files of a PEFT folder, as bytes (tensors in their held dtypes), with the card if the adapter has one."""
     tensors = {}
     for module, w in adapter.weights.items():
         tensors[_peft_key(module, "A")] = w.A.contiguous()
@@ -285,7 +304,7 @@ def validate(adapter: Adapter, base: BaseShapes, limits: AdapterLimits) -> None:
         raise AdapterInvalid(f"adapter {adapter.name!r} has no LoRA weights")
     if adapter.held_bytes > limits.max_bytes:
         raise AdapterTooLarge(
-            f"adapter {adapter.name!r} holds {adapter.held_bytes} bytes of weights in memory (as float32); "
+            f"adapter {adapter.name!r} holds {adapter.held_bytes} bytes of weights in memory; "
             f"the limit is {limits.max_bytes}"
         )
     for module, weights in adapter.weights.items():
@@ -308,8 +327,9 @@ def _validate_module(module: str, w: LoraWeights, base: BaseShapes, limits: Adap
     _expect_shape(module, "lora_A", w.A, (r, in_features), "[r, in_features]")
     _expect_shape(module, "lora_B", w.B, (out_features, r), "[out_features, r]")
     for half, tensor in (("lora_A", w.A), ("lora_B", w.B)):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise AdapterInvalid(f"{module}: {half} must be float32 on cpu, got {tensor.dtype} on {tensor.device}")
+        if tensor.dtype not in HELD_DTYPES or tensor.device.type != "cpu":
+            raise AdapterInvalid(f"{module}: {half} must be float32, float16 or bfloat16 on cpu, got {tensor.dtype} "
+                                 f"on {tensor.device}")
         if not torch.isfinite(tensor).all():
             raise AdapterInvalid(f"{module}: {half} contains NaN or inf")
     if not math.isfinite(w.scale):

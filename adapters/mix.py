@@ -60,8 +60,10 @@ def mix_adapters(members: list[tuple[Adapter, float]]) -> AdapterMix:
             by_module.setdefault(module, []).append((w, weight))
     weights = {}
     for module, parts in by_module.items():
-        A = torch.cat([w.A for w, _ in parts], dim=0)
-        B = torch.cat([w.B * (weight * w.scale) for w, weight in parts], dim=1)
+        # float32 whatever the members are held in: the weights are scaled here, and rounding them to 16 bits
+        # would make the mix differ from the members' branches summed
+        A = torch.cat([w.A.float() for w, _ in parts], dim=0)
+        B = torch.cat([w.B.float() * (weight * w.scale) for w, weight in parts], dim=1)
         weights[module] = LoraWeights(A, B, 1.0)
     rank = max(w.rank for w in weights.values())
     return AdapterMix(

@@ -10,16 +10,15 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 from pathlib import Path
 
 from adapters.confined import check_adapter_folder
 from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound
 from adapters.format import Adapter, read_peft_folder, validate_name
 from adapters.peft_config import CONFIG_FILE
+from adapters.registry import NameLocks
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +28,7 @@ class AdapterDirs:
         self.registry = registry
         self.dirs = [Path(d) for d in dirs]
         self.max_bytes = max_bytes
-        self._guard = threading.Lock()
-        self._loading: dict[str, tuple[threading.Lock, int]] = {}
+        self._loading = NameLocks()
         for folder in self.dirs:
             if not folder.is_dir():
                 log.warning("--adapter-dir %s is not a folder (yet): names are looked up there as requested", folder)
@@ -43,7 +41,7 @@ class AdapterDirs:
             validate_name(name)
         except AdapterInvalid:
             raise not_found from None
-        with self._one_at_a_time(name):
+        with self._loading.one_at_a_time(name):
             if name in self.registry:  # registered while this call waited for the one before it
                 return self.registry.get(name)
             folder = self._find(name)
@@ -67,19 +65,3 @@ class AdapterDirs:
             except AdapterInvalid:  # leads out of the dir, or a file is missing or not a regular file
                 log.warning("adapter dir %s: %r is not a PEFT folder inside it; not served", root, name)
         return None
-
-    @contextlib.contextmanager
-    def _one_at_a_time(self, name: str):
-        with self._guard:
-            lock, users = self._loading.get(name, (threading.Lock(), 0))
-            self._loading[name] = (lock, users + 1)
-        try:
-            with lock:
-                yield
-        finally:
-            with self._guard:
-                lock, users = self._loading[name]
-                if users == 1:
-                    del self._loading[name]
-                else:
-                    self._loading[name] = (lock, users - 1)

@@ -20,11 +20,11 @@ def llama_base_shapes(num_layers: int, hidden: int, intermediate: int, kv_dim: i
 
 def random_adapter(name: str, base: BaseShapes, rank: int = 8, alpha: float = 16.0,
                    targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0, b_zero: bool = False,
-                   init_std: float = 0.02) -> Adapter:
+                   init_std: float = 0.02, dtype: torch.dtype = torch.float32) -> Adapter:
     """Every targeted module of `base` gets A with std 1/r (PEFT's "gaussian" init) and B with std init_std.
 
     b_zero=True gives the step-0 LoRA state (B = 0), whose output must equal the base model's; the same
-    seed gives the same A either way, so the two can be compared.
+    seed gives the same A either way, so the two can be compared. `dtype`: held as if stored in it.
     """
     validate_name(name)
     unknown = set(targets) - set(PROJECTIONS)
@@ -39,7 +39,7 @@ def random_adapter(name: str, base: BaseShapes, rank: int = 8, alpha: float = 16
         B = torch.randn(out_features, rank, generator=generator) * init_std
         if b_zero:
             B.zero_()
-        weights[key] = LoraWeights(A, B, alpha / rank)
+        weights[key] = LoraWeights(A.to(dtype), B.to(dtype), alpha / rank)
     if not weights:
         raise AdapterInvalid(f"the base has no modules named {list(targets)}")
     return Adapter(
@@ -48,5 +48,5 @@ def random_adapter(name: str, base: BaseShapes, rank: int = 8, alpha: float = 16
         alpha=float(alpha),
         weights=weights,
         target_modules=tuple(sorted({k.split(".")[2] for k in weights})),
-        size_bytes=sum(4 * (w.A.numel() + w.B.numel()) for w in weights.values()),
+        size_bytes=sum(t.numel() * t.element_size() for w in weights.values() for t in (w.A, w.B)),
     )

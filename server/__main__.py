@@ -36,7 +36,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
              "adapter-dir": "adapter_dirs",
              "served-model-name": "served_model_name", "chat-template": "chat_template",
              "max-adapters-per-request": "max_adapters_per_request", "max-adapter-weight": "max_adapter_weight",
-             "mix-cache-mb": "mix_cache_mb"}
+             "mix-cache-mb": "mix_cache_mb", "max-resident-adapters": "max_resident_adapters"}
     for flag, field in flags.items():
         info = Settings.model_fields[field]
         # a list setting takes its flag once per item (--adapter-root A --adapter-root B), or, as vLLM's

@@ -37,6 +37,10 @@ class Metrics:
         self.restores = Counter("loraplex_restores", "exact restores of the base weights", registry=r)
         self.merge_seconds = Counter("loraplex_merge_seconds", "time spent merging and restoring", registry=r)
         self.resident = Gauge("loraplex_resident_adapters", "adapters resident on the compute device", registry=r)
+        self.memory_adapters = Gauge("loraplex_memory_adapters", "adapters whose weights are in memory (the "
+                                     "rest are read back from the store when asked for)", registry=r)
+        self.memory_adapter_bytes = Gauge("loraplex_memory_adapter_bytes", "bytes of those weights, as held",
+                                          registry=r)
         self.adapter_loads = Counter("loraplex_adapter_slot_misses", "adapter loads into a device slot", registry=r)
         self.adapter_hits = Counter("loraplex_adapter_slot_hits", "requests whose adapter was already resident", registry=r)
         self.cover_builds = Counter("loraplex_lora_cover_builds", "concatenated adapter sets built (a step "

@@ -95,7 +95,8 @@ class Runtime:
             AdapterStore(settings.store_dir), self.loaded.transformer.lora_target_shapes(),
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
                           max_adapters=settings.max_adapters,
-                          max_total_bytes=settings.max_adapter_memory_mb * 2**20))
+                          max_total_bytes=settings.max_adapter_memory_mb * 2**20,
+                          max_resident=settings.max_resident_adapters))
         loaded_names = self.registry.load_stored()
         if settings.preload_dir is not None:
             loaded_names += preload(self.registry, settings.preload_dir, settings.max_adapter_bytes)
@@ -114,6 +115,8 @@ class Runtime:
                               prefix_cache)
         self.metrics = Metrics()
         self.metrics.base_weight_bytes.set(self.base_weight_bytes)
+        self.metrics.memory_adapters.set_function(lambda: self.registry.memory()[0])
+        self.metrics.memory_adapter_bytes.set_function(lambda: self.registry.memory()[1])
         self.engine = Engine(self.loaded, ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
                              self.tokenizer, lora_mode, eos_ids(self.folder.config, self.tokenizer),
                              metrics=self.metrics, max_pending=settings.max_pending,

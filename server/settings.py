@@ -78,8 +78,11 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(1 << 18, ge=1, description="characters of prompt or message text per request, "
                                   "checked before templating and tokenizing")
     max_stop_chars: int = Field(128, ge=1, description="characters per stop string")
-    max_adapter_memory_mb: int = Field(4096, ge=1, description="memory all registered adapters' weights may "
-                                       "take together, counted as held (float32)")
+    max_adapter_memory_mb: int = Field(4096, ge=1, description="memory the adapters' weights held in memory "
+                                       "may take together, in the dtypes they were stored in (fp8 as bf16)")
+    max_resident_adapters: int | None = Field(None, ge=1, description="adapters whose weights stay in memory, "
+                                              "the most recently used; the others are read back from the store "
+                                              "on their next request (default: every adapter stays)")
     max_adapters_per_request: int = Field(4, ge=1, description="adapters one request may mix (`adapters`)")
     max_adapter_weight: float = Field(2.0, gt=0, description="largest |weight| of an adapter in a request's mix")
     mix_cache_mb: int = Field(256, ge=0, description="memory for the concatenated weights of recent adapter "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict, deque
 
+from adapters.format import in_float32
 from server.lora.layers import LoraSlots
 
 
@@ -45,7 +46,8 @@ class AdapterSlots:
             slot = self._take_slot()
             if slot is None:
                 return None
-            self.lora.set_lora(slot, adapter)
+            # widened for the copy: the slot scales B in float32 before casting to the device's dtype
+            self.lora.set_lora(slot, in_float32(adapter))
             self.loads += 1
             self._slot_of[key] = (adapter, slot)
         self._users[key] = self._users.get(key, 0) + 1

@@ -47,7 +47,7 @@ async def list_adapters(request: Request, principal: Principal = Depends(caller)
 @router.get("/{name}", response_model=AdapterDetail, responses={404: {"description": "unknown adapter"}})
 async def get_adapter(name: str, request: Request, principal: Principal = Depends(caller)):
     check_may_see(principal, name)
-    adapter = request.app.state.runtime.registry.get(name)
+    adapter = request.app.state.runtime.registry.describe(name)
     return AdapterDetail(**adapter_info(adapter).model_dump(), card=adapter.card)
 
 

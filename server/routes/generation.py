@@ -68,9 +68,10 @@ async def resolve_adapter(rt, principal: Principal, adapter_name: str | None, mi
 
 
 async def find_adapter(rt, name: str):
-    """A registered adapter, else one registered now from an --adapter-dir (reading files: off the event loop)."""
+    """A registered adapter, else one registered now from an --adapter-dir. Files are read off the event loop
+    (an adapter read back from the store, a folder registered), so only this request waits for them."""
     try:
-        return rt.registry.get(name)
+        return rt.registry.get_resident(name) or await run_in_threadpool(rt.registry.get, name)
     except AdapterNotFound:
         if not rt.adapter_dirs.dirs:
             raise

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from adapters import (
-    AdapterLimits, LoraWeights, llama_base_shapes, random_adapter, read_peft_folder, read_raw_safetensors,
+    AdapterLimits, LoraWeights, in_float32, llama_base_shapes, random_adapter, read_peft_folder, read_raw_safetensors,
     validate, validate_name, write_peft_folder,
 )
 from server.errors import AdapterInvalid, AdapterTooLarge
@@ -67,13 +67,17 @@ def test_round_trip_keeps_per_module_rank_and_scale(tmp_path):
     assert back.weights["layers.0.v_proj"].scale == 2.0
 
 
-def test_half_precision_is_widened_and_sized_as_stored(tmp_path):
-    tensors = q_proj_tensors(dtype=torch.float16, infix=".default")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_held_as_stored_and_widened_to_compute(tmp_path, dtype):
+    tensors = q_proj_tensors(dtype=dtype, infix=".default")
     adapter = read_peft_folder(peft_folder(tmp_path, config(), tensors), "half")
-    assert adapter.weights["layers.0.q_proj"].A.dtype == torch.float32
-    assert adapter.size_bytes == 2 * (4 * 16 + 16 * 4)
-    assert adapter.held_bytes == 4 * (4 * 16 + 16 * 4)
+    assert adapter.weights["layers.0.q_proj"].A.dtype == dtype
+    assert adapter.size_bytes == adapter.held_bytes == 2 * (4 * 16 + 16 * 4)
     validate(adapter, BASE, LIMITS)
+    wide = in_float32(adapter).weights["layers.0.q_proj"]
+    assert wide.A.dtype == torch.float32
+    assert torch.equal(wide.A, tensors[f"{PREFIX}.0.self_attn.q_proj.lora_A.default.weight"].float())
+    assert in_float32(wide_adapter := in_float32(adapter)) is wide_adapter, "float32 weights are not copied"
 
 
 def test_raw_safetensors_takes_rank_and_alpha(tmp_path):

@@ -120,13 +120,17 @@ def test_trained_size_weights_pass(tmp_path):
     assert upload(tmp_path, {"lora_alpha": 32}).weights["layers.0.q_proj"].scale == 8
 
 
-# ---- memory: counted as held (float32)
+# ---- memory: counted as held (as stored; fp8 as bfloat16)
 
-def test_fp8_weights_count_four_times_their_stored_size(tmp_path):
-    raw = {"w.safetensors": save(q_proj_weights(dtype=torch.float8_e4m3fn))}
-    held = 4 * 2 * 4 * 16
+def test_fp8_weights_are_held_exactly_in_bfloat16_and_count_twice_their_stored_size(tmp_path):
+    tensors = q_proj_weights(dtype=torch.float8_e4m3fn)
+    raw = {"w.safetensors": save(tensors)}
+    held = 2 * 2 * 4 * 16
     adapter = registry(tmp_path / "a", max_bytes=held).register_upload("fp8", raw, rank=4, alpha=8.0)
-    assert (adapter.size_bytes, adapter.held_bytes) == (held // 4, held)
+    assert (adapter.size_bytes, adapter.held_bytes) == (held // 2, held)
+    A = adapter.weights["layers.0.q_proj"].A
+    assert A.dtype == torch.bfloat16
+    assert torch.equal(A.float(), tensors[next(k for k in tensors if "lora_A" in k)].float())
     with pytest.raises(AdapterTooLarge, match=f"holds {held} bytes .* limit is {held - 1}"):
         registry(tmp_path / "b", max_bytes=held - 1).register_upload("fp8", raw, rank=4, alpha=8.0)
 
