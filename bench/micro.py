@@ -26,17 +26,16 @@ from transformers import AutoTokenizer
 
 from adapters import AdapterLimits, AdapterRegistry, AdapterStore, read_peft_folder
 from bench.fixtures import NEW_TOKENS, PROMPT, folder_files
-from server.engine.context import build_step
 from server.engine.kv_cache import KVCache
 from server.heap import keep_freed_memory
 from server.lora.layers import LoraSlots
 from server.lora.merge import merge_into_base, restore_base
 from server.model.backend import Backend, resolve_backend
+from server.model.context import build_step
+from server.model.geometry import parse_module_key, projection_rows, site_layouts
 from server.model.linear import Linear
-from server.model.llama import projection_rows
 from server.model.loader import resolve_model
 from server.model.weights import LoadedModel
-from server.runtime import site_layouts
 
 
 def _median_seconds(fn, reps: int, warmup: int = 2) -> float:
@@ -169,9 +168,9 @@ class SwapCycle:
         self.loaded, self.adapter = loaded, adapter
         model = loaded.transformer
         self.touched = {}
-        for key in adapter.weights:  # "layers.{i}.{proj}"
-            _, layer, proj = key.split(".")
-            linear = model.linear(int(layer), projection_rows(model.cfg, proj)[0])
+        for key in adapter.weights:
+            layer, proj = parse_module_key(key)
+            linear = model.linear(layer, projection_rows(model.cfg, proj)[0])
             self.touched[id(linear)] = linear
         self.before = {key: lin.effective_weight().clone() for key, lin in self.touched.items()}
 

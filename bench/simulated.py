@@ -17,15 +17,14 @@ import torch
 
 from adapters import llama_base_shapes, random_adapter
 from bench.micro import interleaved_medians
-from server.engine.context import build_step
 from server.engine.kv_cache import KVCache
 from server.heap import keep_freed_memory
 from server.lora.layers import LoraSlots
-from server.model.config import ModelConfig
 from server.model.backend import resolve_backend
-from server.model.llama import hf_weight_name, projection_shapes
+from server.model.config import ModelConfig
+from server.model.context import build_step
+from server.model.geometry import hf_weight_name, projection_shapes, site_layouts
 from server.model.weights import build_transformer, weight_format
-from server.runtime import site_layouts
 
 SHAPES = {  # SmolLM2-1.7B's and Llama-3-8B's geometry
     "1.7b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,

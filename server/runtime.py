@@ -27,12 +27,12 @@ from server.errors import InvalidRequest
 from server.heap import back_with_huge_pages, huge_page_bytes, keep_freed_memory
 from server.kernels.block_linear import block_kernel
 from server.lora import policy
-from server.lora.layers import LoraSlots, SiteLayout
+from server.lora.layers import LoraSlots
 from server.lora.manager import AdapterSlots
 from server.metrics import Metrics
 from server.model.config import ModelConfig
 from server.model.backend import resolve_backend
-from server.model.llama import FUSED_SITES, projection_rows
+from server.model.geometry import site_layouts
 from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
 from server.settings import Settings
@@ -180,16 +180,6 @@ def preload(registry, folder, max_bytes: int) -> list[str]:
         registry.add(read_peft_folder(real, path.name), persist=False)
         names.append(path.name)
     return names
-
-
-def site_layouts(cfg) -> dict[str, SiteLayout]:
-    layouts = {}
-    for site, projs in FUSED_SITES.items():
-        rows = {p: projection_rows(cfg, p)[1:] for p in projs}
-        out = sum(size for _, size in rows.values())
-        in_features = cfg.intermediate_size if site == "down" else cfg.q_size if site == "o" else cfg.hidden_size
-        layouts[site] = SiteLayout(in_features, out, rows)
-    return layouts
 
 
 def eos_ids(hf_config: dict, tokenizer) -> set[int]:

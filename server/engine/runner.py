@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.engine.request import Sequence
 from server.lora.layers import BASE, LoraSlots
+from server.model.context import PrefillChunk, build_step
 from server.model.llama import Transformer
 
 

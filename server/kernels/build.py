@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from server.model.loader import cache_root
+from server.cache_dir import cache_root
 
 log = logging.getLogger("loraplex.kernels")
 

@@ -19,17 +19,9 @@ from server.kernels.lora import MAX_RANK_COLUMNS
 from server.lora.apply import LoraBatch, SiteStack, SlotGroups, SlotRows, SlotTable
 from server.lora.covers import CoverCache
 from server.model.backend import Backend
+from server.model.geometry import SITES, SiteLayout, parse_module_key
 
-SITES = ("qkv", "o", "gate_up", "down")
 BASE = -1  # row_slots value of a row served by the bare base model
-
-
-@dataclass(frozen=True)
-class SiteLayout:
-    in_features: int
-    out_features: int
-    projections: dict[str, tuple[int, int]]  # proj -> (first output row, rows) inside the fused weight
-
 
 @dataclass(frozen=True)
 class _SiteOperands:
@@ -46,12 +38,10 @@ class LoraStep:
         self.batches = batches
         self.native = native
 
-
-def add_lora(y: torch.Tensor, x: torch.Tensor, step: LoraStep | None, layer: int, site: str) -> None:
-    if step is None:
-        return
-    for batch in step.batches[layer][SITES.index(site)]:
-        batch.apply(y, x)
+    def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, site: str) -> None:
+        """y += each row's adapter's B(A x) at one site of one layer (server.model.context.LoraPlan)."""
+        for batch in self.batches[layer][SITES.index(site)]:
+            batch.apply(y, x)
 
 
 class LoraSlots:
@@ -89,9 +79,9 @@ class LoraSlots:
         self.reset_lora(slot)
         by_site: dict[tuple[int, int], dict] = {}
         for key, w in adapter.weights.items():
-            _, layer, proj = key.split(".")
+            layer, proj = parse_module_key(key)
             s = next(i for i, site in enumerate(SITES) if proj in self.layouts[site].projections)
-            by_site.setdefault((int(layer), s), {})[proj] = w
+            by_site.setdefault((layer, s), {})[proj] = w
         table = [[[0] * self._entry for _ in SITES] for _ in range(self.num_layers)]
         for (layer, s), weights in by_site.items():
             order = [p for p in self._projections[s] if p in weights]

@@ -17,7 +17,8 @@ import torch
 
 from server.model.checkpoint import MappedCheckpoint, copy_checkpoint_tensor
 from server.model.linear import Linear, RowEdit
-from server.model.llama import Transformer, hf_weight_name, projection_rows
+from server.model.geometry import hf_weight_name, parse_module_key, projection_rows
+from server.model.llama import Transformer
 
 
 @dataclass
@@ -30,10 +31,10 @@ def merge_into_base(model: Transformer, adapter, checkpoint: MappedCheckpoint) -
     """W[rows of proj] += scale * B @ A for every module of the adapter, in place."""
     edits: dict[int, tuple[Linear, list[RowEdit]]] = {}
     for key, w in adapter.weights.items():
-        _, layer, proj = key.split(".")
+        layer, proj = parse_module_key(key)
         site, start, size = projection_rows(model.cfg, proj)
-        linear = model.linear(int(layer), site)
-        name = hf_weight_name(int(layer), proj)
+        linear = model.linear(layer, site)
+        name = hf_weight_name(layer, proj)
         edit = RowEdit(slice(start, start + size), w.B.to(model.device, torch.float32),
                        w.A.to(model.device, torch.float32), w.scale,
                        refill=lambda out, name=name: copy_checkpoint_tensor(checkpoint, name, out))

@@ -16,9 +16,9 @@ from server.kernels.attention import DecodeAttention, decode_attention_kernel
 from server.kernels.block_linear import BlockKernel, block_kernel
 from server.kernels.decoder import DecoderLayersKernel, decoder_layers_kernel
 from server.kernels.lora import SlotGroupsKernel, slot_groups_kernel
+from server.kernels.onednn import linear_works as onednn_linear_works
 from server.kernels.panel import PanelKernel, panel_kernel
 from server.kernels.pointwise import PointwiseKernels, pointwise_kernels
-from server.model.linear import mkldnn_linear_works
 
 LINEARS = ("auto", "torch", "mkldnn", "panel")
 
@@ -72,7 +72,7 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, linear: str = "aut
 def linear_kinds(device: torch.device, dtype: torch.dtype) -> list[str]:
     """The projection kernels that run here for `dtype`, plain `F.linear` first."""
     names = ["torch"]
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and mkldnn_linear_works(dtype):
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_linear_works(dtype):
         names.append("mkldnn")
     if device.type == "cpu" and dtype == torch.float32 and panel_kernel():
         names.append("panel")
@@ -93,7 +93,7 @@ def _linear_kind(name: str, device: torch.device, dtype: torch.dtype) -> str:
     # prompt (python -m bench.micro_linear; figures in bench/README.md)
     if dtype == torch.float32 and panel_kernel():
         return "panel"
-    if dtype in (torch.float32, torch.bfloat16) and mkldnn_linear_works(dtype):
+    if dtype in (torch.float32, torch.bfloat16) and onednn_linear_works(dtype):
         return "mkldnn"
     return "torch"
 

@@ -7,7 +7,7 @@ this engine does not read shows itself (a bias, a norm), and serving without it 
 from __future__ import annotations
 
 from server.model.config import ModelConfig
-from server.model.llama import FUSED_SITES, biased_sites, hf_weight_name, projection_shapes
+from server.model.geometry import FUSED_SITES, biased_sites, hf_weight_name, projection_shapes
 
 
 class CheckpointMismatch(Exception):

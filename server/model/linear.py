@@ -30,13 +30,13 @@ exact base bits back. How depends on the kernel:
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
+from server.kernels import onednn
 from server.kernels.panel import pack_panels
 
 if TYPE_CHECKING:
@@ -45,33 +45,7 @@ if TYPE_CHECKING:
 _BLOCK_CANDIDATES = (64, 32, 16, 8, 48, 128)
 
 
-def mkldnn_linear_works(dtype: torch.dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w = torch.randn(8, 16, dtype=dtype)
-        x = torch.randn(3, 16, dtype=dtype)
-        got = _mkldnn_apply(x, _mkldnn_pack(w), None)
-        return torch.allclose(got.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2)
-    except RuntimeError:
-        return False
-
-
-def _mkldnn_pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)
-
-
-def _mkldnn_apply(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, kernel, bias, "none", [], "")
-
-
-_PACKERS = {"mkldnn": _mkldnn_pack, "panel": pack_panels}  # backend -> [out, in] weight -> its kernel
-
-
-def _mkldnn_buffer(kernel: torch.Tensor) -> torch.Tensor:
-    """A dense 1-d tensor aliasing a oneDNN tensor's memory (valid while `kernel` lives)."""
-    raw = (ctypes.c_char * torch.ops.mkldnn._nbytes(kernel)).from_address(torch.ops.mkldnn.data_ptr(kernel))
-    return torch.frombuffer(raw, dtype=kernel.dtype)
+_PACKERS = {"mkldnn": onednn.pack, "panel": pack_panels}  # backend -> [out, in] weight -> its kernel
 
 
 def _blocked_view(kernel: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -80,7 +54,7 @@ def _blocked_view(kernel: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | 
     Both dimensions may be padded (rows to whole blocks, inputs to oneDNN's own multiple); the view skips
     the padding."""
     out, inp = weight.shape
-    buffer = _mkldnn_buffer(kernel)
+    buffer = onednn.buffer(kernel)
     for block in _BLOCK_CANDIDATES:
         blocks = -(-out // block)
         padded_inp, rest = divmod(buffer.numel(), blocks * block)
@@ -130,7 +104,7 @@ class _PackedPair:
             base = pack_panels(weight)
             scratch = base.clone()
             return cls(base, base, scratch, scratch)
-        base, scratch = _mkldnn_pack(weight), _mkldnn_pack(weight)
+        base, scratch = onednn.pack(weight), onednn.pack(weight)
         base_view, scratch_view = _blocked_view(base, weight), _blocked_view(scratch, weight)
         if base_view is None or scratch_view is None:
             return None
@@ -205,7 +179,7 @@ class Linear:
         if self._panel:
             return self._panel(x, self.kernel, self.out_features, self.bias)
         if self.backend == "mkldnn":
-            return _mkldnn_apply(x, self.kernel, self.bias)
+            return onednn.linear(x, self.kernel, self.bias)
         return F.linear(x, self.kernel, self.bias)
 
     def panels(self) -> torch.Tensor | None:

@@ -3,7 +3,7 @@
 Tokens of all sequences in a step are flattened into one [tokens, hidden] matrix, so every projection is
 one matmul for the whole batch. q/k/v and gate/up are fused (measured +16% on CPU). Attention reads and
 writes the preallocated KV cache in place. LoRA side branches are added at four sites per layer (qkv, o,
-gate_up, down) by `server.lora.layers.add_lora`, which does nothing when the step has no adapters. On CPU in
+gate_up, down) by the step's LoRA plan (`StepContext.lora`), where the step has one. On CPU in
 fp32 a decode step runs all layers in one native call (`server.model.native_stack`) through the same
 kernels; `DecoderLayer` is what it is held to, and the path for steps with prompt chunks.
 Nothing here knows about requests or HTTP.
@@ -14,18 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.engine.context import StepContext
 from server.kernels.pointwise import PointwiseKernels
-from server.lora.layers import SITES, add_lora
+from server.model.attention import KVTensors, attend
 from server.model.backend import Backend
 from server.model.config import ModelConfig
+from server.model.context import StepContext
+from server.model.geometry import module_key, projection_shapes
 from server.model.linear import Linear
 from server.model.native_stack import NativeStack
-
-# Where each HF projection lives in the fused weights: site name and order within it.
-FUSED_SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-               "down": ("down_proj",)}
-assert tuple(FUSED_SITES) == SITES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: PointwiseKernels | None = None) -> torch.Tensor:
@@ -84,7 +80,8 @@ class DecoderLayer:
 
     def _project(self, site: str, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         y = self.linears[site](x)
-        add_lora(y, x, ctx.lora, self.index, site)
+        if ctx.lora is not None:
+            ctx.lora.add(y, x, self.index, site)
         return y
 
     def _norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
@@ -94,7 +91,8 @@ class DecoderLayer:
         k = rms_norm(k.reshape(-1, cfg.head_dim), self.qk_norms[1], cfg.rms_norm_eps, self.pointwise).view_as(k)
         return torch.cat((q, k), dim=1)
 
-    def __call__(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor,
+                 kv: KVTensors) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps, self.pointwise)
         qkv = self._project("qkv", x, ctx)
@@ -105,7 +103,7 @@ class DecoderLayer:
         qk = rotate(qk, cos, sin, self.pointwise)
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
-        attn = kv.attend(self.index, q, k, v, ctx, self.decode_attention)
+        attn = attend(kv, self.index, q, k, v, ctx, cfg.window(self.index), self.decode_attention)
         # in place: h is this step's own tensor (the embedding lookup's, then each layer's), never an input's
         h = h.add_(self._project("o", attn.reshape(-1, cfg.q_size), ctx))
         x = rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps, self.pointwise)
@@ -133,7 +131,7 @@ class Transformer:
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext, kv: KVTensors) -> torch.Tensor:
         """Returns float32 logits [seqs, vocab] for the rows in ctx.logits_rows."""
         h = self.embed(input_ids)
         cos, sin = self.rope_tables(ctx.positions)
@@ -152,34 +150,6 @@ class Transformer:
         return self.layers[layer].linears[site]
 
     def lora_target_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of each unfused projection, keyed "layers.{i}.{proj}", as adapters name them."""
+        """(out, in) of each unfused projection, keyed as adapters name them (`module_key`)."""
         shapes = projection_shapes(self.cfg)
-        return {f"layers.{i}.{p}": s for i in range(self.cfg.num_layers) for p, s in shapes.items()}
-
-
-def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each unfused projection of one layer, by its Hugging Face name."""
-    return {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
-            "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
-            "gate_proj": (cfg.intermediate_size, cfg.hidden_size), "up_proj": (cfg.intermediate_size, cfg.hidden_size),
-            "down_proj": (cfg.hidden_size, cfg.intermediate_size)}
-
-
-def biased_sites(cfg: ModelConfig) -> tuple[str, ...]:
-    """The fused sites whose projections carry a bias."""
-    return ("qkv",) * cfg.attention_bias + ("o",) * cfg.o_bias
-
-
-def projection_rows(cfg: ModelConfig, proj: str) -> tuple[str, int, int]:
-    """Site of an HF projection and the rows [start, start+size) it occupies in that site's fused weight."""
-    sizes = {p: out for p, (out, _) in projection_shapes(cfg).items()}
-    for site, projs in FUSED_SITES.items():
-        if proj in projs:
-            start = sum(sizes[p] for p in projs[: projs.index(proj)])
-            return site, start, sizes[proj]
-    raise KeyError(proj)
-
-
-def hf_weight_name(layer: int, proj: str) -> str:
-    group = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    return f"model.layers.{layer}.{group}.{proj}.weight"
+        return {module_key(i, p): s for i in range(self.cfg.num_layers) for p, s in shapes.items()}

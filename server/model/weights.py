@@ -13,7 +13,8 @@ from server.model.embedding import BlockEmbedding, TableEmbedding
 from server.model.config import ModelConfig
 from server.model.linear import Linear
 from server.model.checkpoint_layout import UnfusedCheckpoint, check_checkpoint
-from server.model.llama import FUSED_SITES, DecoderLayer, Transformer, biased_sites, hf_weight_name
+from server.model.geometry import FUSED_SITES, biased_sites, hf_weight_name
+from server.model.llama import DecoderLayer, Transformer
 from server.model.loader import ModelFolder
 from server.model.gguf_blocks import GGUFBlocks
 from server.model.quantized_linear import FORMATS, QuantizedLinear, quantize
@@ -85,7 +86,8 @@ class FromGGUF:
 
     @property
     def name(self) -> str:
-        return f"gguf {'+'.join(sorted(self.blocks.types))}"
+        requantized = f" ({'+'.join(sorted(self.blocks.requantized))} as 8-bit)" if self.blocks.requantized else ""
+        return f"gguf {'+'.join(sorted(self.blocks.types))}{requantized}"
 
     def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
         return QuantizedLinear(self.blocks.fused(layer, projs), bias, "gguf", self.kernel)

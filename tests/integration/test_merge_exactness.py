@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from adapters import PROJECTIONS, random_adapter
-from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.merge import merge_into_base, restore_base
-from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
 from server.model.backend import resolve_backend
-from server.model.llama import hf_weight_name
+from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
+from server.model.context import PrefillChunk, build_step
+from server.model.geometry import hf_weight_name
 from server.model.weights import LoadedModel
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]

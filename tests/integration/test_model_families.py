@@ -14,14 +14,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from adapters import PROJECTIONS, read_peft_folder
-from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
 from server.model.backend import linear_kinds, resolve_backend
+from server.model.context import PrefillChunk, build_step
+from server.model.geometry import site_layouts
 from server.model.loader import ModelFolder
 from server.model.weights import LoadedModel
-from server.runtime import site_layouts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from adapters import random_adapter
-from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.engine.request import SamplingParams
 from server.model.backend import resolve_backend
+from server.model.context import PrefillChunk, build_step
 from server.model.weights import LoadedModel
 from tests.integration.test_engine_batching import complete, start_runtime
 

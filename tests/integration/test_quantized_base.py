@@ -121,7 +121,7 @@ def test_the_gguf_blocks_are_the_converted_checkpoints_weights_bit_for_bit(defau
     from server.model.checkpoint import MappedCheckpoint
     from server.model.config import ModelConfig
     from server.model.gguf_blocks import GGUFBlocks
-    from server.model.llama import FUSED_SITES, hf_weight_name
+    from server.model.geometry import FUSED_SITES, hf_weight_name
 
     cfg = ModelConfig.from_hf(default_model_folder.config)
     blocks = GGUFBlocks(default_model_folder.gguf, cfg)

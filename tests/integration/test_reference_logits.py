@@ -13,14 +13,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import PROJECTIONS, llama_base_shapes, random_adapter, write_peft_folder
-from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.lora.layers import BASE, LoraSlots
 from server.lora.merge import merge_into_base, restore_base
-from server.model.config import ModelConfig
 from server.model.backend import linear_kinds, resolve_backend
+from server.model.config import ModelConfig
+from server.model.context import PrefillChunk, build_step
+from server.model.geometry import site_layouts
 from server.model.weights import LoadedModel
-from server.runtime import site_layouts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -11,8 +11,9 @@ import torch
 
 from adapters.mix import AdapterMix, MixCache, check_weights, mix_adapters
 from server.errors import InvalidRequest
-from server.lora.layers import BASE, SITES
+from server.lora.layers import BASE
 from server.lora.policy import MergeChoice, merge_target
+from server.model.geometry import SITES
 from tests.unit.test_lora_apply import (  # the tiny model geometry and the path switch of the LoRA math tests
     ADAPTERS, LAYERS, LAYOUTS, apply_planned, loaded_slots, lora_path, site_inputs,
 )

@@ -3,10 +3,10 @@
 import torch
 
 from bench.simulated import RandomCheckpoint
-from server.engine.context import build_step
 from server.engine.kv_cache import KVCache
-from server.model.config import ModelConfig
 from server.model.backend import resolve_backend
+from server.model.config import ModelConfig
+from server.model.context import build_step
 from server.model.weights import build_transformer, weight_format
 
 TINY = ModelConfig.from_hf({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,

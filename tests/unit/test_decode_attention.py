@@ -5,10 +5,11 @@ contexts longer than one of its key chunks; shapes it does not take fall back to
 import pytest
 import torch
 
-from server.engine.context import build_step
 from server.engine.kv_cache import KVCache
+from server.model.attention import attend
 from server.kernels.attention import decode_attention_kernel
 from server.model.config import ModelConfig
+from server.model.context import build_step
 
 KERNEL = decode_attention_kernel()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the kernel does not build here")
@@ -45,8 +46,8 @@ def test_native_decode_equals_the_torch_form(heads, kv_heads, head_dim, position
     v = qkv[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(n, kv_heads, head_dim)
     ctx = build_step(positions, [], torch.device("cpu"))
     for layer in range(cfg.num_layers):
-        got = native.attend(layer, q, k, v, ctx, KERNEL)
-        want = torch_only.attend(layer, q, k, v, ctx)
+        got = attend(native, layer, q, k, v, ctx, native_decode=KERNEL)
+        want = attend(torch_only, layer, q, k, v, ctx)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(native.k, torch_only.k) and torch.equal(native.v, torch_only.v)
 
@@ -56,5 +57,5 @@ def test_a_head_size_the_kernel_does_not_take_falls_back():
     native, torch_only = filled_caches(cfg, seqs=2, max_len=32)
     q, k, v = torch.randn(2, 2, 12), torch.randn(2, 2, 12), torch.randn(2, 2, 12)
     ctx = build_step([3, 7], [], torch.device("cpu"))
-    torch.testing.assert_close(native.attend(0, q, k, v, ctx, KERNEL), torch_only.attend(0, q, k, v, ctx))
+    torch.testing.assert_close(attend(native, 0, q, k, v, ctx, native_decode=KERNEL), attend(torch_only, 0, q, k, v, ctx))
     assert torch.equal(native.k, torch_only.k)

@@ -10,8 +10,9 @@ import server.lora.layers as layers_module
 from adapters import llama_base_shapes, random_adapter
 from server.kernels.lora import slot_groups_kernel
 from server.lora.apply import LoraBatch, SlotGroups, lora_apply_reference
-from server.lora.layers import BASE, SITES, LoraSlots, SiteLayout
+from server.lora.layers import BASE, LoraSlots
 from server.model.backend import resolve_backend, torch_backend
+from server.model.geometry import SITES, SiteLayout
 
 LAYERS, HIDDEN, INTER, KV = 2, 16, 32, 8
 SHAPES = llama_base_shapes(num_layers=LAYERS, hidden=HIDDEN, intermediate=INTER, kv_dim=KV)

@@ -3,9 +3,10 @@ exactly as it would as a prompt chunk."""
 
 import torch
 
-from server.engine.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
+from server.model.attention import attend
 from server.model.config import ModelConfig
+from server.model.context import PrefillChunk, build_step
 
 CPU = torch.device("cpu")
 CFG = ModelConfig(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -31,14 +32,17 @@ def test_a_chunk_outside_the_next_slot_stays_a_prompt_chunk():
 
 def test_a_one_token_chunk_attends_as_a_decode_row_exactly_as_a_prompt_chunk():
     g = torch.Generator().manual_seed(0)
-    cache = KVCache(CFG, max_seqs=3, max_len=16, device=CPU, dtype=torch.float32)
+    cache, alone = (KVCache(CFG, max_seqs=3, max_len=16, device=CPU, dtype=torch.float32) for _ in range(2))
     cache.k.copy_(torch.randn(cache.k.shape, generator=g))
     cache.v.copy_(torch.randn(cache.v.shape, generator=g))
-    expected_k, expected_v = cache.k[0].clone(), cache.v[0].clone()
+    alone.k.copy_(cache.k)
+    alone.v.copy_(cache.v)
     q, k, v = torch.randn(3, 4, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
     ctx = build_step([5, 9], [PrefillChunk(2, 6, 1)], CPU)  # slot 2 holds 6 cached prompt tokens
     assert ctx.num_decode == 3
-    got = cache.attend(0, q, k, v, ctx)
-    want = KVCache._prefill(expected_k, expected_v, q[2:], k[2:], v[2:], slot=2, start=6)
+    got = attend(cache, 0, q, k, v, ctx)
+    as_chunk = build_step([], [PrefillChunk(2, 6, 1)], CPU)  # the same token, as the step's only prompt chunk
+    assert as_chunk.num_decode == 0
+    want = attend(alone, 0, q[2:], k[2:], v[2:], as_chunk)
     torch.testing.assert_close(got[2:], want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(cache.k[0, 2], expected_k[2]) and torch.equal(cache.v[0, 2], expected_v[2])
+    assert torch.equal(cache.k[0, 2], alone.k[0, 2]) and torch.equal(cache.v[0, 2], alone.v[0, 2])

@@ -12,6 +12,7 @@ with the running batch instead of stopping it for a prefill step of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -21,6 +22,15 @@ class PrefillChunk:
     slot: int       # KV slot of the sequence
     start: int      # position of the chunk's first token; positions before it are already in the KV cache
     length: int     # tokens computed in this step
+
+
+class LoraPlan(Protocol):
+    """A step's LoRA side branches (server.lora.layers.LoraStep builds them)."""
+
+    native: object | None  # the whole plan as the native decoder stack takes it, or None
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, site: str) -> None:
+        """y += each row's adapter's contribution at `site` of `layer`, for the site's input x."""
 
 
 @dataclass
@@ -33,7 +43,7 @@ class StepContext:
     kv_len: int = 0                  # keys the decode rows attend over (max over them)
     prefills: list[PrefillChunk] = field(default_factory=list)
     kv_slots: torch.Tensor | None = None  # [tokens] int64: each row's KV slot, where the step has prompt chunks
-    lora: object | None = None       # server.lora.layers.LoraStep, or None when no row uses an adapter
+    lora: LoraPlan | None = None     # None when no row uses an adapter
 
 
 def build_step(decode_positions: list[int], prefills: list[PrefillChunk], device: torch.device) -> StepContext:

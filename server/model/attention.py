@@ -1,0 +1,84 @@
+"""Attention of a step's rows over the KV cache: decode rows against their sequences' keys, prompt chunks
+causally against theirs, each writing its new keys and values into the cache first.
+
+The cache (server.engine.kv_cache) is storage only; this is the math the model runs over it. Decode rows sit
+in KV slots 0..n-1 (see server.model.context), so their keys are read as a view, not gathered. Positions past
+a sequence's length are read and masked: the cache keeps them finite.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from server.kernels.attention import DecodeAttention
+from server.model.context import StepContext
+
+
+class KVTensors(Protocol):
+    k: torch.Tensor  # [layers, slots, kv_heads, max_len, head_dim]
+    v: torch.Tensor
+
+
+def attend(kv: KVTensors, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
+           window: int | None = None, native_decode: DecodeAttention | None = None) -> torch.Tensor:
+    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Stores k, v in the cache's `layer` and returns
+    [tokens, heads, d]. `window`: the layer's sliding window, if any; `native_decode`: the backend's decode
+    attention kernel (None: torch)."""
+    kc, vc = kv.k[layer], kv.v[layer]
+    outs = []
+    n = ctx.num_decode
+    if n:
+        out = None
+        # a window shorter than every row's keys changes nothing; the native kernel attends to them all
+        if native_decode is not None and (window is None or ctx.kv_len <= window):
+            out = native_decode(kc, vc, q[:n], k[:n], v[:n], ctx.positions[:n], ctx.kv_len)
+        outs.append(out if out is not None else _decode(kc, vc, q[:n], k[:n], v[:n], ctx, window))
+    row = n
+    for chunk in ctx.prefills:
+        rows = slice(row, row + chunk.length)
+        outs.append(_prefill(kc, vc, q[rows], k[rows], v[rows], chunk.slot, chunk.start, window))
+        row += chunk.length
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _decode(kc, vc, q, k, v, ctx: StepContext, window: int | None = None) -> torch.Tensor:
+    # The native kernel's reference and the path without it. Two batched matmuls, not SDPA: faster for one
+    # query row per sequence (the timings and how they were taken: docs/decisions.md).
+    n, heads, d = q.shape
+    kv_heads = k.shape[1]
+    positions = ctx.positions[:n]
+    kc[ctx.decode_slots, :, positions] = k
+    vc[ctx.decode_slots, :, positions] = v
+    keys, values = kc[:n, :, : ctx.kv_len], vc[:n, :, : ctx.kv_len]
+    grouped = q.view(n, kv_heads, heads // kv_heads, d)  # query head h reads KV head h // group
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()
+    scores.mul_(d ** -0.5).add_(ctx.decode_bias)
+    if window is not None and ctx.kv_len > window:  # key j is seen from positions j .. j + window - 1
+        before = torch.arange(ctx.kv_len, device=q.device)[None, :] <= positions[:, None] - window
+        scores.masked_fill_(before[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).view(n, heads, d)
+
+
+def _prefill(kc, vc, q, k, v, slot: int, start: int, window: int | None = None) -> torch.Tensor:
+    length = q.shape[0]
+    end = start + length
+    kc[slot, :, start:end] = k.transpose(0, 1)
+    vc[slot, :, start:end] = v.transpose(0, 1)
+    if window is not None and end > window:  # query at p sees keys p - window + 1 .. p
+        first = max(0, start + 1 - window)
+        keys, values, causal = kc[slot, :, first:end], vc[slot, :, first:end], False
+        key_at = torch.arange(first, end, device=q.device)[None, :]
+        query_at = torch.arange(start, end, device=q.device)[:, None]
+        mask = (key_at <= query_at) & (key_at > query_at - window)
+    elif start == 0:
+        keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
+    else:  # keys before `start` came from the prefix cache; query i sees keys up to start + i
+        keys, values, causal = kc[slot, :, :end], vc[slot, :, :end], False
+        mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                         attn_mask=mask, is_causal=causal, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
