@@ -86,8 +86,7 @@ class FromGGUF:
 
     @property
     def name(self) -> str:
-        requantized = f" ({'+'.join(sorted(self.blocks.requantized))} as 8-bit)" if self.blocks.requantized else ""
-        return f"gguf {'+'.join(sorted(self.blocks.types))}{requantized}"
+        return f"gguf {'+'.join(sorted(self.blocks.types))}"
 
     def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
         return QuantizedLinear(self.blocks.fused(layer, projs), bias, "gguf", self.kernel)
