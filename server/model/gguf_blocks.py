@@ -2,12 +2,17 @@
 
 Q4_0, Q4_1 and Q8_0 are blocks of 32 inputs of one output row: Q4_1 holds w = d * q + m (q in 0..15),
 Q4_0 w = d * (q - 8), Q8_0 w = d * q (q signed); d and m are fp16. Each maps onto the block kernel's
-w = d * q + m exactly. Any other type is refused naming the tensor. llama.cpp's converter permutes the rows of
+w = d * q + m exactly. Q4_K (the bulk of the common Q4_K_M files) is super-blocks of 256 inputs, eight
+blocks of 32 each with 6-bit scale and min under two fp16 super-scales: w = (d * sc) * q - (dmin * mn); the
+products are stored as the kernel's fp16 block scale and offset, a rounding of at most 2^-11 of each.
+Any other type gguf can read (Q6_K, Q5_K, Q5_0, F16, ...) is dequantized and requantized to 8-bit blocks of
+32 (Q8_0's rule) at load, and the log says which types were. llama.cpp's converter permutes the rows of
 attn_q and attn_k (its rope pairs halves differently); they are put back in Hugging Face's order here.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +22,11 @@ from server.kernels.block_linear import BLOCK, BlockWeight, from_blocks
 from server.model.config import ModelConfig
 from server.model.geometry import projection_shapes
 
-# GGUF type name -> (bytes per block, bits of q)
-BLOCK_TYPES = {"Q4_0": (18, 4), "Q4_1": (20, 4), "Q8_0": (34, 8)}
+log = logging.getLogger(__name__)
+
+# GGUF type name -> (bytes per block, bits of q) of the types served in their own blocks
+BLOCK_TYPES = {"Q4_0": (18, 4), "Q4_1": (20, 4), "Q8_0": (34, 8), "Q4_K": (144, 4)}
+SUPER_BLOCK = 256  # inputs per K-quant super-block
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
@@ -40,6 +48,7 @@ class GGUFBlocks:
         except Exception as e:  # a truncated or foreign file fails in many ways inside the reader
             raise UnsupportedTensor(f"{self.path} cannot be read as a GGUF file ({type(e).__name__}: {e})") from e
         self.types: set[str] = set()  # the block types served so far, for the log and /health
+        self.requantized: set[str] = set()  # the types read as 8-bit blocks instead
 
     def rows(self, name: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(bits, q [out, in/32, 32], d [out, in/32], m [out, in/32]) of the tensor `name`."""
@@ -47,12 +56,16 @@ class GGUFBlocks:
         if tensor is None:
             raise UnsupportedTensor(f"{self.path.name} has no tensor {name}")
         kind = tensor.tensor_type.name
+        if len(tensor.shape) != 2:
+            raise UnsupportedTensor(f"{self.path.name}: tensor {name} ({kind}) has {len(tensor.shape)} dimensions, "
+                                    "not a weight matrix's 2")
+        out, inp = int(tensor.shape[1]), int(tensor.shape[0])
         if kind not in BLOCK_TYPES:
-            raise UnsupportedTensor(f"{self.path.name}: tensor {name} is {kind}; served natively: "
-                                    f"{', '.join(BLOCK_TYPES)}")
+            return self._requantized(name, tensor, kind, out, inp)
         size, bits = BLOCK_TYPES[kind]
         self.types.add(kind)
-        out, inp = int(tensor.shape[1]), int(tensor.shape[0])
+        if kind == "Q4_K":
+            return bits, *_q4_k_blocks(np.array(tensor.data), out, inp)
         raw = torch.from_numpy(np.array(tensor.data)).view(out, inp // BLOCK, size)  # a copy: the map is read-only
         d = raw[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
         if kind == "Q8_0":
@@ -61,6 +74,28 @@ class GGUFBlocks:
         q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # weight j in byte j's low, j + 16 in its high nibble
         m = raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() if kind == "Q4_1" else -8 * d
         return bits, q, d, m
+
+    def _requantized(self, name: str, tensor, kind: str, out: int, inp: int):
+        """A tensor of a type without its own kernel path: dequantized by gguf, then 8-bit blocks of 32 with
+        d = max|w| / 127 on fp16's grid (Q8_0's rule)."""
+        from gguf.quants import dequantize
+
+        if inp % BLOCK:
+            raise UnsupportedTensor(f"{self.path.name}: tensor {name} has {inp} inputs, not a multiple of {BLOCK}")
+        try:
+            weight = torch.from_numpy(dequantize(np.array(tensor.data), tensor.tensor_type)).float()
+        except NotImplementedError as e:
+            raise UnsupportedTensor(f"{self.path.name}: tensor {name} is {kind}, which gguf cannot read; served "
+                                    f"natively: {', '.join(BLOCK_TYPES)}") from e
+        if kind not in self.requantized:
+            log.info("%s: %s tensors (first: %s) are requantized to 8-bit blocks of 32 at load",
+                     self.path.name, kind, name)
+            self.requantized.add(kind)
+        blocks = weight.reshape(out, inp // BLOCK, BLOCK)
+        d = (blocks.abs().amax(-1) / 127).half().float()
+        inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        q = (blocks * inverse[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return 8, q, d, torch.zeros_like(d)
 
     def projection(self, layer: int, proj: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         name = f"blk.{layer}.{GGUF_NAMES[proj]}.weight"
@@ -78,10 +113,11 @@ class GGUFBlocks:
     def fused(self, layer: int, projs: list[str]) -> BlockWeight:
         """The projections of one fused site, rows stacked in `projs` order (as the model fuses them)."""
         parts = [self.projection(layer, proj) for proj in projs]
-        if len({bits for bits, *_ in parts}) != 1:
-            raise UnsupportedTensor(f"{self.path.name}: layer {layer} mixes block types within {projs}")
-        q, d, m = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
-        return from_blocks(parts[0][0], (q.shape[0], q.shape[1] * BLOCK), q, d, m)
+        bits = max(part[0] for part in parts)
+        # a 4-bit part among 8-bit ones (Q4_K_M's attn_v is Q6_K) widens exactly: q 0..15 is an int8 too
+        q = torch.cat([part[1].to(torch.int8) if bits == 8 else part[1] for part in parts])
+        d, m = (torch.cat([part[i] for part in parts]) for i in (2, 3))
+        return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
 
     @property
     def tied(self) -> bool:
@@ -93,6 +129,22 @@ class GGUFBlocks:
         name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
         bits, q, d, m = self.rows(name)
         return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
+
+
+def _q4_k_blocks(data: np.ndarray, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks as blocks of 32: (q [out, in/32, 32] 0..15, d, m [out, in/32]), following llama.cpp's
+    dequantize_row_q4_K: fp16 d and dmin, 12 bytes of 6-bit scales and mins, then 4 x 32 bytes whose low
+    nibbles are block 2k and high nibbles block 2k + 1."""
+    supers = inp // SUPER_BLOCK
+    raw = torch.from_numpy(data).view(out, supers, 144)
+    d, dmin = (raw[..., i:i + 2].contiguous().view(torch.float16).float() for i in (0, 2))  # [out, supers, 1]
+    packed = raw[..., 4:16].int()
+    low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = torch.cat([low & 63, (high & 0xF) | ((low >> 6) << 4)], dim=-1)   # get_scale_min_k4's d
+    mins = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=-1)      # and its m
+    nibbles = raw[..., 16:].reshape(out, supers, 4, 1, 32)
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=3).reshape(out, supers * 8, BLOCK)
+    return q, (d * scales).reshape(out, -1), (-dmin * mins).reshape(out, -1)
 
 
 def _unpermute(rows: int, heads: int) -> torch.Tensor:

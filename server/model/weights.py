@@ -86,7 +86,8 @@ class FromGGUF:
 
     @property
     def name(self) -> str:
-        return f"gguf {'+'.join(sorted(self.blocks.types))}"
+        requantized = f" ({'+'.join(sorted(self.blocks.requantized))} as 8-bit)" if self.blocks.requantized else ""
+        return f"gguf {'+'.join(sorted(self.blocks.types))}{requantized}"
 
     def projection(self, layer: int, projs: list[str], bias: torch.Tensor | None):
         return QuantizedLinear(self.blocks.fused(layer, projs), bias, "gguf", self.kernel)
