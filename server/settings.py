@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     linear_backend: Literal["auto", "torch", "mkldnn", "panel"] = "auto"
     quantization: Literal["auto", "none", "gguf", "int8", "int4"] = Field(
         "auto", description="base weights held quantized, LoRA in full precision (QLoRA): gguf serves a "
-        "model converted from a GGUF file in that file's blocks as they ship (Q4_0, Q4_1, Q8_0); int8 per output "
+        "model converted from a GGUF file in that file's blocks as they ship (Q4_0, Q4_1, Q4_K, Q8_0; other types "
+        "requantized to 8-bit blocks at load); int8 per output "
         "channel and int4 in groups of 32 inputs with a scale and offset each quantize the checkpoint at load "
         "(CPU); none: the checkpoint's weights in --dtype; auto: gguf where it applies (a GGUF-converted folder "
         "on CPU, the default model), else none")
