@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+from adapters.chat_template import TEMPLATE_FILE, read_template
 from adapters.errors import AdapterInvalid, AdapterTooLarge
 from adapters.format import CARD_FILE, WEIGHTS_FILE, read_card
 from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES
@@ -20,12 +21,13 @@ FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def read_adapter_folder(path: str | Path, roots: list[Path], max_bytes: int) -> dict[str, bytes]:
-    """The two files of the PEFT folder at `path`, which must resolve under one of `roots`, and its card if it
-    has one (read only if a regular file in the folder itself: see format.read_card)."""
+    """The two files of the PEFT folder at `path`, which must resolve under one of `roots`, and its card and
+    chat template if it has them (read only from regular files in the folder itself: see format.read_card)."""
     folder = check_adapter_folder(path, roots, max_bytes)
     files = {name: _read_at_most(folder / name, _limit(name, max_bytes)) for name in FILES}
-    card = read_card(folder)
-    return files if card is None else {**files, CARD_FILE: card.encode()}
+    card, template = read_card(folder), read_template(folder)
+    extra = {CARD_FILE: card, TEMPLATE_FILE: template}
+    return files | {name: text.encode() for name, text in extra.items() if text is not None}
 
 
 def check_adapter_folder(path: str | Path, roots: list[Path], max_bytes: int) -> Path:

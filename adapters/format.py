@@ -7,9 +7,7 @@ message is all the uploader gets to see.
 
 import logging
 import math
-import os
 import re
-import stat
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from adapters.chat_template import TEMPLATE_FILE, read_regular_file, read_template
 from adapters.errors import AdapterInvalid, AdapterTooLarge, LoraplexError
 from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES, AdapterConfig, config_json, parse_config
 
@@ -72,6 +71,7 @@ class Adapter:
     target_modules: tuple[str, ...]
     size_bytes: int  # tensor bytes as stored in the file
     card: str | None = None  # the folder's README.md, as its author wrote it
+    chat_template: str | None = None  # its own, for its chat requests (adapters.chat_template); None: the base's
 
     @cached_property
     def held_bytes(self) -> int:
@@ -184,23 +184,15 @@ def read_card(folder: Path) -> str | None:
     """The folder's README.md, if it is a regular file (not a link: a folder named by a server-side path is
     confined only as far as its two adapter files) within the size limit; else no card, logged."""
     try:
-        fd = os.open(Path(folder) / CARD_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
+        data = read_regular_file(Path(folder) / CARD_FILE, MAX_CARD_BYTES)
+        return None if data is None else parse_card(data)
+    except (OSError, LoraplexError) as e:
         log.warning("%s: %s not read as the adapter's card: %s", folder, CARD_FILE, e)
         return None
-    with os.fdopen(fd, "rb") as f:
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise AdapterInvalid(f"{CARD_FILE} is not a regular file")
-            return parse_card(f.read(MAX_CARD_BYTES + 1))
-        except (OSError, LoraplexError) as e:
-            log.warning("%s: %s not read as the adapter's card: %s", folder, CARD_FILE, e)
-            return None
 
 
-def _build(name: str, alpha: float, pairs: dict, rank_of, scale_of, card: str | None = None) -> Adapter:
+def _build(name: str, alpha: float, pairs: dict, rank_of, scale_of, card: str | None = None,
+           chat_template: str | None = None) -> Adapter:
     weights, size = {}, 0
     for module, (a, b) in sorted(pairs.items(), key=lambda kv: (_layer(kv[0]), kv[0])):
         A, B = _held(module, "A", a), _held(module, "B", b)
@@ -216,12 +208,13 @@ def _build(name: str, alpha: float, pairs: dict, rank_of, scale_of, card: str | 
         target_modules=tuple(sorted({k.split(".")[2] for k in weights})),
         size_bytes=size,
         card=card,
+        chat_template=chat_template,
     )
 
 
 def read_peft_folder(path: Path, name: str) -> Adapter:
-    """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.save_pretrained` writes them, and
-    the README.md it writes beside them as the adapter's card."""
+    """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.save_pretrained` writes them, the
+    README.md it writes beside them as the adapter's card, and a tokenizer's chat template saved there."""
     validate_name(name)
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
@@ -235,6 +228,7 @@ def read_peft_folder(path: Path, name: str) -> Adapter:
         rank_of=lambda m: config.rank_for(_module_path(m)),
         scale_of=lambda m: config.scale_for(_module_path(m)),
         card=read_card(path),
+        chat_template=read_template(path),
     )
 
 
@@ -273,13 +267,15 @@ def _config_for(adapter: Adapter) -> bytes:
 
 
 def peft_folder_files(adapter: Adapter) -> dict[str, bytes]:
-    """The files of a PEFT folder, as bytes (tensors in their held dtypes), with the card if the adapter has one."""
+    """The files of a PEFT folder, as bytes (tensors in their held dtypes), with the card and the chat template
+    if the adapter has them."""
     tensors = {}
     for module, w in adapter.weights.items():
         tensors[_peft_key(module, "A")] = w.A.contiguous()
         tensors[_peft_key(module, "B")] = w.B.contiguous()
     card = {} if adapter.card is None else {CARD_FILE: adapter.card.encode()}
-    return {CONFIG_FILE: _config_for(adapter), WEIGHTS_FILE: save(tensors), **card}
+    template = {} if adapter.chat_template is None else {TEMPLATE_FILE: adapter.chat_template.encode()}
+    return {CONFIG_FILE: _config_for(adapter), WEIGHTS_FILE: save(tensors), **card, **template}
 
 
 def raw_to_peft_files(raw_path: Path, adapter: Adapter) -> dict[str, bytes]:

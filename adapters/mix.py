@@ -73,8 +73,16 @@ def mix_adapters(members: list[tuple[Adapter, float]]) -> AdapterMix:
         weights=weights,
         target_modules=tuple(sorted({m for adapter, _ in members for m in adapter.target_modules})),
         size_bytes=sum(adapter.size_bytes for adapter, _ in members),
+        chat_template=_shared_template(members),
         members=tuple(members),
     )
+
+
+def _shared_template(members: list[tuple[Adapter, float]]) -> str | None:
+    """The members' chat template if they all have the same one (a lone scaled adapter has its own); else the
+    base's, as no one member's template speaks for the others."""
+    templates = {adapter.chat_template for adapter, _ in members}
+    return templates.pop() if len(templates) == 1 else None
 
 
 class MixCache:

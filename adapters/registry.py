@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from dataclasses import replace as with_fields
 from pathlib import Path
 
+from adapters.chat_template import TEMPLATE_FILE, template_from_files
 from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, LoraplexError
 from adapters.format import (
     CARD_FILE, WEIGHTS_FILE, Adapter, AdapterLimits, BaseShapes, peft_folder_files, raw_to_peft_files,
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 _PEFT_FILES = {CONFIG_FILE, WEIGHTS_FILE}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Text that save_pretrained (of an adapter, a tokenizer) writes beside the adapter: uploaded with a folder as
-# saved, read by nobody, and dropped rather than refused. README.md is the exception: it is kept as the card.
+# saved and dropped rather than refused, once README.md is kept as the card and a chat template (in
+# chat_template.jinja or tokenizer_config.json) as the adapter's own.
 _DROPPED_SUFFIXES = (".md", ".txt", ".json", ".jinja")
 # A safetensors header (names, dtypes, offsets) and the JSON config are small next to the weights;
 # this slack lets uploads near max_bytes through while refusing huge ones before parsing them.
@@ -84,7 +86,7 @@ class AdapterRegistry:
         """Parses, validates, stores and registers an upload. With replace=True an existing adapter of that
         name is swapped for the new version atomically; requests already running keep the old one."""
         validate_name(name)
-        files, card = _split_upload(files)
+        files, card, template = _split_upload(files)
         raw = _is_raw_upload(files, rank, alpha)
         with self._lock:
             self._check_room(name, replace)
@@ -94,6 +96,9 @@ class AdapterRegistry:
             adapter, stored_files = _parse_upload(Path(tmp), name, files, raw, rank, alpha)
         if card is not None:
             adapter, stored_files = with_fields(adapter, card=card), {**stored_files, CARD_FILE: card.encode()}
+        if template is not None:
+            adapter = with_fields(adapter, chat_template=template)
+            stored_files = {**stored_files, TEMPLATE_FILE: template.encode()}
         validate(adapter, self.base, self.limits)
         with self._lock:
             self._check_room(name, replace)
@@ -281,8 +286,9 @@ class NameLocks:
                     self._locks[name] = (lock, users - 1)
 
 
-def _split_upload(files: dict[str, bytes]) -> tuple[dict[str, bytes], str | None]:
-    """Check the uploaded file names; returns the adapter's own files and its card, the other text files dropped."""
+def _split_upload(files: dict[str, bytes]) -> tuple[dict[str, bytes], str | None, str | None]:
+    """Check the uploaded file names; returns the adapter's own files, its card and its chat template, the
+    other text files dropped."""
     for file_name in files:
         if not file_name or "/" in file_name or "\\" in file_name or ".." in file_name or "\0" in file_name:
             raise AdapterInvalid(f"file name {file_name!r} must be a plain name without path separators or '..'")
@@ -290,7 +296,7 @@ def _split_upload(files: dict[str, bytes]) -> tuple[dict[str, bytes], str | None
             raise AdapterInvalid(f"{file_name}: pickle-based files are not accepted; use safetensors")
     card = parse_card(files[CARD_FILE]) if CARD_FILE in files else None
     kept = {f: data for f, data in files.items() if f in _PEFT_FILES or not f.lower().endswith(_DROPPED_SUFFIXES)}
-    return kept, card
+    return kept, card, template_from_files(files)
 
 
 def _is_raw_upload(files: dict[str, bytes], rank: int | None, alpha: float | None) -> bool:

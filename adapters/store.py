@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from adapters.chat_template import TEMPLATE_FILE
 from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, LoraplexError
 from adapters.format import CARD_FILE, WEIGHTS_FILE, validate_name
 from adapters.peft_config import CONFIG_FILE
 
-STORED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, CARD_FILE})
+STORED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, TEMPLATE_FILE})
 VERSIONS = ".versions"
 QUARANTINE = ".quarantine"
 _LEFTOVER_PREFIXES = (".tmp-", ".trash-")

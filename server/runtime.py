@@ -130,12 +130,15 @@ class Runtime:
                  "?" if huge is None else huge >> 20)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
-               tools: list[dict] | None = None) -> list[int]:
-        """`tools` go to a chat template with a tool format of its own (`native_tools`)."""
+               tools: list[dict] | None = None, chat_template: str | None = None) -> list[int]:
+        """`tools` go to a chat template with a tool format of its own (`native_tools`); `chat_template` is an
+        adapter's own, used instead of the base model's."""
         if messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
+            chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+            if not chat_template:
                 raise InvalidRequest("this model has no chat template; send `prompt` instead of `messages`")
-            ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                     chat_template=chat_template)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
             ids = self.tokenizer(prompt or "").input_ids

@@ -88,10 +88,11 @@ async def start_generations(rt, principal: Principal, adapter_name: str | None, 
     adapter = await resolve_adapter(rt, principal, adapter_name, mix)
     chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
+    template = adapter.chat_template if adapter is not None else None  # an adapter's own, else the base's
     if chars + template_chars <= INLINE_ENCODE_CHARS:
-        prompt_ids = rt.encode(prompt, messages, tools)
+        prompt_ids = rt.encode(prompt, messages, tools, template)
     else:
-        prompt_ids = await run_in_threadpool(rt.encode, prompt, messages, tools)
+        prompt_ids = await run_in_threadpool(rt.encode, prompt, messages, tools, template)
     rt.check_length(len(prompt_ids), params.max_new_tokens)
     copies_params = [params if params.seed is None or i == 0 else replace(params, seed=nth_seed(params.seed, i))
                      for i in range(copies)]
