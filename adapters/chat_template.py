@@ -30,7 +30,7 @@ _SAMPLE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "
 def template_from_files(files: dict[str, bytes]) -> str | None:
     """The chat template among a folder's files (by name), checked; None when they carry none."""
     if TEMPLATE_FILE in files:
-        template = _utf8(TEMPLATE_FILE, files[TEMPLATE_FILE])
+        template = utf8_text(TEMPLATE_FILE, files[TEMPLATE_FILE], MAX_TEMPLATE_BYTES)
     elif TOKENIZER_CONFIG in files:
         template = _from_tokenizer_config(files[TOKENIZER_CONFIG])
     else:
@@ -89,9 +89,10 @@ def _from_tokenizer_config(data: bytes) -> str | None:
     return template
 
 
-def _utf8(name: str, data: bytes) -> str:
-    if len(data) > MAX_TEMPLATE_BYTES:
-        raise AdapterTooLarge(f"{name} is larger than the limit of {MAX_TEMPLATE_BYTES} bytes")
+def utf8_text(name: str, data: bytes, limit: int) -> str:
+    """The text of the file `name` of an adapter's folder, refused past `limit` bytes or if not UTF-8."""
+    if len(data) > limit:
+        raise AdapterTooLarge(f"{name} is larger than the limit of {limit} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

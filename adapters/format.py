@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from adapters.chat_template import TEMPLATE_FILE, read_regular_file, read_template
+from adapters.chat_template import TEMPLATE_FILE, read_regular_file, read_template, utf8_text
 from adapters.errors import AdapterInvalid, AdapterTooLarge, LoraplexError
 from adapters.peft_config import CONFIG_FILE, MAX_CONFIG_BYTES, AdapterConfig, config_json, parse_config
 
@@ -172,12 +172,7 @@ def in_float32(adapter: Adapter) -> Adapter:
 
 
 def parse_card(data: bytes) -> str:
-    if len(data) > MAX_CARD_BYTES:
-        raise AdapterTooLarge(f"{CARD_FILE} is larger than the limit of {MAX_CARD_BYTES} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise AdapterInvalid(f"{CARD_FILE} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return utf8_text(CARD_FILE, data, MAX_CARD_BYTES)
 
 
 def read_card(folder: Path) -> str | None:
