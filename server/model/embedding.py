@@ -1,8 +1,9 @@
-"""Token embedding lookups: from a full table, or from the rows of a tied quantized lm_head.
+"""Token embedding lookups: from a full table, or from the rows of a GGUF file's quantized `token_embd`.
 
-A GGUF model whose lm_head is its token embedding (SmolLM2's Q8_0 `token_embd`) is looked up in those same
-blocks, so no second, full-precision copy of the table stays resident (113 MB for the default model, 2 GB
-for an 8B model's 128k vocabulary). The rows are exact: the checkpoint's table is that file dequantized.
+A GGUF model is looked up in its file's embedding blocks (for a tied one, SmolLM2's Q8_0 `token_embd`, the
+lm_head's), so no full-precision copy of the table stays resident (113 MB for the default model, 2 GB for
+an 8B model's 128k vocabulary). The rows are those of the file dequantized, as the checkpoint's table is
+(up to the fp16 rounding of Q4_K's block scales, and 8-bit requantization of other types).
 """
 
 from __future__ import annotations

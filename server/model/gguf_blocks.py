@@ -126,7 +126,13 @@ class GGUFBlocks:
 
     def output(self) -> BlockWeight:
         """The lm_head: `output.weight`, or the tied `token_embd.weight`."""
-        name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
+        return self._whole("output.weight" if "output.weight" in self._tensors else "token_embd.weight")
+
+    def token_embedding(self) -> BlockWeight:
+        """`token_embd.weight` in its blocks, for lookups (an untied file's; a tied one's is `output()`)."""
+        return self._whole("token_embd.weight")
+
+    def _whole(self, name: str) -> BlockWeight:
         bits, q, d, m = self.rows(name)
         return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
 

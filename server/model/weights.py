@@ -96,9 +96,9 @@ class FromGGUF:
         return QuantizedLinear(self.blocks.output(), None, "gguf", self.kernel)
 
     def embedding(self, table: Callable[[], torch.Tensor], head):
-        """A tied file's embedding is its lm_head's blocks, looked up there: the checkpoint's table (that file
-        dequantized) is never read."""
-        return BlockEmbedding(head.quantized) if self.blocks.tied else TableEmbedding(table())
+        """Tokens are looked up in the file's own embedding blocks (a tied file's are its lm_head's): the
+        checkpoint's table, that file dequantized to fp32, is never read."""
+        return BlockEmbedding(head.quantized if self.blocks.tied else self.blocks.token_embedding())
 
 
 def weight_format(quantization: str, ckpt: MappedCheckpoint, backend: Backend, folder: ModelFolder | None = None,

@@ -11,7 +11,9 @@ from gguf.quants import quantize as gguf_quantize
 
 from server.kernels.block_linear import BLOCK, dequantize, from_blocks
 from server.model.config import ModelConfig
+from server.model.backend import torch_backend
 from server.model.gguf_blocks import GGUFBlocks, UnsupportedTensor
+from server.model.weights import FromGGUF
 
 HIDDEN, HEADS, KV_HEADS = 256, 4, 2
 CFG = ModelConfig(model_type="llama", vocab_size=32, hidden_size=HIDDEN, intermediate_size=512, num_layers=1,
@@ -45,6 +47,10 @@ def gguf_file(tmp_path_factory):
         "blk.0.ffn_up.weight": (rng.standard_normal((512, HIDDEN)).astype(np.float16), GGMLQuantizationType.F16),
         "blk.0.ffn_gate.weight": (gguf_quantize(rng.standard_normal((512, HIDDEN)).astype(np.float32),
                                                 GGMLQuantizationType.Q5_0), GGMLQuantizationType.Q5_0),
+        "token_embd.weight": (gguf_quantize(rng.standard_normal((CFG.vocab_size, HIDDEN)).astype(np.float32),
+                                            GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1),
+        "output.weight": (gguf_quantize(rng.standard_normal((CFG.vocab_size, HIDDEN)).astype(np.float32),
+                                        GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0),
     }
     path = tmp_path_factory.mktemp("gguf") / "blocks.gguf"
     writer = GGUFWriter(str(path), "llama")
@@ -111,3 +117,16 @@ def test_a_type_gguf_cannot_read_is_refused_naming_the_tensor(tmp_path):
     writer.close()
     with pytest.raises(UnsupportedTensor, match="blk.0.attn_q.weight is Q8_1"):
         GGUFBlocks(path, CFG).rows("blk.0.attn_q.weight")
+
+
+def test_an_untied_files_tokens_are_looked_up_in_its_own_embedding_blocks_never_the_fp32_table(gguf_file):
+    path, tensors = gguf_file
+    weights = FromGGUF(GGUFBlocks(path, CFG), torch_backend())
+    assert not weights.blocks.tied
+
+    def table():
+        raise AssertionError("the fp32 table was read")
+
+    embedding = weights.embedding(table, weights.head(table))
+    ids = torch.tensor([0, 5, 31, 5])
+    assert torch.equal(embedding(ids), reference(tensors, "token_embd.weight")[ids])
