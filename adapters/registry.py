@@ -4,16 +4,16 @@ It owns the in-memory name -> Adapter map and keeps it in step with the store: a
 map only after it parsed, validated against the base and (when persisted) reached the disk. Uploads are
 parsed outside the lock, so a large upload never blocks lookups from the engine.
 
-Memory is a tier over the store (`AdapterLimits.max_resident`): past that many adapters in memory the least
-recently used stored one gives up its weights and keeps only a weight-free entry (for listings); `get` reads
-it back from the store, one read per name at a time, outside the lock. A replace or remove changes the
+Memory is a tier over the store (`AdapterLimits.max_resident`): past that many adapters in memory, or past
+max_total_bytes of their weights, the least recently used stored one gives up its weights and keeps only a
+weight-free entry (for listings); `get` reads it back from the store, one read per name at a time, outside
+the lock. A replace or remove changes the
 entry under the lock, and a read back is kept only if the entry is still the one it started from, so a
 read overtaken by either is dropped rather than resurrecting or reviving an old version. Adapters
 registered without a copy in the store (`persist=False`) stay in memory.
 """
 
 import contextlib
-
 import logging
 import tempfile
 import threading
@@ -193,7 +193,8 @@ class AdapterRegistry:
                         return adapter
 
     def get_resident(self, name: str) -> Adapter | None:
-        """The adapter if its weights are in memory; None if `get` must read them back. Never reads a file."""
+        """The adapter if its weights are in memory; None if `get` must read them back (a call for the event
+        loop: it reads a file only if the adapter is evicted between its look and get's, which is rare)."""
         with self._lock:
             if name in self._evicted:
                 return None
