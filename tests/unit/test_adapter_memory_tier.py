@@ -152,3 +152,16 @@ def test_the_memory_limit_evicts_instead_of_refusing_when_tiered(tmp_path):
     reg = registry(tmp_path, max_resident=10, max_total_bytes=2 * one)
     four(reg)
     assert reg.memory() == (2, 2 * one) and len(reg) == 4
+
+
+def test_a_read_back_under_way_holds_up_no_other_adapter(tmp_path):
+    reg = registry(tmp_path, store=SlowStore(tmp_path), max_resident=2)
+    made = four(reg)
+    reader = threading.Thread(target=reg.get, args=("a",))
+    reader.start()
+    assert reg.store.reading.wait(10)
+    assert reg.get_resident("d") is made["d"] and reg.get("c") is made["c"], "served while a is being read"
+    assert reg.get_resident("a") is None and [e.name for e in reg.list()] == ["a", "b", "c", "d"]
+    reg.store.release.set()
+    reader.join(10)
+    assert same_weights(reg.get_resident("a"), made["a"])
