@@ -29,6 +29,7 @@ from server.kernels.block_linear import block_kernel
 from server.lora import policy
 from server.lora.layers import LoraSlots
 from server.lora.manager import AdapterSlots
+from server.lora.mode_switch import ModeSwitch
 from server.metrics import Metrics
 from server.model.config import ModelConfig
 from server.model.backend import resolve_backend
@@ -117,8 +118,9 @@ class Runtime:
         self.metrics.base_weight_bytes.set(self.base_weight_bytes)
         self.metrics.memory_adapters.set_function(lambda: self.registry.memory()[0])
         self.metrics.memory_adapter_bytes.set_function(lambda: self.registry.memory()[1])
-        self.engine = Engine(self.loaded, ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
-                             self.tokenizer, lora_mode, eos_ids(self.folder.config, self.tokenizer),
+        modes = ModeSwitch(self.loaded.transformer, self.loaded.checkpoint, lora_mode)
+        self.engine = Engine(ModelRunner(self.loaded.transformer, kv, self.lora), scheduler,
+                             self.tokenizer, modes, eos_ids(self.folder.config, self.tokenizer),
                              metrics=self.metrics, max_pending=settings.max_pending,
                              timeout_s=settings.request_timeout_s,
                              admission=AdmissionWait(settings.admission_wait_ms / 1e3,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 
 class Clock:
@@ -66,3 +67,58 @@ class AdmissionWait:
         """After a step that finished requests: `arrived` of the `awaited` next ones came within the window
         (waited for, or observed without waiting)."""
         self.hit_rate = 0.75 * self.hit_rate + 0.25 * min(arrived, awaited) / awaited
+
+
+class SuccessorWait:
+    """The loop's side of admission: after a step that finished requests, waits up to `AdmissionWait`'s
+    budget for their clients' next ones, or, while waits do not pay, watches when they come within the
+    window a wait would have had, so `AdmissionWait` learns either way."""
+
+    def __init__(self, policy: AdmissionWait, clock: Clock):
+        self.policy = policy
+        self.clock = clock
+        self._watch: tuple[float, float, int] | None = None  # (step end, window end, requests awaited)
+        self._hits = 0
+
+    def idle(self) -> None:
+        """The loop ran dry (see the module docstring): nothing watched, waits start out paying again."""
+        self._watch = None
+        self.policy.forget()
+
+    def arrived(self, at: float) -> None:
+        """A request submitted at `at` reached the loop."""
+        if self._watch is not None and self._watch[0] <= at <= self._watch[1]:
+            self._hits += 1
+
+    def settle(self, force: bool = False) -> None:
+        """Records how many awaited requests came within a skipped wait's window, once it has passed."""
+        if self._watch is not None and (force or self.clock.now() >= self._watch[1]):
+            self.policy.record(self._watch[2], self._hits)
+            self._watch = None
+
+    def after_step(self, step_s: float, awaited: int, queued: Callable[[], int], wake: threading.Event,
+                   stop: threading.Event, catch_up: Callable[[], None]) -> float | None:
+        """After a step of `step_s` that finished requests whose `awaited` successors would fit: waits until
+        `queued()` holds them, the budget runs out or `stop` is set, and returns the seconds waited; or, where
+        a wait does not pay, starts watching (after `catch_up()` has taken in what is queued) and returns None."""
+        if awaited <= 0:
+            return None
+        budget = self.policy.budget(step_s)
+        if budget <= 0:
+            window = self.policy.window(step_s)
+            if window > 0:
+                catch_up()  # the last watch's requests may sit in the inbox since the step began: count them first
+                self.settle(force=True)
+                now = self.clock.now()
+                self._watch, self._hits = (now, now + window, awaited), 0
+            return None
+        started = self.clock.now()
+        deadline = started + budget
+        while queued() < awaited and not stop.is_set():
+            wake.clear()
+            remaining = deadline - self.clock.now()
+            if remaining <= 0 or queued() >= awaited:
+                break
+            self.clock.wait(wake, remaining)
+        self.policy.record(awaited, queued())
+        return self.clock.now() - started

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.admission import AdmissionWait, Clock
+from server.engine.admission import AdmissionWait, Clock, SuccessorWait
 from server.engine.detokenizer import Detokenizer
+from server.engine.engine_metrics import EngineMetrics, EngineStats
 from server.engine.request import SamplingParams, Sequence
 from server.engine.runner import ModelRunner
 from server.engine.sampler import TokenLogprob, logprobs_of, sample
 from server.engine.scheduler import Scheduler
 from server.errors import Overloaded
-from server.metrics import Metrics, adapter_label
-from server.lora import policy
-from server.lora.merge import MergedAdapter, merge_into_base, restore_base
+from server.lora.mode_switch import ModeSwitch
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,51 +56,38 @@ def _deliver(batch: list[tuple[AsyncSink, TokenEvent]]) -> None:
         sink.events.put_nowait(event)
 
 
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prefill_steps: int = 0
-    merges: int = 0
-    restores: int = 0
-    merge_seconds: float = 0.0
-
-
 class Engine:
-    def __init__(self, loaded, runner: ModelRunner, scheduler: Scheduler, tokenizer, lora_mode: str, eos_ids: set[int],
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, modes: ModeSwitch, eos_ids: set[int],
                  metrics: Metrics | None = None, max_pending: int = 256, timeout_s: float | None = None,
                  admission: AdmissionWait | None = None, clock: Clock | None = None):
-        self.loaded = loaded
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.stats = EngineStats()
-        self.metrics = metrics or Metrics()
+        self.modes = modes
+        self.metrics = EngineMetrics(metrics)
         self.max_pending = max_pending
         self.timeout_s = timeout_s
-        self._admission = admission or AdmissionWait(0.0)
         self._clock = clock or Clock()
+        self._successors = SuccessorWait(admission or AdmissionWait(0.0), self._clock)
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._totals_seen: dict[object, float] = {}  # counter -> the running total it last advanced to
-        self._merged: MergedAdapter | None = None
-        self._merge_choice = policy.MergeChoice(lora_mode)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._sinks: dict[int, tuple[AsyncSink, Detokenizer]] = {}
         self._outbox: list[tuple[AsyncSink, TokenEvent]] = []
         self._finished_in_step = 0
-        # after a step whose finished requests were not waited for: (its end, the end of the window a wait
-        # would have had, requests awaited) and how many came within it, so waits resume once they pay
-        self._watch: tuple[float, float, int] | None = None
-        self._watch_hits = 0
 
     # ---- lifecycle
     def stop(self) -> None:
         """Asks `run` to return after the current step."""
         self._stop.set()
         self._wake.set()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.metrics.stats
 
     @property
     def pending(self) -> int:
@@ -122,7 +109,7 @@ class Engine:
                          cache_scope=cache_scope, arrived=now) for p in params]
         with self._pending_lock:
             if self._pending + len(seqs) > self.max_pending:
-                self.metrics.rejected.labels("queue_full").inc()
+                self.metrics.rejected("queue_full")
                 asked = f" and this one asks for {len(seqs)}" if len(seqs) > 1 else ""
                 raise Overloaded(f"{self._pending} requests are queued or running{asked} (max_pending="
                                  f"{self.max_pending}); retry shortly")
@@ -172,8 +159,7 @@ class Engine:
         self._drain_inbox()  # aborts and expiries finish requests here too: flush before sleeping
         if not self.scheduler.has_work():
             self._flush_outbox()
-            self._watch = None
-            self._admission.forget()
+            self._successors.idle()
             self._clock.wait(self._wake, 0.5)
             self._wake.clear()
             return
@@ -193,35 +179,14 @@ class Engine:
         (see server.engine.admission)."""
         room = self.scheduler.kv.max_seqs - self.scheduler.kv.used - len(self.scheduler.waiting)
         awaited = min(self._finished_in_step, room)
-        if awaited <= 0:
-            return
-        budget = self._admission.budget(step_s)
-        if budget <= 0:
-            window = self._admission.window(step_s)
-            if window > 0:
-                # the last watch's requests may sit in the inbox since the step began: count them first
-                self._drain_inbox()
-                self._flush_outbox()
-                self._settle_watch(force=True)
-                now = self._clock.now()
-                self._watch, self._watch_hits = (now, now + window, awaited), 0
-            return
-        started = self._clock.now()
-        deadline = started + budget
-        while self._inbox.qsize() < awaited and not self._stop.is_set():
-            self._wake.clear()
-            remaining = deadline - self._clock.now()
-            if remaining <= 0 or self._inbox.qsize() >= awaited:
-                break
-            self._clock.wait(self._wake, remaining)
-        self._admission.record(awaited, self._inbox.qsize())
-        self.metrics.admission_wait_seconds.inc(self._clock.now() - started)
+        waited = self._successors.after_step(step_s, awaited, self._inbox.qsize, self._wake, self._stop,
+                                             self._catch_up)
+        if waited is not None:
+            self.metrics.admission_waited(waited)
 
-    def _settle_watch(self, force: bool = False) -> None:
-        """Records how many awaited requests came within a skipped wait's window, once it has passed."""
-        if self._watch is not None and (force or self._clock.now() >= self._watch[1]):
-            self._admission.record(self._watch[2], self._watch_hits)
-            self._watch = None
+    def _catch_up(self) -> None:
+        self._drain_inbox()
+        self._flush_outbox()
 
     def _flush_outbox(self) -> None:
         # One wake-up per event loop per step, not one per token: per-token cross-thread calls made the
@@ -245,11 +210,10 @@ class Engine:
             try:
                 kind, seq, sink = self._inbox.get_nowait()
             except queue.Empty:
-                self._settle_watch()
+                self._successors.settle()
                 return
             if kind == "add":
-                if self._watch is not None and self._watch[0] <= seq.arrived <= self._watch[1]:
-                    self._watch_hits += 1
+                self._successors.arrived(seq.arrived)
                 self._sinks[seq.id] = (sink, Detokenizer(self.tokenizer, seq.params.stop))
                 self.scheduler.add(seq)
             elif kind == "abort" and not seq.finished and seq.id in self._sinks:
@@ -259,9 +223,11 @@ class Engine:
         decode, prefill = self.scheduler.schedule()
         if not decode and not prefill:
             return
-        self._choose_mode()
+        switch = self.modes.update([s.adapter for s in self.scheduler.running])
+        if switch is not None:
+            self.metrics.switched(switch)
         started = time.perf_counter()
-        logits = self.runner.run(decode, prefill, use_lora=self._merged is None)
+        logits = self.runner.run(decode, prefill, use_lora=self.modes.merged is None)
         seqs = decode + prefill
         logits, seqs = self._drop_overflowed(logits, seqs)
         self.scheduler.prefilled([seq for seq in prefill if not seq.finished])
@@ -269,10 +235,8 @@ class Engine:
             ready = [i for i, seq in enumerate(seqs) if seq.prompt_done]
             logits, seqs = logits[ready], [seqs[i] for i in ready]
         tokens, logprobs = self._sample(logits, seqs)
-        self.metrics.step.labels("prefill" if prefill else "decode").observe(time.perf_counter() - started)
-        self.stats.steps += 1
-        self.stats.prefill_steps += bool(prefill)
-        self._record_step(len(decode), len(prefill))
+        self.metrics.step(time.perf_counter() - started, len(decode), len(prefill), self.scheduler,
+                          self.runner.lora.covers)
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             if seq.finished:  # its sampling failed
                 continue
@@ -318,53 +282,11 @@ class Engine:
             logprobs += logprob
         return tokens, logprobs
 
-    def _record_step(self, decoded: int, prefilled: int) -> None:
-        m = self.metrics
-        for phase, count in (("decode", decoded), ("prefill", prefilled)):
-            if count:
-                m.batch.labels(phase).observe(count)
-        m.running.set(len(self.scheduler.running))
-        m.waiting.set(len(self.scheduler.waiting))
-        slots = self.scheduler.adapter_slots
-        self._count_up(m.adapter_loads, slots.loads)
-        m.resident.set(len(slots.resident()))
-        covers = self.runner.lora.covers
-        self._count_up(m.cover_builds, covers.builds)
-        self._count_up(m.cover_build_seconds, covers.build_seconds)
-        cache = self.scheduler.prefix_cache
-        if cache is not None:
-            self._count_up(m.prefix_hit_tokens, cache.hit_tokens)
-            m.prefix_bytes.set(cache.bytes)
-
-    def _count_up(self, counter, total: float) -> None:
-        """Advances a Prometheus counter (which only takes increments) to a running total kept elsewhere."""
-        counter.inc(total - self._totals_seen.get(counter, 0))
-        self._totals_seen[counter] = total
-
-    def _choose_mode(self) -> None:
-        current = self._merged.adapter if self._merged else None
-        target = self._merge_choice.next([s.adapter for s in self.scheduler.running], current)
-        if target is current:
-            return
-        started = time.perf_counter()
-        if self._merged is not None:
-            restore_base(self._merged)
-            self._merged = None
-            self.stats.restores += 1
-            self.metrics.restores.inc()
-        if target is not None:
-            self._merged = merge_into_base(self.loaded.transformer, target, self.loaded.checkpoint)
-            self.stats.merges += 1
-            self.metrics.merges.inc()
-        elapsed = time.perf_counter() - started
-        self.stats.merge_seconds += elapsed
-        self.metrics.merge_seconds.inc(elapsed)
-
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.output_ids.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = self._clock.now()
-            self.metrics.ttft.labels(adapter_label(seq.adapter_name)).observe(seq.first_token_at - seq.arrived)
+            self.metrics.first_token(seq)
         sink, detok = self._sinks[seq.id]
         p = seq.params
         reason = None
@@ -391,12 +313,7 @@ class Engine:
         self._finished_in_step += 1
         with self._pending_lock:
             self._pending -= 1
-        label = adapter_label(seq.adapter_name)
-        m = self.metrics
-        m.requests.labels(label, reason).inc()
-        m.tokens.labels(label).inc(len(seq.output_ids))
-        m.prompt_tokens.labels(label).inc(len(seq.prompt_ids))
-        m.latency.labels(label).observe(self._clock.now() - seq.arrived)
+        self.metrics.finished(seq, reason, self._clock.now())
         sink, _ = self._sinks.pop(seq.id, (None, None))
         if sink is not None:
             self._outbox.append((sink, TokenEvent("", [], True, reason, len(seq.prompt_ids), len(seq.output_ids),

@@ -22,6 +22,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.request import SamplingParams, Sequence
 from server.engine.scheduler import Scheduler
 from server.lora.manager import AdapterSlots
+from server.lora.mode_switch import ModeSwitch
 from server.model.config import ModelConfig
 
 VOCAB = 8
@@ -153,6 +154,6 @@ def fake_loop(step_s: float = 0.025, admission: AdmissionWait | None = None, max
     kv = KVCache(CFG, max_seqs, 128, torch.device("cpu"), torch.float32)
     runner = FakeRunner(clock, kv, step_s)
     scheduler = Scheduler(kv, AdapterSlots(runner.lora), max_prefill_tokens, admits_mixed)
-    engine = Engine(None, runner, scheduler, FakeTokenizer(), lora_mode, {EOS}, timeout_s=timeout_s,
+    engine = Engine(runner, scheduler, FakeTokenizer(), ModeSwitch(None, None, lora_mode), {EOS}, timeout_s=timeout_s,
                     admission=admission, clock=clock)
     return Loop(clock, runner, engine)
