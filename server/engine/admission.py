@@ -1,30 +1,18 @@
 """How long the serving loop waits, after a step that finished requests, for their clients' next ones.
 
-Agents, batch jobs and benchmark clients send their next request as soon as the last one ends. In the
-bench's 16-stream load that request reached the engine 13, 16, 19 and 21 ms (quartiles and 90th
-percentile) after the step that ended its predecessor (loopback HTTP, client and server in Python, on 2
-busy cores), just after the next step had started, so it sat through that whole step before its own:
-time to first token was two steps under load. Waiting a little for it lets it join the next step
-instead, and the wait ends as soon as it is in. This is the dynamic-batching delay of Triton's
-`max_queue_delay`, spent only where it is likely to pay.
+Agents, batch jobs and benchmark clients send their next request as soon as the last one ends; it reaches
+the engine just after the next step has started, so without a wait it sits through that whole step before
+its own and its time to first token is two steps under load. Waiting a little lets it join the next step
+instead, and the wait ends as soon as it is in: the dynamic-batching delay of Triton's `max_queue_delay`,
+spent only where it is likely to pay.
 
-On a 2-core Zen 5 EPYC, once the route stopped hopping to worker threads, such requests were submitted
-4.3, 5.2, 8.0 and 8.9 ms after that step: a wait of 0.15 of a 25 ms step caught about a quarter of them;
-0.3 and 0.45 caught most, for TTFT mean 53 -> 38-39 ms at 16 streams, with no throughput lost over 8
-servers in turns (the loop idles only until they are in, and the next step runs full). 0.4 is the default.
-
-Each wait costs at most `step_fraction` of a step. Where waits stop paying (open-loop traffic: a chat
-user types for seconds), the loop stops waiting. The engine still records when the next requests come
-after a step that finished some, without waiting for them, so waits resume as soon as they would pay
-again: an earlier version learned only from occasional probe waits, and in the bench each workload began
-in that skipping state (the last requests of the one before had no successors), so about half its
-requests sat out a step before their own (TTFT in two clusters, 28-38 and 46-70 ms, at 16 streams).
-
-Once the engine runs dry it forgets: what the last clients of a burst did (leave, with no next request)
-says nothing of the next burst's, and a wait with nobody else running costs nobody anything. Before, the
-first three requests of each closed-loop burst sat out a step while the misses of the last one's drain
-were unlearned: 6 of 96 requests at 16 streams on a 2-core Zen 3 EPYC, 62-70 ms to a first token in the
-server against 34-44 for the rest, and the bench's TTFT p99.
+Each wait costs at most `step_fraction` of a step (0.4 by default). Where waits stop paying (open-loop
+traffic: a chat user types for seconds), the loop stops waiting, but still records when the next requests
+come after a step that finished some, so waits resume as soon as they would pay again (learning only from
+occasional probe waits left each burst's first requests a step late). Once the engine runs dry it forgets:
+what the last clients of a burst did says nothing of the next burst's, and a wait with nobody else running
+costs nobody anything. `make bench` measures it (TTFT p99 against a lone request); the figures behind each
+rule are in docs/decisions.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Incremental text for streaming: new text per token, stop strings, and no half-written characters.
 
 Each token decodes a short window (the tokens since the text last grew, and the few before them for
-context), as TGI's and vLLM's incremental detokenizers do. Decoding the whole output again for every
-token cost 30 us per token at 64 tokens and 535 us at 1,000 here (bench/micro_detokenizer.py), on the
-engine thread, per sequence: 34 ms of a step at 64 long streams.
+context), as TGI's and vLLM's incremental detokenizers do: decoding the whole output again for every
+token costs in proportion to the output's length, on the engine thread, per sequence
+(`python -m bench.micro_detokenizer`; figures in docs/decisions.md).
 """
 
 from __future__ import annotations

@@ -189,8 +189,8 @@ class Engine:
         self._flush_outbox()
 
     def _flush_outbox(self) -> None:
-        # One wake-up per event loop per step, not one per token: per-token cross-thread calls made the
-        # event loop fight the engine thread for the GIL and halved throughput at 16 streams.
+        # One wake-up per event loop per step, not one per token: per-token cross-thread calls make the event
+        # loop fight the engine thread for the GIL (they halved throughput at 16 streams: `make bench`).
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for sink, event in self._outbox:
             by_loop.setdefault(sink.loop, []).append((sink, event))

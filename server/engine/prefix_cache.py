@@ -1,15 +1,14 @@
 """Keys and values of token prefixes already computed, reused by later requests that start the same way.
 
 Chat front ends resend the same system prompt, persona card and conversation so far with every message;
-computing those tokens again is most of a short request's cost here (a 70-token prefill costs as much as
-two decode steps of 16 rows). Like vLLM's automatic prefix caching, KV is kept in blocks of
-`block_tokens` tokens, each found by a hash of everything before and in it, so requests share whatever
-whole blocks they have in common. Unlike it, and like SGLang's radix cache, a match does not stop at the
-last whole block: the tail of a stored prompt is kept too, and the blocks after a matched one are its
-children, so a cached block that begins like the rest of a prompt serves the tokens that agree. A resent
-prompt then computes its last token only, where whole blocks left up to a block's worth (the bench's
-42-token prompt recomputed 10; at 16 streams a step that admitted a request took 42 ms, now 25-30, as
-long as a decode step).
+computing those tokens again is most of a short request's cost here. Like vLLM's automatic prefix caching,
+KV is kept in blocks of `block_tokens` tokens, each found by a hash of everything before and in it, so
+requests share whatever whole blocks they have in common. Unlike it, and like SGLang's radix cache, a match
+does not stop at the last whole block: the tail of a stored prompt is kept too, and the blocks after a
+matched one are its children, so a cached block that begins like the rest of a prompt serves the tokens
+that agree. A resent prompt then computes its last token only, where whole blocks left up to a block's
+worth, so a step that admits it costs about a decode step (`make bench`'s prefix-cache row; figures in
+docs/decisions.md).
 
 A block's key also names the adapter that computed it: LoRA changes the hidden states, so the same tokens
 have different keys and values under different adapters. And it names a scope (the server passes the API

@@ -7,18 +7,15 @@ Fast form (grouped, like Punica's and vLLM's BGMV/SGMV kernels, here from batche
 adapters are stacked along a batch axis, each row is gathered to its adapter's position (padded to the
 largest group), and one `torch.bmm` per site gives every row its own A x, one more per projection its own
 B (A x), added back to the row with an accumulating `index_put_`. The op count per site does not grow
-with the number of adapters, and each row is multiplied only through its own adapter. The form before it,
-one matmul over all active adapters' concatenated A and a 0/1 mask, multiplied every row through every
-adapter: on a 2-core EPYC (AVX2), the LoRA of one decode step at 16 rows took 70 ms masked and 27 ms
-grouped for 8 all-projection r16 adapters, 15 and 6 ms for 8 q/v r8 ones (in-process, all 30 layers of
-SmolLM2). Each projection keeps its own B, so no zeros sit in a fused site's B (2/3 of it for an adapter
-on q, k and v).
+with the number of adapters, and each row is multiplied only through its own adapter (a masked matmul over
+every active adapter's A multiplies every row through every adapter: docs/decisions.md). Each projection
+keeps its own B, so no zeros sit in a fused site's B (2/3 of it for an adapter on q, k and v).
 
 On CPU in fp32 a step skips all of that: `SlotGroups` hands each site's rows, grouped by adapter, to one
 native call (`server.kernels.lora`) that reads each adapter's weights where its device slot keeps them,
-once, front to back, and adds into y's rows directly: the all-projection case above took 13 ms instead of
-24-26 ms, in-process, and no weights are stacked (the bmm form stays the reference it is tested against,
-and the path for CUDA, bf16 and machines without the kernel).
+once, front to back, and adds into y's rows directly, and no weights are stacked (the bmm form stays the
+reference it is tested against, and the path for CUDA, bf16 and machines without the kernel; `make bench`'s
+decode-step table times both).
 """
 
 from __future__ import annotations
@@ -117,7 +114,7 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
         xa.mul_(batch.pad)
     for Bt, columns, out_rows in batch.expands:
         part = torch.bmm(xa[:, :, columns], Bt)
-        # index_put_ with accumulate, not index_add_: on CPU the latter took 2.3x as long into a column slice
+        # index_put_ with accumulate, not index_add_: the faster on CPU into a column slice (docs/decisions.md)
         y[:, out_rows].index_put_((batch.rows,), part.view(-1, part.shape[2]), accumulate=True)
 
 

@@ -3,7 +3,7 @@
 
 A cover is the weights of some device slots stacked once per site, so the rows of those slots cost one
 batched matmul per site and projection, however many adapters the cover holds. Building one copies every
-weight of its adapters (8 all-projection r16 adapters: 156 MB, about 0.2 s on a 2-core EPYC). Closed-loop traffic
+weight of its adapters (8 all-projection r16 adapters: 156 MB, several decode steps' time). Closed-loop traffic
 changes the set of adapters in the batch every few steps (a request ends and its adapter has no other row
 for a while; a new adapter arrives), so a cover is built per set only when reuse fails:
 

@@ -3,8 +3,9 @@
 Like vLLM's LoRA layers, each device slot holds one adapter (`set_lora` / `reset_lora`). A site is one
 fused base projection (qkv, o, gate_up, down); a slot holds, per site, A^T of its projections there side by
 side [in, w] and each projection's B^T [r, rows] with alpha/r folded in. Where the backend has the grouped
-kernel (CPU, fp32) a step's plan groups the rows by slot and the native kernel reads each slot's weights in place (`SlotGroups`); elsewhere a cover
-stacks its slots' weights per site along a batch axis for batched matmuls (see server.lora.apply).
+kernel (CPU, fp32) a step's plan groups the rows by slot and the kernel reads each slot's weights in place
+(`SlotGroups`); elsewhere a cover stacks its slots' weights per site along a batch axis for batched matmuls
+(see server.lora.apply).
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ Merged costs nothing per step but serves one adapter at a time and pays a merge 
 unmerged serves any mix at the price of the side branch in every step. In `auto`, a running set that
 has wanted one adapter for `SETTLE_STEPS` steps in a row is served merged, anything else unmerged: a set
 is often uniform for a moment only (the first request of a burst, the last one left), and a merge of an
-all-projection adapter re-packs every projection (0.4-0.6 s on a 2-core AVX2 EPYC, several decode steps)
-to be undone a step later, while unmerged steps cost 1.01-1.11x of base for one q/v adapter and
-1.15-1.28x for eight all-projection ones (the bench's decode-step table). Switches
+all-projection adapter costs several decode steps to be undone a step later, while an unmerged step costs
+little over the base's (`make bench`'s swap row and decode-step table; figures in docs/decisions.md). Switches
 happen only between steps, and both modes compute the same function, so a switch never changes what an
 in-flight request gets beyond rounding. A weighted mix (adapters.mix) is never merged: it is built per
 request, so a merge would rarely be reused before its restore.

@@ -90,7 +90,7 @@ def _linear_kind(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if device.type != "cpu":
         return "torch"
     # the panel kernel is the faster at decode's row counts; a long prompt's chunk pays a little once per
-    # prompt (python -m bench.micro_linear; figures in bench/README.md)
+    # prompt (python -m bench.micro_linear; figures in docs/decisions.md)
     if dtype == torch.float32 and panel_kernel():
         return "panel"
     if dtype in (torch.float32, torch.bfloat16) and onednn_linear_works(dtype):

@@ -52,8 +52,8 @@ def build_step(decode_positions: list[int], prefills: list[PrefillChunk], device
 
     Leading one-token chunks in the next KV slots (a prompt the prefix cache held all but the last token
     of, admitted into the slots after the running ones) are decode rows in all but name, and run as such:
-    each prompt chunk attends on its own, 30 small calls a step; 15 decode rows and one such chunk took
-    26.2 ms, as 16 decode rows 23.8, and with four chunks 33.8 against 26.7 (in-process, in turns)."""
+    each prompt chunk attends on its own, a small call per layer, where decode rows share one (timings:
+    docs/decisions.md)."""
     decode_positions = list(decode_positions)
     prefills = list(prefills)
     while prefills and prefills[0].length == 1 and prefills[0].slot == len(decode_positions):

@@ -1,18 +1,12 @@
 """The one place where activations meet frozen weights, and where a hot-swap edits them.
 
-Every base matmul goes through `Linear`, so the fast path is chosen once at start-up and CUDA takes its own.
-On CPU (fp32, 2 threads; `python -m bench.micro_linear` times one pass over a decode step's 121 distinct
-SmolLM2 weights, 540 MB, which is what a step pays):
+Every base matmul goes through `Linear`, with the projection kernel the backend chose once at start-up
+(server.model.backend); CUDA takes `F.linear`. On CPU, where a decode step streams every weight once:
 - panel (`server.kernels.panel`, the default for fp32 on AVX2 and AVX-512 CPUs): our own kernel over weights
-  stored as [out/16, in, 16] panels. On a 2-core AVX2-only EPYC (Zen 3), per step's weights: 31 vs 43 ms
-  for oneDNN at 1 row, 67 vs 101 ms at 16, 146 vs 167 ms at 64, but 785 vs 688 ms at 256 (a long prompt's
-  chunk); oneDNN streamed the weights at a third of the 18 GB/s a plain sum reads them at. On a 2-core
-  AVX-512 EPYC (Zen 4), with its AVX-512 tile: 19 vs 26 ms at 1 row, 31 vs 32 at 16, 97 vs 93 at 64, 407
-  vs 371 at 256; a whole decode step (in turns, in-process) 0.68x oneDNN's time at 1 row, 0.91x at 16,
-  1.00x at 64. On a 2-core Zen 5 EPYC, once the kernel prefetched its weight lines: 13.4 vs 15.6 ms at 1
-  row, 17.9 vs 21.5 at 16, 46.4 vs 51.7 at 64, 182 vs 181 at 256.
-- mkldnn: oneDNN with the weight reordered ("prepacked") once into its blocked layout; 1.3-1.4x `F.linear`
-  (MKL sgemm) on both machines. The default where the panel kernel cannot run, and for bf16.
+  stored as [out/16, in, 16] panels. It streams a step's weights faster than oneDNN at decode's row counts
+  and is about level on a long prompt's chunk (`python -m bench.micro_linear`; figures in docs/decisions.md).
+- mkldnn: oneDNN with the weight reordered ("prepacked") once into its blocked layout, faster than
+  `F.linear` (MKL sgemm); the default where the panel kernel cannot run, and for bf16.
 
 A hot-swap adds a low-rank delta to some rows of the weight the kernel computes with and later puts the
 exact base bits back. How depends on the kernel:
@@ -22,8 +16,8 @@ exact base bits back. How depends on the kernel:
   fp32 reorder only permutes elements; Linear checks at load that its buffer holds exactly that
   permutation of the weight). Linear keeps two packed kernels and no row-major weight (the same memory as
   weight + kernel): the base, never written, and a scratch one a merge writes base + delta into through
-  strided views of both buffers, in one pass. Restore points back at the base. A q/v r8 swap of SmolLM2
-  went from 52 ms (re-packing the touched sites, oneDNN's reorder running at ~1.8 GB/s) to 13 ms.
+  strided views of both buffers, in one pass. Restore points back at the base. Nothing is re-packed, which
+  is what a swap's time was (`make bench`'s swap row; figures in docs/decisions.md).
 - repacked (oneDNN, any other layout, e.g. bf16's interleaved pairs): the row-major weight is edited, the
   kernel packed again from it and the base kernel kept aside to be put back.
 """

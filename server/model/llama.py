@@ -1,12 +1,12 @@
 """A Llama-family decoder in plain torch, shaped for serving.
 
 Tokens of all sequences in a step are flattened into one [tokens, hidden] matrix, so every projection is
-one matmul for the whole batch. q/k/v and gate/up are fused (measured +16% on CPU). Attention reads and
-writes the preallocated KV cache in place. LoRA side branches are added at four sites per layer (qkv, o,
-gate_up, down) by the step's LoRA plan (`StepContext.lora`), where the step has one. On CPU in
-fp32 a decode step runs all layers in one native call (`server.model.native_stack`) through the same
-kernels; `DecoderLayer` is what it is held to, and the path for steps with prompt chunks.
-Nothing here knows about requests or HTTP.
+one matmul for the whole batch. q/k/v and gate/up are fused: fewer, larger products (docs/decisions.md).
+Attention reads and writes the preallocated KV cache in place (server.model.attention). LoRA side branches
+are added at four sites per layer (qkv, o, gate_up, down) by the step's LoRA plan (`StepContext.lora`),
+where the step has one. Where the backend has the native decoder stack (CPU, fp32) a decode step runs all
+layers in one call (`server.model.native_stack`) through the same kernels; `DecoderLayer` is what it is
+held to, and the path for steps with prompt chunks. Nothing here knows about requests or HTTP.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: PointwiseKernels | None = None) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           fused: PointwiseKernels | None = None) -> torch.Tensor:
     """x [rows, heads, d] rotated by each row's angles: in place where the fused kernel runs."""
     if fused is not None and fused.rope_(x, cos, sin):
         return x

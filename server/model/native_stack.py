@@ -6,9 +6,8 @@ attend a row at a time here and with torch's SDPA there). It serves a step when 
 projection with the panel kernel or, on a quantized base, the block kernel (CPU, fp32 activations, no
 biases, no q/k norms), the KV cache is fp32 on CPU, no sliding window is shorter than the step's keys, the
 LoRA plan, if any, is the native kernel's, and no prompt chunk reaches past LONG_CHUNK_KEYS keys: row-at-a-time
-attention re-reads a sequence's keys for every row of its chunk, and by 1,000 keys SDPA was faster (256
-rows at 768: 0.94x; 128 at 384: 1.01x; 15 decode rows and a 40-token prompt 1.09x; 2-core Zen 3,
-in-process, in turns).
+attention re-reads a sequence's keys for every row of its chunk, so a long chunk is faster layer by layer
+with torch's SDPA (the crossover, measured in-process in turns: docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -45,7 +44,8 @@ class NativeStack:
             return None
         if any(linear.native_operand() is None for layer in model.layers for linear in layer.linears.values()):
             return None
-        if not all(norm.is_contiguous() for layer in model.layers for norm in (layer.input_norm, layer.post_attention_norm)):
+        norms = [norm for layer in model.layers for norm in (layer.input_norm, layer.post_attention_norm)]
+        if not all(norm.is_contiguous() for norm in norms):
             return None
         return cls(kernel, model)
 
