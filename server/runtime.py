@@ -34,6 +34,7 @@ from server.metrics import Metrics
 from server.model.config import ModelConfig
 from server.model.backend import resolve_backend
 from server.model.geometry import site_layouts
+from server.model.gguf_blocks import serves_architecture
 from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
 from server.settings import Settings
@@ -163,10 +164,12 @@ class Runtime:
 
 
 def resolve_quantization(name: str, device: torch.device, folder: ModelFolder) -> str:
-    """auto serves a folder converted from a GGUF file in that file's own blocks on a CPU where the block
-    kernel runs (faster than fp32 at every batch size: `python -m bench.quantized`), anything else in --dtype."""
+    """auto serves a folder converted from a GGUF file (of an architecture in gguf_blocks.ARCHITECTURES) in
+    that file's own blocks on a CPU where the block kernel runs (faster than fp32 at every batch size:
+    `python -m bench.quantized`), anything else in --dtype."""
     if name == "auto":
-        return "gguf" if folder.gguf is not None and device.type == "cpu" and block_kernel() is not None else "none"
+        native = folder.gguf is not None and device.type == "cpu" and block_kernel() is not None
+        return "gguf" if native and serves_architecture(folder.gguf) else "none"
     if name == "none":
         return "none"
     if device.type != "cpu":

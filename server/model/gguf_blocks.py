@@ -7,7 +7,8 @@ blocks of 32 each with 6-bit scale and min under two fp16 super-scales: w = (d *
 products are stored as the kernel's fp16 block scale and offset, a rounding of at most 2^-11 of each.
 Any other type gguf can read (Q6_K, Q5_K, Q5_0, F16, ...) is dequantized and requantized to 8-bit blocks of
 32 (Q8_0's rule) at load, and the log says which types were. llama.cpp's converter permutes the rows of
-attn_q and attn_k (its rope pairs halves differently); they are put back in Hugging Face's order here.
+attn_q and attn_k of a Llama-family file (its rope pairs halves differently); they are put back in Hugging
+Face's order here. Files of other architectures (ARCHITECTURES) are refused before any tensor is read.
 """
 
 from __future__ import annotations
@@ -31,8 +32,25 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
+# GGUF architecture -> whether llama.cpp's converter permuted the rows of attn_q and attn_k (its Llama
+# family does, for its rope's pairing; Qwen's keep Hugging Face's order). Fused layouts (Phi-3) are not served.
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+
+
 class UnsupportedTensor(ValueError):
     pass
+
+
+def serves_architecture(path: Path) -> bool:
+    """Whether a GGUF file's architecture is served from its blocks (else it is served dequantized)."""
+    from gguf import GGUFReader
+
+    return gguf_architecture(GGUFReader(str(path))) in ARCHITECTURES
+
+
+def gguf_architecture(reader) -> str:
+    field = reader.fields.get("general.architecture")
+    return field.contents() if field is not None else "llama"
 
 
 class GGUFBlocks:
@@ -44,9 +62,14 @@ class GGUFBlocks:
         self.path = Path(path)
         self.cfg = cfg
         try:
-            self._tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+            reader = GGUFReader(str(path))
+            self._tensors = {t.name: t for t in reader.tensors}
         except Exception as e:  # a truncated or foreign file fails in many ways inside the reader
             raise UnsupportedTensor(f"{self.path} cannot be read as a GGUF file ({type(e).__name__}: {e})") from e
+        self.arch = gguf_architecture(reader)
+        if self.arch not in ARCHITECTURES:
+            raise UnsupportedTensor(f"{self.path.name}: architecture {self.arch!r} is not served from its blocks "
+                                    f"(served: {', '.join(ARCHITECTURES)}); --quantization none serves it dequantized")
         self.types: set[str] = set()  # the block types served so far, for the log and /health
         self.requantized: set[str] = set()  # the types read as 8-bit blocks instead
 
@@ -104,7 +127,7 @@ class GGUFBlocks:
         if (q.shape[0], q.shape[1] * BLOCK) != expected:
             raise UnsupportedTensor(f"{self.path.name}: tensor {name} is {q.shape[0]}x{q.shape[1] * BLOCK}; the "
                                     f"model's config.json says {expected[0]}x{expected[1]}")
-        if proj in ("q_proj", "k_proj"):
+        if proj in ("q_proj", "k_proj") and ARCHITECTURES[self.arch]:
             heads = self.cfg.num_heads if proj == "q_proj" else self.cfg.num_kv_heads
             order = _unpermute(q.shape[0], heads)
             q, d, m = q[order], d[order], m[order]

@@ -7,6 +7,7 @@ safetensors) that later starts load in under a second. Nothing here ever reaches
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -116,16 +117,30 @@ def default_gguf_path() -> Path:
 
 
 def resolve_model(model_path: str | os.PathLike | None, cache_dir: Path | None = None) -> ModelFolder:
-    """Returns a loadable folder: the given one, or the default model's converted cache (made on first use)."""
+    """Returns a loadable folder: the given one, a GGUF file's converted cache, or the default model's
+    (converted on first use)."""
     if model_path:
         path = Path(model_path).expanduser()
+        if path.suffix == ".gguf" and path.is_file():
+            return gguf_folder(path, cache_dir)
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"{path} is not a Hugging Face model folder (no config.json)")
+            raise ModelNotFound(f"{path} is neither a Hugging Face model folder (no config.json) nor a .gguf file")
         return ModelFolder(path)
     cache = cache_dir or default_cache_dir()
     if not (cache / WEIGHTS_FILE).is_file():
         convert_gguf(default_gguf_path(), cache)
     return ModelFolder(cache, default_gguf_path())
+
+
+def gguf_folder(gguf_path: Path, cache_dir: Path | None = None) -> ModelFolder:
+    """A GGUF file's converted folder, made on first use. It is named after the file (the served name) under a
+    key of the file's path, size and modification time, so an edited or replaced file is converted again."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = cache_dir or cache_root() / "models" / f"gguf-{key}" / gguf_path.stem
+    if not (cache / WEIGHTS_FILE).is_file():
+        convert_gguf(gguf_path, cache)
+    return ModelFolder(cache, gguf_path)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -24,3 +24,71 @@ def tiny_llama(folder: Path, tokenizer_from: Path | None = None, **config) -> Pa
     for name in TOKENIZER_FILES if tokenizer_from is not None else ():
         shutil.copy(tokenizer_from / name, folder / name)
     return folder
+
+
+# a Hugging Face projection's GGUF name, as llama.cpp's converter writes them
+GGUF_PROJECTIONS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+GGUF_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
+def write_gguf(model, path: Path, arch: str, tokenizer_gguf: Path, quant=None) -> Path:
+    """`model` (a tiny Llama, Qwen2 or Qwen3 built by transformers) written as llama.cpp's converter writes it:
+    its config as `arch`.* keys, the tokenizer of `tokenizer_gguf` (a GGUF with the same vocabulary), norms
+    and biases in F32, the embedding and lm_head in Q8_0, projections in `quant` (Q8_0 by default), and for
+    `llama` the rows of attn_q and attn_k permuted as llama.cpp permutes them."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import quantize
+
+    quant = quant or GGMLQuantizationType.Q8_0
+    cfg = model.config
+    writer = GGUFWriter(str(path), arch)
+    for key, value in {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+                       "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
+                       "attention.head_count": cfg.num_attention_heads,
+                       "attention.head_count_kv": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size}.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_uint32(f"{arch}.attention.key_length", head_dim)
+    writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+    writer.add_float32(f"{arch}.rope.freq_base", float(getattr(cfg, "rope_theta", None)
+                                                       or cfg.rope_parameters["rope_theta"]))
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    for field in GGUFReader(str(tokenizer_gguf)).fields.values():
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            value = field.contents()
+            writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY
+                                 else None)
+
+    def add(name: str, tensor: torch.Tensor, kind=GGMLQuantizationType.F32) -> None:
+        data = tensor.detach().float().numpy()
+        writer.add_tensor(name, data if kind == GGMLQuantizationType.F32 else quantize(data, kind), raw_dtype=kind)
+
+    state = model.state_dict()
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    add("token_embd.weight", state["model.embed_tokens.weight"], GGMLQuantizationType.Q8_0)
+    add("output_norm.weight", state["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        add("output.weight", state["lm_head.weight"], GGMLQuantizationType.Q8_0)
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for hf_name, name in GGUF_NORMS.items():
+            if prefix + hf_name + ".weight" in state:
+                add(f"blk.{i}.{name}.weight", state[prefix + hf_name + ".weight"])
+        for hf_name, name in GGUF_PROJECTIONS.items():
+            weight = state[prefix + hf_name + ".weight"]
+            if arch == "llama" and name in ("attn_q", "attn_k"):
+                n = heads if name == "attn_q" else kv_heads
+                weight = weight.reshape(n, 2, weight.shape[0] // n // 2, -1).transpose(1, 2).reshape(weight.shape)
+            add(f"blk.{i}.{name}.weight", weight, quant)
+            if prefix + hf_name + ".bias" in state:
+                add(f"blk.{i}.{name}.bias", state[prefix + hf_name + ".bias"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
