@@ -156,10 +156,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     try:
         with tqdm(total=3, desc=f"converting {gguf_path.name}", unit="step") as bar:
             bar.set_postfix_str("reading GGUF (about 25 s)")
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+                )
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            except Exception as exc:  # a truncated or foreign file fails in many ways inside the readers
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelNotFound(f"{gguf_path}: transformers cannot read it as a GGUF model: {reason}") from exc
             bar.update()
             bar.set_postfix_str("tokenizer and config")
             model.config.save_pretrained(tmp)
