@@ -20,7 +20,7 @@ class ModelRunner:
 
     def run(self, decode: list[Sequence], prefill: list[Sequence], use_lora: bool) -> torch.Tensor:
         """Logits [len(decode) + len(prefill), vocab], in that order. `decode` must be the sequences in KV
-        slots 0..len(decode)-1 in slot order (Scheduler.running), which KVCache.attend relies on; each
+        slots 0..len(decode)-1 in slot order (Scheduler.running), which server.model.attention relies on; each
         prefill sequence computes `chunk_tokens` of its prompt from `cached_tokens` on."""
         ids = [s.last_token for s in decode]
         row_slots = [_lora_slot(s) for s in decode]

@@ -3,7 +3,7 @@ does there with stacked weights, gathers, batched matmuls and scatters, reading 
 where its device slot keeps them.
 
 `slot_groups_kernel()` is None where the kernel cannot run (no build here); callers then keep to torch. It
-serves fp32 tensors on CPU only; `server.lora.layers.LoraSlots` decides which path a step takes.
+serves fp32 tensors on CPU only, so the backend (server.model.backend) hands it out there alone.
 """
 
 from __future__ import annotations

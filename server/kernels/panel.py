@@ -1,7 +1,8 @@
 """The CPU panel kernel (`panel_linear.c`): fp32 y = x W^T with W stored as [out/16, in, 16] panels.
 
 Where the kernel cannot be built here, or disagrees with `F.linear` on a self-check, `panel_kernel()` returns
-None and `Linear` keeps to oneDNN: the kernel is an optimisation, never a requirement.
+None and the backend (server.model.backend) keeps to oneDNN: the kernel is an optimisation, never a
+requirement.
 """
 
 from __future__ import annotations
