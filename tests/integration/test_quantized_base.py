@@ -170,3 +170,42 @@ def test_a_truncated_gguf_or_one_that_does_not_fit_the_config_is_refused_naming_
     wider = dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size * 2)
     with pytest.raises(UnsupportedTensor, match="blk.0.ffn_gate.weight is 1536x576"):
         GGUFBlocks(default_model_folder.gguf, wider).fused(0, ["gate_proj", "up_proj"])
+
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: a thread team's wake-ups would be the cost
+def test_a_thousand_merged_swaps_leave_the_quantized_base_bit_identical(tmp_path):
+    """Merged mode on a quantized base computes the touched projections from a full-precision scratch and
+    never writes the blocks: after 1,000 one-layer merge/restore cycles of two adapters, every block tensor
+    and the logits are exactly those of load. (A tiny int4 Llama: the same QuantizedLinear as every format,
+    at a thousandth of the real model's cost per cycle.)"""
+    from adapters import PROJECTIONS, random_adapter
+    from server.lora.merge import merge_into_base, restore_base
+    from server.model.loader import ModelFolder
+    from tests.integration.test_merge_exactness import layer_slice
+    from tests.integration.tiny_models import tiny_llama
+
+    folder = ModelFolder(tiny_llama(tmp_path / "tiny"))
+    model = LoadedModel(folder, resolve_backend(torch.device("cpu"), torch.float32, "auto", "int4"), "int4")
+    t = model.transformer
+    linears = [lin for layer in t.layers for lin in layer.linears.values()] + [t.lm_head]
+    loaded = [[x.clone() for x in lin.tensors()] for lin in linears]
+    prompt = torch.tensor([1, 7, 30, 12, 5])
+
+    def logits() -> torch.Tensor:
+        return prefill(model, prompt, 1, KVCache(model.config, 1, 8, torch.device("cpu"), torch.float32))
+    before = logits()
+    shapes = t.lora_target_shapes()
+    adapters = [random_adapter(name, shapes, rank=8, alpha=16, targets=PROJECTIONS, seed=seed, init_std=0.05)
+                for seed, name in ((1, "one"), (2, "two"))]
+    layers = model.config.num_layers
+    slices = [[layer_slice(a, layer) for layer in range(layers)] for a in adapters]
+    merged = merge_into_base(t, adapters[0], model.checkpoint)
+    assert not torch.equal(logits(), before)  # merged, the scratch computes
+    restore_base(merged)
+    for cycle in range(1000):  # one, two, one, two on layer 0, then on layer 1, ...
+        restore_base(merge_into_base(t, slices[cycle % 2][(cycle // 4) % layers], model.checkpoint))
+    for lin, tensors in zip(linears, loaded):
+        assert len(lin.tensors()) == len(tensors)  # no scratch left behind
+        assert all(torch.equal(now, then) for now, then in zip(lin.tensors(), tensors))
+    assert torch.equal(logits(), before)
