@@ -50,6 +50,8 @@ class LoadResult:
     window_s: float
     steady: bool                     # False: never were all streams busy at once; tok/s is over the whole run
     ttfts: list[float] = field(default_factory=list)  # each measured request's, to pool runs for a tail percentile
+    itl_p50: float = float("nan")    # seconds between a measured request's consecutive tokens
+    itl_p99: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,12 +109,15 @@ class RssSampler:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def request_body(adapter: str | None, new_tokens: int, prompt: str) -> dict:
-    return {"prompt": prompt, "adapter": adapter, "max_new_tokens": new_tokens, "temperature": 0,
-            "ignore_eos": True}
+def request_body(adapter: str | dict[str, float] | None, new_tokens: int, prompt: str) -> dict:
+    """`adapter`: a name, None for the base, or {name: weight} for a weighted mix."""
+    chosen = {"adapters": [{"name": name, "weight": weight} for name, weight in adapter.items()]} \
+        if isinstance(adapter, dict) else {"adapter": adapter}
+    return {"prompt": prompt, **chosen, "max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
 
 
-async def run_streams(url: str, name: str, streams: int, rounds: int, pick_adapter: Callable[[int, int], str | None],
+async def run_streams(url: str, name: str, streams: int, rounds: int,
+                      pick_adapter: Callable[[int, int], str | dict[str, float] | None],
                       new_tokens: int, prompt: str, server_pid: int) -> LoadResult:
     """`streams` closed-loop clients, each sending one spreading request then `rounds` measured ones;
     pick_adapter(stream, request) names each request's adapter."""
@@ -146,6 +151,7 @@ def summarize(name: str, streams: int, per_stream: list[tuple[RequestResult, lis
         busy_from = min(first.started for first, _ in per_stream)
         busy_to = max(rs[-1].started + rs[-1].latency for _, rs in per_stream)
     times = np.concatenate([r.token_times for r in everything])
+    gaps = np.concatenate([np.diff(r.token_times) for r in measured])
     window = busy_to - busy_from
     tokens = int(((times >= busy_from) & (times <= busy_to)).sum())
     return LoadResult(
@@ -154,4 +160,5 @@ def summarize(name: str, streams: int, per_stream: list[tuple[RequestResult, lis
         ttft_p50=percentile([r.ttft for r in measured], 50), ttft_p99=percentile([r.ttft for r in measured], 99),
         latency_p50=percentile([r.latency for r in measured], 50),
         latency_p99=percentile([r.latency for r in measured], 99),
-        peak_rss_mb=peak_rss / 2**20, window_s=window, ttfts=[r.ttft for r in measured])
+        peak_rss_mb=peak_rss / 2**20, window_s=window, ttfts=[r.ttft for r in measured],
+        itl_p50=percentile(gaps.tolist(), 50), itl_p99=percentile(gaps.tolist(), 99))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bench import baselines, constrained, llamacpp, micro, quantized, report, steadiness, targets
-from bench.targets import AGAIN
+from bench import baselines, cold_adapter, constrained, llamacpp, micro, quantized, report, steadiness, targets
+from bench.targets import AGAIN, MIX_WORKLOAD
 from bench.fixtures import (ALL_R16, NEW_TOKENS, PROMPT, QV_R8, SMOLLM2_SHAPES, adapter_names, folder_files,
                             write_adapters)
 from bench.load import request_body, run_streams, session, stream_request
@@ -54,7 +54,7 @@ LONE_REQUESTS = 8  # the TTFT target's denominator is their median: a few can re
 class Workload:
     name: str
     streams: int
-    pick: Callable[[int, int], str | None]
+    pick: Callable[[int, int], str | dict[str, float] | None]  # a name, a 50/50 mix {name: weight}, None: base
 
 
 def zipf_picker(names: list[str], streams: int, rounds: int, seed: int = 0) -> Callable[[int, int], str]:
@@ -70,10 +70,11 @@ def auto_workloads(qv: list[str], wide: list[str], zipf: list[str], stream_count
     base16 = Workload("base-16", 16, lambda i, r: None)
     mixed8 = Workload("mixed8-16", 16, lambda i, r: qv[(i + r) % 8])
     all8 = Workload("all8-16", 16, lambda i, r: wide[(i + r) % 8])
+    mix2 = Workload(MIX_WORKLOAD, 16, lambda i, r: {qv[(i + r) % 8]: 0.5, qv[(i + r + 1) % 8]: 0.5})
     # The targets' workloads twice, the second time in mirror order right after the first: each ratio to the
     # base takes the mean of both runs of each side, centred on the same moment, so a steady drift cancels,
     # and the block is short, so little unsteady drift falls in it (docs/decisions.md).
-    targets = [base16, mixed8, all8]
+    targets = [base16, mixed8, mix2, all8]
     loads = [Workload("lone", 1, lambda i, r: None), *targets,
              *(Workload(f"{w.name}{AGAIN}", w.streams, w.pick) for w in reversed(targets))]
     for n in stream_counts:
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         # server shows what the same traffic costs when each prompt is computed in full
         results["servers"]["nocache"] = serve_mode(stores / "store-nocache", "auto", qv8, rounds, label="nocache",
                                                    extra_args=("--prefix-cache-mb", "0", "--quantization", "none"))
+        log("cold adapters: 16 streams with and without requests for adapters read back from the store")
+        results["servers"]["cold"] = cold_adapter.run(stores / "store-cold", folders["qv"], rounds)
         results["restart"] = restart(stores / "store-auto")
         log("baselines: transformers and PEFT (in-process)")
         fresh = write_adapters(QV_R8, 101, work / "adapters")["qv-0100"]

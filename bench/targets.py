@@ -128,9 +128,39 @@ def evaluate(results: dict) -> list[Target]:
                False, f"{memory['per_adapter_bytes'] / 2**20:.2f} vs {results['registry']['file_bytes'] / 2**20:.2f} MiB"),
         Target("TTFT p99 at 16 streams vs a lone request's", loaded_ttft / lone_ttft, 3.0, False,
                f"{loaded_ttft * 1e3:.0f} vs {lone_ttft * 1e3:.0f} ms (p99 over {loaded_requests} requests)"),
+        *mix_targets(auto),
         *quantized_targets(results.get("quantized"), results.get("llamacpp")),
         *constrained_targets(results.get("constrained")),
+        *cold_adapter_targets(results["servers"].get("cold")),
     ]
+
+
+MIX_WORKLOAD = "mix2-16"  # 16 streams, each request a 50/50 mix of two q/v r8 adapters (bench.run)
+
+
+def mix_targets(workloads: dict) -> list[Target]:
+    """Weighted mixes against the same streams over single adapters (`mixed8-16`), on one server: a mix of two
+    r8 adapters is served as one r16 adapter on the same projections (adapters.mix)."""
+    if MIX_WORKLOAD not in workloads:
+        return []
+    mix, single = mean_tokens_per_s(workloads, MIX_WORKLOAD), mean_tokens_per_s(workloads, "mixed8-16")
+    return [Target("16 streams of 2-adapter 50/50 mixes vs single adapters", mix / single, 0.9, True,
+                   f"{mix:.0f} vs {single:.0f} tok/s (8 mixes vs 8 adapters, q/v r8)"
+                   f"{_runs_detail(workloads, MIX_WORKLOAD)}{_runs_detail(workloads, 'mixed8-16')}")]
+
+
+def cold_adapter_targets(reading: dict | None) -> list[Target]:
+    """The 16 streams' pace while requests for cold adapters arrive, from `bench.cold_adapter.run`."""
+    if not reading:
+        return []
+    phases = reading["summary"]
+    alone, warm, cold = phases["alone-16"], phases["warm-16"], phases["cold-16"]
+    return [Target("16 streams' TTFT p99 with cold-adapter requests vs without", cold["ttft_p99"] / alone["ttft_p99"],
+                   2.0, False,
+                   f"{cold['ttft_p99'] * 1e3:.0f} vs {alone['ttft_p99'] * 1e3:.0f} ms (p99 over {cold['requests']} and "
+                   f"{alone['requests']} requests); inter-token p99 {cold['itl_p99'] / alone['itl_p99']:.2f}x; "
+                   f"{cold['ttft_p99'] / warm['ttft_p99']:.2f}x with as many requests for a resident adapter; "
+                   f"{cold['extra_requests']} cold requests, their TTFT p50 {cold['extra_ttft_p50'] * 1e3:.0f} ms")]
 
 
 def constrained_targets(reading: dict | None) -> list[Target]:

@@ -34,7 +34,8 @@ class HeldStore(AdapterStore):
 
     def __init__(self, root):
         super().__init__(root)
-        self.held, self.reading, self.release, self.fail = threading.Event(), threading.Event(), threading.Event(), False
+        self.held, self.reading, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.fail = False
 
     def read(self, name, read_folder):
         if self.held.is_set():
