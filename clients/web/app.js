@@ -1,5 +1,6 @@
-// The persona chat: every message sends the whole conversation to POST /generate with the chosen adapter and
-// streams the reply (server-sent events over fetch). `history` is what the server sees; the page mirrors it.
+// The persona chat: every message sends the whole conversation to POST /generate with the chosen adapter, or a
+// weighted blend of two, and streams the reply (server-sent events over fetch). `history` is what the server
+// sees; the page mirrors it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +9,7 @@ const els = {
   conversation: $("conversation"), hint: $("empty-hint"), status: $("status"), model: $("model-info"),
   maxTokens: $("max-tokens"), temperature: $("temperature"), clear: $("clear-button"), refresh: $("refresh-button"),
   settings: $("settings"), apiKey: $("api-key"), stop: $("stop-button"), system: $("system-prompt"),
+  blend: $("blend-select"), blendWeight: $("blend-weight"), blendValue: $("blend-value"),
 };
 // Kept for this tab only (sessionStorage): a reload keeps it, closing the tab forgets it.
 const KEY_STORAGE = "loraplex-api-key";
@@ -49,11 +51,15 @@ async function getJSON(path) {
 
 async function loadAdapters() {
   const chosen = els.select.value;
+  const blended = els.blend.value;
   try {
     const { adapters } = await getJSON("/adapters");
-    els.select.replaceChildren(option("", "base model"),
-      ...adapters.map((a) => option(a.name, `${a.name} (rank ${a.rank})`)));
+    const options = () => adapters.map((a) => option(a.name, `${a.name} (rank ${a.rank})`));
+    els.select.replaceChildren(option("", "base model"), ...options());
     els.select.value = adapters.some((a) => a.name === chosen) ? chosen : "";
+    els.blend.replaceChildren(option("", "nothing"), ...options());
+    els.blend.value = adapters.some((a) => a.name === blended) ? blended : "";
+    showBlend();
   } catch (err) {
     setStatus(`Could not load adapters: ${err.message}`);
   }
@@ -66,6 +72,26 @@ async function loadHealth() {
   } catch (err) {
     els.model.textContent = "server unreachable";
   }
+}
+
+const percent = (weight) => `${Math.round(weight * 100)}%`;
+
+function showBlend() {
+  els.blendWeight.disabled = !els.blend.value;
+  els.blendValue.textContent = percent(parseFloat(els.blendWeight.value));
+  els.blendWeight.setAttribute("aria-valuetext", `${els.blendValue.textContent} of the second persona`);
+}
+
+// What a message is sent with: `adapter` alone (the base when null), or `adapters` with weights when a second
+// persona is blended in at weight w > 0: the first at 1 - w (the base's share when there is no first).
+function chosenAdapters() {
+  const first = els.select.value || null;
+  const second = els.blend.value || null;
+  const w = parseFloat(els.blendWeight.value);
+  if (!second || !(w > 0) || second === first) return { adapter: first };
+  const rest = Math.round((1 - w) * 100) / 100;
+  const adapters = first ? [{ name: first, weight: rest }, { name: second, weight: w }] : [{ name: second, weight: w }];
+  return { adapters, label: `${first ?? "base"} ${percent(rest)} + ${second} ${percent(w)}` };
 }
 
 function setStatus(text) {
@@ -104,9 +130,9 @@ function addMessage(kind, label, text) {
   return item;
 }
 
-function addReply(adapter) {
+function addReply(adapter, label) {
   const persona = adapter ?? "base";
-  const item = addMessage("reply", persona, "");
+  const item = addMessage("reply", label ?? persona, "");
   item.dataset.adapter = persona;
   item.dataset.state = "streaming";
   item.setAttribute("aria-busy", "true");
@@ -170,19 +196,21 @@ async function send(event) {
   event.preventDefault();
   const text = els.input.value.trim();
   if (!text || busy) return;
-  const adapter = els.select.value || null;
+  const { adapter, adapters, label } = chosenAdapters();
   history.push({ role: "user", content: text });
   const question = addMessage("user", "you", text);
   els.input.value = "";
-  const reply = addReply(adapter);
+  const heaviest = adapters?.reduce((a, b) => (b.weight > a.weight ? b : a)).name;
+  const reply = addReply(adapter ?? heaviest ?? null, label);
   const replyText = reply.querySelector(".message-text");
   const system = els.system.value.trim();
   const messages = system ? [{ role: "system", content: system }, ...history] : history;
   writing = new AbortController();
   setBusy(true);
-  setStatus(`${adapter ?? "base model"} is writing…`);
+  setStatus(`${label ?? adapter ?? "base model"} is writing…`);
   try {
-    const result = await streamReply({ messages, adapter, ...generationParams() },
+    const chosen = adapters ? { adapters } : { adapter };
+    const result = await streamReply({ messages, ...chosen, ...generationParams() },
       (piece) => { replyText.textContent += piece; }, writing.signal);
     history.push({ role: "assistant", content: result.text });
     const tokens = result.usage.completion_tokens;
@@ -229,6 +257,8 @@ els.apiKey.addEventListener("change", () => {
   loadAdapters();
 });
 els.refresh.addEventListener("click", () => { loadAdapters(); loadHealth(); });
+els.blend.addEventListener("change", showBlend);
+els.blendWeight.addEventListener("input", showBlend);
 document.addEventListener("visibilitychange", () => { if (!document.hidden) loadAdapters(); });
 els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? "";
 loadAdapters();

@@ -138,6 +138,36 @@ def test_the_system_prompt_opens_each_request_and_stop_keeps_what_was_written(pa
     assert bodies[1]["messages"][2] == {"role": "assistant", "content": kept} and kept
 
 
+def test_a_blend_of_two_personas_sends_both_with_the_sliders_weights_and_gets_a_reply(page):
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    slider = page.get_by_label("Mix weight")
+    expect(slider).to_be_disabled()  # nothing to blend with yet
+    page.get_by_label("Blend with").select_option("butler")
+    expect(slider).to_be_enabled()
+    slider.fill("0.25")
+    slider.press("ArrowRight")  # one step of 0.05
+    expect(page.get_by_test_id("blend-value")).to_have_text("30%")
+
+    send(page, "pirate", "Who are you?", replies_after=1)
+    reply = page.locator(".reply")
+    expect(reply.locator(".reply-label")).to_have_text("pirate 70% + butler 30%")
+    expect(reply).to_have_attribute("data-state", "done")
+    assert reply.locator(".message-text").text_content().strip()
+    assert bodies[0]["adapters"] == [{"name": "pirate", "weight": 0.7}, {"name": "butler", "weight": 0.3}]
+    assert "adapter" not in bodies[0]
+
+    slider.fill("0")  # no share of the second persona: the first alone, by name
+    send(page, "pirate", "Again?", replies_after=2)
+    page.get_by_label("Blend with").select_option("")
+    expect(slider).to_be_disabled()
+    slider_value = slider.input_value()
+    send(page, "pirate", "Once more?", replies_after=3)
+    assert [b.get("adapter") for b in bodies[1:]] == ["pirate", "pirate"] and slider_value == "0"
+    assert all("adapters" not in b for b in bodies[1:])
+    expect(page.locator(".reply[data-state=done]")).to_have_count(3)
+
+
 def test_a_deleted_persona_shows_the_error_and_is_left_out_of_history(page, server):
     with LoraplexClient(server.url) as client:
         client.delete_adapter("ghost")
@@ -180,4 +210,5 @@ def test_a_server_with_keys_gets_the_key_from_settings_on_every_call(keyed_serve
         expect(page.get_by_label("Persona").locator("option")).to_have_count(2)
     finally:
         page.close()
+
 
