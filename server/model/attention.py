@@ -3,7 +3,9 @@ causally against theirs, each writing its new keys and values into the cache fir
 
 The cache (server.engine.kv_cache) is storage only; this is the math the model runs over it. Decode rows sit
 in KV slots 0..n-1 (see server.model.context), so their keys are read as a view, not gathered. Positions past
-a sequence's length are read and masked: the cache keeps them finite.
+a sequence's length are read and masked: the cache keeps them finite. Scores scale by `scale` (the head
+width's -1/2 power unless the family says otherwise) and, where a family caps them, become
+cap * tanh(score / cap) before the mask, as transformers' eager attention computes them.
 """
 
 from __future__ import annotations
@@ -23,28 +25,38 @@ class KVTensors(Protocol):
 
 
 def attend(kv: KVTensors, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
-           window: int | None = None, native_decode: DecodeAttention | None = None) -> torch.Tensor:
+           window: int | None = None, native_decode: DecodeAttention | None = None, scale: float | None = None,
+           softcap: float | None = None) -> torch.Tensor:
     """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Stores k, v in the cache's `layer` and returns
     [tokens, heads, d]. `window`: the layer's sliding window, if any; `native_decode`: the backend's decode
-    attention kernel (None: torch)."""
+    attention kernel (None: torch); `scale`: of the scores (None: d ** -0.5); `softcap`: their cap, if any."""
     kc, vc = kv.k[layer], kv.v[layer]
+    if scale == q.shape[-1] ** -0.5:  # as None: each path then scales as it does by default, to the last bit
+        scale = None
     outs = []
     n = ctx.num_decode
     if n:
         out = None
-        # a window shorter than every row's keys changes nothing; the native kernel attends to them all
-        if native_decode is not None and (window is None or ctx.kv_len <= window):
+        # the kernel scales by d ** -0.5 and caps nothing; a window shorter than every row's keys changes
+        # nothing, and the kernel attends to them all
+        plain = softcap is None and scale is None
+        if native_decode is not None and plain and (window is None or ctx.kv_len <= window):
             out = native_decode(kc, vc, q[:n], k[:n], v[:n], ctx.positions[:n], ctx.kv_len)
-        outs.append(out if out is not None else _decode(kc, vc, q[:n], k[:n], v[:n], ctx, window))
+        outs.append(out if out is not None else _decode(kc, vc, q[:n], k[:n], v[:n], ctx, window, scale, softcap))
     row = n
     for chunk in ctx.prefills:
         rows = slice(row, row + chunk.length)
-        outs.append(_prefill(kc, vc, q[rows], k[rows], v[rows], chunk.slot, chunk.start, window))
+        outs.append(_prefill(kc, vc, q[rows], k[rows], v[rows], chunk.slot, chunk.start, window, scale, softcap))
         row += chunk.length
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def _decode(kc, vc, q, k, v, ctx: StepContext, window: int | None = None) -> torch.Tensor:
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+def _decode(kc, vc, q, k, v, ctx: StepContext, window: int | None = None, scale: float | None = None,
+            softcap: float | None = None) -> torch.Tensor:
     # The native kernel's reference and the path without it. Two batched matmuls, not SDPA: faster for one
     # query row per sequence (the timings and how they were taken: docs/decisions.md).
     n, heads, d = q.shape
@@ -55,7 +67,10 @@ def _decode(kc, vc, q, k, v, ctx: StepContext, window: int | None = None) -> tor
     keys, values = kc[:n, :, : ctx.kv_len], vc[:n, :, : ctx.kv_len]
     grouped = q.view(n, kv_heads, heads // kv_heads, d)  # query head h reads KV head h // group
     scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()
-    scores.mul_(d ** -0.5).add_(ctx.decode_bias)
+    scores.mul_(d ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
+    scores.add_(ctx.decode_bias)
     if window is not None and ctx.kv_len > window:  # key j is seen from positions j .. j + window - 1
         before = torch.arange(ctx.kv_len, device=q.device)[None, :] <= positions[:, None] - window
         scores.masked_fill_(before[:, None, None, :], float("-inf"))
@@ -63,7 +78,8 @@ def _decode(kc, vc, q, k, v, ctx: StepContext, window: int | None = None) -> tor
     return torch.matmul(probs, values).view(n, heads, d)
 
 
-def _prefill(kc, vc, q, k, v, slot: int, start: int, window: int | None = None) -> torch.Tensor:
+def _prefill(kc, vc, q, k, v, slot: int, start: int, window: int | None = None, scale: float | None = None,
+             softcap: float | None = None) -> torch.Tensor:
     length = q.shape[0]
     end = start + length
     kc[slot, :, start:end] = k.transpose(0, 1)
@@ -79,6 +95,20 @@ def _prefill(kc, vc, q, k, v, slot: int, start: int, window: int | None = None) 
     else:  # keys before `start` came from the prefix cache; query i sees keys up to start + i
         keys, values, causal = kc[slot, :, :end], vc[slot, :, :end], False
         mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+    if softcap is not None:  # SDPA cannot cap its scores
+        if causal:
+            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril_()
+        return _capped(q.transpose(0, 1), keys, values, mask, scale, softcap).transpose(0, 1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                                         attn_mask=mask, is_causal=causal, enable_gqa=True)
+                                         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _capped(q, keys, values, mask, scale: float | None, softcap: float) -> torch.Tensor:
+    """q [heads, rows, d] over keys, values [kv_heads, keys, d], where mask [rows, keys] is True."""
+    group = q.shape[0] // keys.shape[0]  # query head h reads KV head h // group
+    keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = soft_cap(torch.matmul(q, keys.transpose(-1, -2)).float() * scale, softcap)
+    probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1).to(q.dtype)
+    return torch.matmul(probs, values)

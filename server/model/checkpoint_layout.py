@@ -47,6 +47,12 @@ class UnfusedCheckpoint:
         return self._tensors.keys()
 
 
+def layer_norms(cfg: ModelConfig) -> tuple[str, ...]:
+    """The checkpoint's names of a layer's norms over the hidden state."""
+    sandwich = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if cfg.sandwich_norms else ()
+    return ("input_layernorm", "post_attention_layernorm") + sandwich
+
+
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
     if not cfg.tie_word_embeddings:
@@ -57,7 +63,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[hf_weight_name(i, proj)] = shape
             if proj in biased:
                 shapes[hf_weight_name(i, proj).replace(".weight", ".bias")] = shape[:1]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in layer_norms(cfg):
             shapes[f"model.layers.{i}.{norm}.weight"] = (cfg.hidden_size,)
         if cfg.qk_norm:
             for norm in ("q_norm", "k_norm"):

@@ -12,7 +12,7 @@ from server.model.checkpoint import MappedCheckpoint, checkpoint_tensor
 from server.model.embedding import BlockEmbedding, TableEmbedding
 from server.model.config import ModelConfig
 from server.model.linear import Linear
-from server.model.checkpoint_layout import UnfusedCheckpoint, check_checkpoint
+from server.model.checkpoint_layout import UnfusedCheckpoint, check_checkpoint, layer_norms
 from server.model.geometry import FUSED_SITES, biased_sites, hf_weight_name
 from server.model.llama import DecoderLayer, Transformer
 from server.model.loader import ModelFolder
@@ -137,13 +137,16 @@ def build_transformer(cfg: ModelConfig, ckpt: MappedCheckpoint, backend: Backend
             if site in biased_sites(cfg):
                 bias = _fused(ckpt, [hf_weight_name(i, p).replace(".weight", ".bias") for p in projs], device, dtype)
             linears[site] = formats.projection(i, projs, bias)
-        norms = (_tensor(ckpt, f"model.layers.{i}.input_layernorm.weight", device, dtype),
-                 _tensor(ckpt, f"model.layers.{i}.post_attention_layernorm.weight", device, dtype))
+        norm = {name: _tensor(ckpt, f"model.layers.{i}.{name}.weight", device, dtype) for name in layer_norms(cfg)}
+        norms, output_norms = (norm["input_layernorm"], norm["post_attention_layernorm"]), None
+        if cfg.sandwich_norms:  # Gemma's post_attention norm is on attention's output; pre_feedforward feeds the MLP
+            norms = (norm["input_layernorm"], norm["pre_feedforward_layernorm"])
+            output_norms = (norm["post_attention_layernorm"], norm["post_feedforward_layernorm"])
         qk_norms = None
         if cfg.qk_norm:
             qk_norms = tuple(_tensor(ckpt, f"model.layers.{i}.self_attn.{n}.weight", device, dtype)
                              for n in ("q_norm", "k_norm"))
-        layers.append(DecoderLayer(i, cfg, linears, norms, qk_norms, backend))
+        layers.append(DecoderLayer(i, cfg, linears, norms, qk_norms, backend, output_norms))
     # read when a format asks (once): a tied GGUF never needs the table in full precision
     table = functools.cache(lambda: _tensor(ckpt, "model.embed_tokens.weight", device, dtype))
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt

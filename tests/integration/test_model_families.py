@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config)
 
 from adapters import PROJECTIONS, read_peft_folder
 from server.engine.kv_cache import KVCache
@@ -46,6 +47,16 @@ FAMILIES = {
     # qkv_proj and gate_up_proj fused in the checkpoint; PEFT's adapter reaches o_proj and down_proj alone
     "phi3-sliding-window": lambda: Phi3Config(**SHAPE, sliding_window=6, pad_token_id=0, bos_token_id=1,
                                               eos_token_id=2, tie_word_embeddings=False),
+    # layer 0 local (the last 5 keys), layer 1 global; raw attention scores reach about 40 and logits about 10,
+    # so both caps bite; query_pre_attn_scalar 8 where head_dim is 32
+    "gemma2": lambda: Gemma2Config(**SHAPE, head_dim=32, query_pre_attn_scalar=8, sliding_window=5,
+                                   attn_logit_softcapping=20.0, final_logit_softcapping=5.0),
+    # no caps; layer 0 local (the last 6 keys, rope base 10^4), layer 1 global (base 10^6, linear factor 4)
+    "gemma3-text": lambda: Gemma3TextConfig(
+        **SHAPE, head_dim=32, query_pre_attn_scalar=8, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}),
 }
 
 

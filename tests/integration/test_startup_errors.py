@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from transformers import Gemma2Config
+from transformers import PhiConfig
 
 from tests.integration.server_process import free_port
 from tests.integration.tiny_models import tiny_llama
@@ -15,8 +15,8 @@ from tests.integration.tiny_models import tiny_llama
 pytestmark = pytest.mark.integration
 
 
-def gemma2(folder, tokenizer_from):
-    Gemma2Config(vocab_size=64, hidden_size=64, num_hidden_layers=2).save_pretrained(folder)
+def phi2(folder, tokenizer_from):
+    PhiConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2).save_pretrained(folder)
 
 
 def without_tokenizer(folder, tokenizer_from):
@@ -39,7 +39,7 @@ def truncated_gguf(folder, tokenizer_from):
 
 
 @pytest.mark.parametrize("make, says", [
-    (gemma2, "model_type 'gemma2': Gemma 2"),
+    (phi2, "model_type 'phi': Phi-2"),
     (without_tokenizer, "holds no tokenizer"),
     (biases_the_config_does_not_declare, "the checkpoint holds model.layers.0.self_attn.k_proj.bias"),
     (truncated_gguf, "cut.gguf: transformers cannot read it as a GGUF model"),

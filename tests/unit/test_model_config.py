@@ -2,7 +2,8 @@
 not fit its config is refused naming the tensor."""
 
 import pytest
-from transformers import Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig,
+                          PhiConfig, Qwen2Config)
 
 from server.model.checkpoint_layout import CheckpointMismatch, check_checkpoint, expected_tensors
 from server.model.config import ModelConfig, ModelNotSupported
@@ -15,7 +16,8 @@ def hf(config) -> dict:
     return config.to_dict()
 
 
-@pytest.mark.parametrize("config, named", [(Gemma2Config(**SHAPE), "Gemma 2"), (MixtralConfig(**SHAPE), "Mixtral")])
+@pytest.mark.parametrize("config, named", [(GemmaConfig(**SHAPE), "Gemma \\(1\\)"), (PhiConfig(**SHAPE), "Phi-2"),
+                                           (MixtralConfig(**SHAPE), "Mixtral")])
 def test_an_unsupported_family_is_refused_by_name(config, named):
     with pytest.raises(ModelNotSupported, match=named):
         ModelConfig.from_hf(hf(config))
@@ -42,6 +44,48 @@ def test_sliding_windows_are_read_per_layer_as_transformers_reads_them():
     # Qwen2 checkpoints ship a sliding_window that use_sliding_window leaves off
     off = hf(Qwen2Config(**SHAPE, use_sliding_window=False)) | {"sliding_window": 4096}
     assert ModelConfig.from_hf(off).smallest_window is None
+
+
+def test_gemma_layers_alternate_local_and_global_as_transformers_reads_them():
+    gemma2 = ModelConfig.from_hf(hf(Gemma2Config(**SHAPE, sliding_window=8)))
+    assert gemma2.layer_windows == (8, None, 8)  # every second layer global
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.local_rope_layers) == (50.0, 30.0, ())
+    pattern = hf(Gemma3TextConfig(**SHAPE, sliding_window=8, sliding_window_pattern=3))
+    gemma3 = ModelConfig.from_hf(pattern)
+    assert gemma3.layer_windows == (8, 8, None) and gemma3.local_rope_layers == (0, 1)
+    assert (gemma3.attn_softcap, gemma3.final_softcap, gemma3.qk_norm) == (None, None, True)
+    # a file written before layer_types carries only the pattern
+    old = {k: v for k, v in pattern.items() if k != "layer_types"}
+    assert ModelConfig.from_hf(old).layer_windows == (8, 8, None)
+
+
+def test_gemma3_reads_both_rope_bases_from_either_form_of_config():
+    new = ModelConfig.from_hf(hf(Gemma3TextConfig(**SHAPE, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}})))
+    old = ModelConfig.from_hf({k: v for k, v in hf(Gemma3TextConfig(**SHAPE)).items() if k != "rope_parameters"} |
+                              {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                               "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    for cfg in (new, old):
+        assert (cfg.rope_theta, cfg.rope_scaling["factor"], cfg.local_rope_theta) == (1_000_000.0, 8.0, 10_000.0)
+
+
+def test_gemma_keys_a_config_leaves_out_take_transformers_defaults():
+    written = hf(Gemma2Config(**SHAPE))
+    bare = {k: v for k, v in written.items()
+            if k not in ("hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
+                         "final_logit_softcapping", "tie_word_embeddings")} | {"hidden_act": "gelu_pytorch_tanh"}
+    assert ModelConfig.from_hf(bare) == ModelConfig.from_hf(written)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
+])
+def test_a_gemma_option_not_computed_is_refused_by_name(change, named):
+    with pytest.raises(ModelNotSupported, match=named):
+        ModelConfig.from_hf(hf(Gemma2Config(**SHAPE)) | change)
 
 
 def test_biases_follow_the_family():
