@@ -57,6 +57,10 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}),
+    # query_pre_attn_scalar equal to head_dim, as in most Gemma 3 checkpoints: the global layer's decode rows
+    # take the native decode-attention kernel where the backend has it
+    "gemma3-text-head-dim-scale": lambda: Gemma3TextConfig(**SHAPE, head_dim=32, query_pre_attn_scalar=32,
+                                                           sliding_window=6, sliding_window_pattern=2),
 }
 
 
