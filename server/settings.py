@@ -58,7 +58,8 @@ class Settings(BaseSettings):
                                                        "(read-only; not copied into the store)")
     adapter_dirs: list[Path] = Field(default_factory=list, description="folders where a request for an unknown "
                                      "adapter name looks for <dir>/<name>/ as a PEFT folder and registers it in "
-                                     "place (not copied into the store; never a download)")
+                                     "place (not copied into the store; never a download); a Hugging Face hub "
+                                     "cache serves org/name from models--org--name/snapshots/<commit>/")
     # security and limits
     admin_keys: str = Field("", description="comma-separated API keys that may change adapters")
     user_keys: str = Field("", description="comma-separated API keys that may generate and list")
