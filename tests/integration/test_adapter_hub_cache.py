@@ -5,31 +5,26 @@ import hashlib
 import os
 
 import pytest
-import torch
 
-from adapters import peft_folder_files, random_adapter
-from server.model.backend import resolve_backend
-from server.model.loader import ModelFolder
-from server.model.weights import LoadedModel
+from adapters import llama_base_shapes, peft_folder_files, random_adapter
 from tests.integration.server_process import ServerProcess
 from tests.integration.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.integration
 COMMIT = "c" * 40
+TINY = llama_base_shapes(num_layers=2, hidden=64, intermediate=128, kv_dim=32)  # tiny_llama's projections
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_folder):
     root = tmp_path_factory.mktemp("hub")
     folder = tiny_llama(root / "model", default_model_folder.path)
-    backend = resolve_backend(torch.device("cpu"), torch.float32, "torch")
-    shapes = LoadedModel(ModelFolder(folder), backend).transformer.lora_target_shapes()
     repo = root / "hub" / "models--org--pirate"
     (repo / "snapshots" / COMMIT).mkdir(parents=True)
     (repo / "blobs").mkdir()
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
-    for name, data in peft_folder_files(random_adapter("x", shapes, seed=1, init_std=0.5)).items():
+    for name, data in peft_folder_files(random_adapter("x", TINY, seed=1, init_std=0.5)).items():
         blob = hashlib.sha256(data).hexdigest()
         (repo / "blobs" / blob).write_bytes(data)
         os.symlink(f"../../blobs/{blob}", repo / "snapshots" / COMMIT / name)
