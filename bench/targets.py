@@ -144,7 +144,7 @@ def mix_targets(workloads: dict) -> list[Target]:
     if MIX_WORKLOAD not in workloads:
         return []
     mix, single = mean_tokens_per_s(workloads, MIX_WORKLOAD), mean_tokens_per_s(workloads, "mixed8-16")
-    return [Target("16 streams of 2-adapter 50/50 mixes vs single adapters", mix / single, 0.9, True,
+    return [Target("16 streams of 50/50 mixes vs single adapters", mix / single, 0.9, True,
                    f"{mix:.0f} vs {single:.0f} tok/s (8 mixes vs 8 adapters, q/v r8)"
                    f"{_runs_detail(workloads, MIX_WORKLOAD)}{_runs_detail(workloads, 'mixed8-16')}")]
 
@@ -155,7 +155,7 @@ def cold_adapter_targets(reading: dict | None) -> list[Target]:
         return []
     phases = reading["summary"]
     alone, warm, cold = phases["alone-16"], phases["warm-16"], phases["cold-16"]
-    return [Target("16 streams' TTFT p99 with cold-adapter requests vs without", cold["ttft_p99"] / alone["ttft_p99"],
+    return [Target("TTFT p99, 16 streams with cold adapters vs without", cold["ttft_p99"] / alone["ttft_p99"],
                    2.0, False,
                    f"{cold['ttft_p99'] * 1e3:.0f} vs {alone['ttft_p99'] * 1e3:.0f} ms (p99 over {cold['requests']} and "
                    f"{alone['requests']} requests); inter-token p99 {cold['itl_p99'] / alone['itl_p99']:.2f}x; "
