@@ -8,7 +8,8 @@ products are stored as the kernel's fp16 block scale and offset, a rounding of a
 Any other type gguf can read (Q6_K, Q5_K, Q5_0, F16, ...) is dequantized and requantized to 8-bit blocks of
 32 (Q8_0's rule) at load, and the log says which types were. llama.cpp's converter permutes the rows of
 attn_q and attn_k of a Llama-family file (its rope pairs halves differently); they are put back in Hugging
-Face's order here. Files of other architectures (ARCHITECTURES) are refused before any tensor is read.
+Face's order here. Phi-3's files hold q/k/v and gate/up fused, as the model's sites are (WHOLE_SITES). Files of
+other architectures (ARCHITECTURES) are refused before any tensor is read.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
 
 
 # GGUF architecture -> whether llama.cpp's converter permuted the rows of attn_q and attn_k (its Llama
-# family does, for its rope's pairing; Qwen's keep Hugging Face's order). Fused layouts (Phi-3) are not served.
-ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+# family does, for its rope's pairing; Qwen's and Phi-3's keep Hugging Face's order).
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "phi3": False}
+# the tensors that hold a fused site whole, by architecture: Phi-3's files keep q/k/v and gate/up fused as the
+# model computes them (rows in the same order)
+WHOLE_SITES = {"phi3": {("q_proj", "k_proj", "v_proj"): "attn_qkv", ("gate_proj", "up_proj"): "ffn_up"}}
 
 
 class UnsupportedTensor(ValueError):
@@ -120,13 +124,21 @@ class GGUFBlocks:
         q = (blocks * inverse[..., None]).round().clamp(-127, 127).to(torch.int8)
         return 8, q, d, torch.zeros_like(d)
 
-    def projection(self, layer: int, proj: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        name = f"blk.{layer}.{GGUF_NAMES[proj]}.weight"
+    def _site(self, name: str, projs: list[str]) -> BlockWeight:
         bits, q, d, m = self.rows(name)
-        expected = projection_shapes(self.cfg)[proj]
+        shapes = [projection_shapes(self.cfg)[proj] for proj in projs]
+        self._check_shape(name, q, (sum(rows for rows, _ in shapes), shapes[0][1]))
+        return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
+
+    def _check_shape(self, name: str, q: torch.Tensor, expected: tuple[int, int]) -> None:
         if (q.shape[0], q.shape[1] * BLOCK) != expected:
             raise UnsupportedTensor(f"{self.path.name}: tensor {name} is {q.shape[0]}x{q.shape[1] * BLOCK}; the "
                                     f"model's config.json says {expected[0]}x{expected[1]}")
+
+    def projection(self, layer: int, proj: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        name = f"blk.{layer}.{GGUF_NAMES[proj]}.weight"
+        bits, q, d, m = self.rows(name)
+        self._check_shape(name, q, projection_shapes(self.cfg)[proj])
         if proj in ("q_proj", "k_proj") and ARCHITECTURES[self.arch]:
             heads = self.cfg.num_heads if proj == "q_proj" else self.cfg.num_kv_heads
             order = _unpermute(q.shape[0], heads)
@@ -135,6 +147,9 @@ class GGUFBlocks:
 
     def fused(self, layer: int, projs: list[str]) -> BlockWeight:
         """The projections of one fused site, rows stacked in `projs` order (as the model fuses them)."""
+        whole = WHOLE_SITES.get(self.arch, {}).get(tuple(projs))
+        if whole is not None:
+            return self._site(f"blk.{layer}.{whole}.weight", projs)
         parts = [self.projection(layer, proj) for proj in projs]
         bits = max(part[0] for part in parts)
         # a 4-bit part among 8-bit ones (Q4_K_M's attn_v is Q6_K) widens exactly: q 0..15 is an int8 too

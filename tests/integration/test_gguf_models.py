@@ -1,11 +1,11 @@
-"""GGUF files of the families llama.cpp writes, served from their own blocks: tiny random-weight Llama, Qwen2
-and Qwen3 models written as llama.cpp's converter writes them (Llama's q/k rows permuted, Qwen's not; Qwen2's
-biases, Qwen3's q/k norms), converted by `--model FILE.gguf` and served with --quantization gguf, against the
+"""GGUF files of the families llama.cpp writes, served from their own blocks: tiny random-weight Llama, Qwen2,
+Qwen3 and Phi-3 models written as llama.cpp's converter writes them (Llama's q/k rows permuted, the others'
+not; Qwen2's biases, Qwen3's q/k norms, Phi-3's fused q/k/v and gate/up), converted by `--model FILE.gguf` and served with --quantization gguf, against the
 same file dequantized (fp32) and against the model it was written from."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from server.model.backend import resolve_backend
 from server.model.context import PrefillChunk, build_step
@@ -27,6 +27,8 @@ FAMILIES = {
     "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),
     # transformers reads a qwen3 file's head_dim as Qwen3's 128 (every Qwen3 has it): q is wider than the hidden
     "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=128, tie_word_embeddings=True),
+    # q/k/v and gate/up fused in the file as in the checkpoint
+    "phi3": lambda: Phi3Config(**SHAPE, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
 }
 
 
@@ -97,7 +99,7 @@ def test_a_gguf_of_an_architecture_not_served_from_blocks_is_refused_naming_it(t
     from server.model.gguf_blocks import GGUFBlocks
 
     hf = random_model(LlamaConfig(**SHAPE))  # its tensors are never read: the header refuses the file
-    path = write_gguf(hf, tmp_path / "tiny-phi3.gguf", "phi3", default_gguf_path())
+    path = write_gguf(hf, tmp_path / "tiny-gemma2.gguf", "gemma2", default_gguf_path())
     cfg = ModelConfig.from_hf(hf.config.to_dict())
-    with pytest.raises(UnsupportedTensor, match="architecture 'phi3' is not served from its blocks"):
+    with pytest.raises(UnsupportedTensor, match="architecture 'gemma2' is not served from its blocks"):
         GGUFBlocks(path, cfg)

@@ -29,13 +29,14 @@ def tiny_llama(folder: Path, tokenizer_from: Path | None = None, **config) -> Pa
 # a Hugging Face projection's GGUF name, as llama.cpp's converter writes them
 GGUF_PROJECTIONS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down"}
+                    "mlp.down_proj": "ffn_down",
+                    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's, fused
 GGUF_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def write_gguf(model, path: Path, arch: str, tokenizer_gguf: Path, quant=None) -> Path:
-    """`model` (a tiny Llama, Qwen2 or Qwen3 built by transformers) written as llama.cpp's converter writes it:
+    """`model` (a tiny Llama, Qwen2, Qwen3 or Phi-3 built by transformers) written as llama.cpp's converter writes it:
     its config as `arch`.* keys, the tokenizer of `tokenizer_gguf` (a GGUF with the same vocabulary), norms
     and biases in F32, the embedding and lm_head in Q8_0, projections in `quant` (Q8_0 by default), and for
     `llama` the rows of attn_q and attn_k permuted as llama.cpp permutes them."""
@@ -80,6 +81,8 @@ def write_gguf(model, path: Path, arch: str, tokenizer_gguf: Path, quant=None) -
             if prefix + hf_name + ".weight" in state:
                 add(f"blk.{i}.{name}.weight", state[prefix + hf_name + ".weight"])
         for hf_name, name in GGUF_PROJECTIONS.items():
+            if prefix + hf_name + ".weight" not in state:
+                continue
             weight = state[prefix + hf_name + ".weight"]
             if arch == "llama" and name in ("attn_q", "attn_k"):
                 n = heads if name == "attn_q" else kv_heads
