@@ -34,13 +34,13 @@ from pathlib import Path
 from bench.fixtures import NEW_TOKENS, PROMPT, QV_R8, write_adapters
 from bench.load import percentile, request_body, run_streams, session, stream_request
 from bench.serving import BenchServer, counters_delta
+from bench.targets import AGAIN
 
 STREAMS = 16
 HOT = 8
 ADAPTERS = 64
 RESIDENT = 16  # the hot 8, and 8 that the cold requests cycle through: 56 cold ones outnumber them
 EXTRA_TOKENS = 8
-AGAIN = "-again"
 PHASES = ("alone-16", "warm-16", "cold-16")
 
 
