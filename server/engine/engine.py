@@ -66,6 +66,7 @@ class Engine:
         self.eos_ids = eos_ids
         self.modes = modes
         self.metrics = EngineMetrics(metrics)
+        self.metrics.watch_queue(scheduler)
         self.max_pending = max_pending
         self.timeout_s = timeout_s
         self._clock = clock or Clock()

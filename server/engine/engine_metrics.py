@@ -26,6 +26,12 @@ class EngineMetrics:
         self.stats = EngineStats()
         self._totals_seen: dict[object, float] = {}  # counter -> the running total it last advanced to
 
+    def watch_queue(self, scheduler) -> None:
+        """The queue gauges read the scheduler when scraped: set at each step, they kept the last busy step's
+        counts once the engine went idle."""
+        self.prometheus.running.set_function(lambda: len(scheduler.running))
+        self.prometheus.waiting.set_function(lambda: len(scheduler.waiting))
+
     def rejected(self, reason: str) -> None:
         self.prometheus.rejected.labels(reason).inc()
 
@@ -50,8 +56,6 @@ class EngineMetrics:
         for phase, count in (("decode", decoded), ("prefill", prefilled)):
             if count:
                 m.batch.labels(phase).observe(count)
-        m.running.set(len(scheduler.running))
-        m.waiting.set(len(scheduler.waiting))
         slots = scheduler.adapter_slots
         self._count_up(m.adapter_loads, slots.loads)
         m.resident.set(len(slots.resident()))

@@ -132,3 +132,17 @@ def test_requests_for_one_prompt_are_queued_all_together_or_not_at_all():
     assert loop.engine.pending == 1  # no place taken by the refused three
     seqs = loop.engine.submit_all(list(range(1, PROMPT + 1)), [BACKGROUND] * 2, None, sinks[:2])
     assert loop.engine.pending == 3 and len({s.id for s in seqs}) == 2
+
+
+def test_the_queue_gauges_read_the_scheduler_when_scraped_so_an_idle_engine_shows_none():
+    loop = fake_loop(step_s=STEP_S)
+    registry = loop.engine.metrics.prometheus.registry
+
+    def running() -> float:
+        return registry.get_sample_value("loraplex_queue_running")
+
+    sent = [loop.submit(PROMPT, SHORT) for _ in range(3)]
+    loop.run_until(lambda: loop.engine.stats.steps >= 1)
+    assert running() == 3
+    loop.run_until(lambda: all(s.finish_reason is not None for s in sent))
+    assert running() == 0 and registry.get_sample_value("loraplex_queue_waiting") == 0
