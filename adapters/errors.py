@@ -29,6 +29,13 @@ class AdapterTooLarge(LoraplexError):
     code = "adapter_too_large"
 
 
+class AdapterUnreadable(LoraplexError):
+    """A registered adapter whose stored copy cannot be read back (a disk fault, a file changed under the
+    server): the server's failure, not the request's."""
+
+    code = "adapter_unreadable"
+
+
 class InvalidRequest(LoraplexError):
     """A request's parameters break a limit (an adapter mix's, among others the server checks)."""
 

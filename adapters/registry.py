@@ -23,7 +23,9 @@ from dataclasses import replace as with_fields
 from pathlib import Path
 
 from adapters.chat_template import TEMPLATE_FILE, template_from_files
-from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, LoraplexError
+from adapters.errors import (
+    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, AdapterUnreadable, LoraplexError,
+)
 from adapters.format import (
     CARD_FILE, WEIGHTS_FILE, Adapter, AdapterLimits, BaseShapes, peft_folder_files, raw_to_peft_files,
     parse_card, read_peft_folder, read_raw_safetensors, validate, validate_name,
@@ -213,10 +215,16 @@ class AdapterRegistry:
         return adapter
 
     def _read_back(self, name: str) -> Adapter:
-        found = self.store.read(name, lambda folder: read_peft_folder(folder, name))
+        try:
+            found = self.store.read(name, lambda folder: read_peft_folder(folder, name))
+            if found is not None:
+                validate(found[1], self.base, self.limits)
+        except (AdapterInvalid, AdapterTooLarge, OSError) as e:  # it was valid when registered: the store broke
+            log.error("adapter %r: its stored copy cannot be read back: %s", name, e)
+            raise AdapterUnreadable(f"adapter {name!r} is registered but its stored copy cannot be read back: "
+                                    f"{getattr(e, 'message', e)}") from e
         if found is None:
             raise AdapterNotFound(f"adapter {name!r} is not registered")
-        validate(found[1], self.base, self.limits)
         log.info("adapter %r read back from the store", name)
         return found[1]
 

@@ -6,7 +6,7 @@ Raised deep (adapter validation, the engine, the store) and mapped to HTTP statu
 """
 
 from adapters.errors import (  # noqa: F401  (re-exported: the server raises and maps them too)
-    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidRequest, LoraplexError,
+    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, AdapterUnreadable, InvalidRequest, LoraplexError,
 )
 
 

@@ -9,7 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidRequest, LoraplexError
+from adapters.errors import (
+    AdapterExists, AdapterInvalid, AdapterNotFound, AdapterTooLarge, AdapterUnreadable, InvalidRequest, LoraplexError,
+)
 from server.errors import DeadlineExceeded, EngineUnavailable, Forbidden, GenerationFailed, Overloaded, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,7 @@ STATUS = {
     AdapterTooLarge: 413,
     AdapterInvalid: 422,
     InvalidRequest: 422,
+    AdapterUnreadable: 500,
     EngineUnavailable: 503,
     Unauthorized: 401,
     Forbidden: 403,

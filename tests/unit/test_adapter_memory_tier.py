@@ -165,3 +165,16 @@ def test_a_read_back_under_way_holds_up_no_other_adapter(tmp_path):
     reg.store.release.set()
     reader.join(10)
     assert same_weights(reg.get_resident("a"), made["a"])
+
+
+def test_a_stored_copy_broken_on_disk_is_the_servers_error_not_the_requests(tmp_path):
+    from adapters.errors import AdapterUnreadable
+
+    reg = registry(tmp_path, max_resident=1)
+    made = four(reg)
+    weights = reg.store.path("a") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated under the server
+    with pytest.raises(AdapterUnreadable, match="'a' is registered but its stored copy cannot be read back"):
+        reg.get("a")
+    assert "a" in reg and reg.get_resident("a") is None  # still registered, still evicted: a fixed disk serves it
+    assert same_weights(reg.get("b"), made["b"])  # the others are read back as before
