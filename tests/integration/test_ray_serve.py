@@ -60,7 +60,10 @@ class ClusterProcess:
 
     def start(self, timeout: float = 300) -> None:
         env = {**os.environ, "RAY_TMPDIR": self.ray_dir, "RAY_USAGE_STATS_ENABLED": "0", "LORAPLEX_ADMIN_KEYS": ADMIN_KEY,
-               "LORAPLEX_USER_KEYS": USER_KEY, "LORAPLEX_KEYS_FILE": str(self.keys_file)}
+               "LORAPLEX_USER_KEYS": USER_KEY, "LORAPLEX_KEYS_FILE": str(self.keys_file),
+               # Serve's router gives up on an adapter's replica once routing took 1-2 s, which a busy 2-core
+               # machine can reach: the affinity checks below would then depend on the machine's load
+               "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "30"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
