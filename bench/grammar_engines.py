@@ -85,9 +85,10 @@ def outlines_core_engine(tokenizer) -> Engine:
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
     from outlines_core.kernels.torch import allocate_token_bitmask, fill_next_token_bitmask
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     # outlines-core takes tokens as the bytes they stand for: undo the byte-level BPE alphabet
-    byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     special = set(tokenizer.all_special_ids)
     tokens: dict[bytes, list[int]] = {}
     for token, id_ in tokenizer.get_vocab().items():
@@ -104,20 +105,6 @@ def outlines_core_engine(tokenizer) -> Engine:
 
     return Engine("outlines-core", lambda: Index(build_regex_from_schema(json.dumps(SCHEMA)), vocabulary),
                   matcher, lambda n: allocate_token_bitmask(vocab_size).repeat(n, 1))
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet: each byte drawn as a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 ENGINES = {"llguidance": llguidance_engine, "xgrammar": xgrammar_engine, "outlines-core": outlines_core_engine}

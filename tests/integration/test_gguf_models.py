@@ -11,15 +11,15 @@ from server.model.backend import resolve_backend
 from server.model.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.model.gguf_blocks import UnsupportedTensor
-from server.model.loader import default_gguf_path, gguf_folder
+from server.model.loader import gguf_folder
 from server.model.weights import LoadedModel
 from tests.integration.server_process import ServerProcess
-from tests.integration.tiny_models import write_gguf
+from tests.integration.tiny_models import GGUF_VOCAB, write_gguf
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 CPU = torch.device("cpu")
-VOCAB = 49152  # the default model's tokenizer, whose GGUF fields the files carry
+VOCAB = GGUF_VOCAB  # the byte-level tokenizer the files carry
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0)
 FAMILIES = {
@@ -47,7 +47,7 @@ def random_model(config) -> torch.nn.Module:
 def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"gguf-{request.param}")
     hf = random_model(FAMILIES[request.param]())
-    path = write_gguf(hf, root / f"tiny-{request.param}.gguf", request.param, default_gguf_path())
+    path = write_gguf(hf, root / f"tiny-{request.param}.gguf", request.param)
     cache = root / "cache"
     with pytest.MonkeyPatch.context() as patch:  # converted where a server given this cache finds it
         patch.setenv("LORAPLEX_CACHE_DIR", str(cache))
@@ -99,7 +99,7 @@ def test_a_gguf_of_an_architecture_not_served_from_blocks_is_refused_naming_it(t
     from server.model.gguf_blocks import GGUFBlocks
 
     hf = random_model(LlamaConfig(**SHAPE))  # its tensors are never read: the header refuses the file
-    path = write_gguf(hf, tmp_path / "tiny-gemma2.gguf", "gemma2", default_gguf_path())
+    path = write_gguf(hf, tmp_path / "tiny-gemma2.gguf", "gemma2")
     cfg = ModelConfig.from_hf(hf.config.to_dict())
     with pytest.raises(UnsupportedTensor, match="architecture 'gemma2' is not served from its blocks"):
         GGUFBlocks(path, cfg)

@@ -35,13 +35,23 @@ GGUF_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
-def write_gguf(model, path: Path, arch: str, tokenizer_gguf: Path, quant=None) -> Path:
-    """`model` (a tiny Llama, Qwen2, Qwen3 or Phi-3 built by transformers) written as llama.cpp's converter writes it:
-    its config as `arch`.* keys, the tokenizer of `tokenizer_gguf` (a GGUF with the same vocabulary), norms
+def byte_tokens() -> list[str]:
+    """A byte-level BPE vocabulary of GGUF_VOCAB tokens: GPT-2's 256 byte characters, one merge's result and
+    an end-of-text token (small, so transformers converts it in moments)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return [bytes_to_unicode()[b] for b in range(256)] + ["Ġt", "<|endoftext|>"]
+
+
+GGUF_VOCAB = 258
+
+
+def write_gguf(model, path: Path, arch: str, quant=None) -> Path:
+    """`model` (a tiny Llama, Qwen2, Qwen3 or Phi-3 built by transformers, vocabulary GGUF_VOCAB) written as
+    llama.cpp's converter writes it: its config as `arch`.* keys, a byte-level tokenizer (`byte_tokens`), norms
     and biases in F32, the embedding and lm_head in Q8_0, projections in `quant` (Q8_0 by default), and for
     `llama` the rows of attn_q and attn_k permuted as llama.cpp permutes them."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
     quant = quant or GGMLQuantizationType.Q8_0
@@ -58,12 +68,15 @@ def write_gguf(model, path: Path, arch: str, tokenizer_gguf: Path, quant=None) -
     writer.add_float32(f"{arch}.rope.freq_base", float(getattr(cfg, "rope_theta", None)
                                                        or cfg.rope_parameters["rope_theta"]))
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    for field in GGUFReader(str(tokenizer_gguf)).fields.values():
-        if field.name.startswith("tokenizer."):
-            kind = field.types[0]
-            value = field.contents()
-            writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY
-                                 else None)
+    tokens = byte_tokens()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])  # normal, then the control token
+    writer.add_token_merges(["Ġ t"])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_pad_token_id(len(tokens) - 1)  # else Phi-3's config keeps its default, past this vocabulary
 
     def add(name: str, tensor: torch.Tensor, kind=GGMLQuantizationType.F32) -> None:
         data = tensor.detach().float().numpy()
