@@ -34,7 +34,7 @@ from server.metrics import Metrics
 from server.model.config import ModelConfig
 from server.model.backend import resolve_backend
 from server.model.geometry import site_layouts
-from server.model.gguf_blocks import serves_architecture
+from server.model.gguf_blocks import serves_model_type
 from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
 from server.settings import Settings
@@ -169,7 +169,7 @@ def resolve_quantization(name: str, device: torch.device, folder: ModelFolder) -
     `python -m bench.quantized`), anything else in --dtype."""
     if name == "auto":
         native = folder.gguf is not None and device.type == "cpu" and block_kernel() is not None
-        return "gguf" if native and serves_architecture(folder.gguf) else "none"
+        return "gguf" if native and serves_model_type(folder.config.get("model_type")) else "none"
     if name == "none":
         return "none"
     if device.type != "cpu":

@@ -130,3 +130,21 @@ def test_an_untied_files_tokens_are_looked_up_in_its_own_embedding_blocks_never_
     embedding = weights.embedding(table, weights.head(table))
     ids = torch.tensor([0, 5, 31, 5])
     assert torch.equal(embedding(ids), reference(tensors, "token_embd.weight")[ids])
+
+
+@pytest.mark.parametrize("model_type, served", [("llama", "gguf"), ("qwen2", "gguf"), ("phi3", "gguf"),
+                                                ("gemma2", "none")])
+def test_auto_serves_a_converted_folder_from_its_blocks_only_for_the_architectures_read_here(
+        tmp_path, model_type, served):
+    import json
+
+    from server.kernels.block_linear import block_kernel
+    from server.model.loader import ModelFolder
+    from server.runtime import resolve_quantization
+
+    if block_kernel() is None:
+        pytest.skip("the block kernel does not run here: auto is none for every folder")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    folder = ModelFolder(tmp_path, gguf=tmp_path / "never-read.gguf")  # the header is not parsed again
+    assert resolve_quantization("auto", torch.device("cpu"), folder) == served
+    assert resolve_quantization("auto", torch.device("cpu"), ModelFolder(tmp_path)) == "none"
