@@ -128,7 +128,7 @@ class GGUFBlocks:
         bits, q, d, m = self.rows(name)
         shapes = [projection_shapes(self.cfg)[proj] for proj in projs]
         self._check_shape(name, q, (sum(rows for rows, _ in shapes), shapes[0][1]))
-        return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
+        return _block_weight(bits, q, d, m)
 
     def _check_shape(self, name: str, q: torch.Tensor, expected: tuple[int, int]) -> None:
         if (q.shape[0], q.shape[1] * BLOCK) != expected:
@@ -155,7 +155,7 @@ class GGUFBlocks:
         # a 4-bit part among 8-bit ones (Q4_K_M's attn_v is Q6_K) widens exactly: q 0..15 is an int8 too
         q = torch.cat([part[1].to(torch.int8) if bits == 8 else part[1] for part in parts])
         d, m = (torch.cat([part[i] for part in parts]) for i in (2, 3))
-        return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
+        return _block_weight(bits, q, d, m)
 
     @property
     def tied(self) -> bool:
@@ -164,15 +164,16 @@ class GGUFBlocks:
 
     def output(self) -> BlockWeight:
         """The lm_head: `output.weight`, or the tied `token_embd.weight`."""
-        return self._whole("output.weight" if "output.weight" in self._tensors else "token_embd.weight")
+        return _block_weight(*self.rows("output.weight" if "output.weight" in self._tensors else "token_embd.weight"))
 
     def token_embedding(self) -> BlockWeight:
         """`token_embd.weight` in its blocks, for lookups (an untied file's; a tied one's is `output()`)."""
-        return self._whole("token_embd.weight")
+        return _block_weight(*self.rows("token_embd.weight"))
 
-    def _whole(self, name: str) -> BlockWeight:
-        bits, q, d, m = self.rows(name)
-        return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
+
+def _block_weight(bits: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> BlockWeight:
+    """The kernel's weight from per-row blocks as `GGUFBlocks.rows` gives them."""
+    return from_blocks(bits, (q.shape[0], q.shape[1] * BLOCK), q, d, m)
 
 
 def _q4_k_blocks(data: np.ndarray, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
