@@ -38,7 +38,7 @@ from server.model.gguf_blocks import serves_model_type
 from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
 from server.model.weights import LoadedModel
 from server.settings import Settings
-from server.tool_calls import renders_tools
+from server.tool_calls import for_template, tool_formats
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Runtime:
         self.model_id = self.model_names[0]
         self.tokenizer = load_tokenizer(self.folder, settings.chat_template)  # before the weights: fails sooner
         self.grammars = Grammars(self.tokenizer)
-        self.native_tools = renders_tools(self.tokenizer)  # else tools are described in a system message
+        self.renders_tools = tool_formats(self.tokenizer)  # per template: an adapter may bring its own
         quantization = resolve_quantization(settings.quantization, self.device, self.folder)
         self.backend = backend = resolve_backend(self.device, self.dtype, settings.linear_backend, quantization)
         self.loaded = LoadedModel(self.folder, backend, quantization)
@@ -134,12 +134,14 @@ class Runtime:
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
                tools: list[dict] | None = None, chat_template: str | None = None) -> list[int]:
-        """`tools` go to a chat template with a tool format of its own (`native_tools`); `chat_template` is an
-        adapter's own, used instead of the base model's."""
+        """`chat_template` is an adapter's own, used instead of the base model's. `messages` carry earlier tool
+        calls structured; the template that renders them decides how they and `tools` are shown: in its own
+        tool format where it has one, else written into the text (server.tool_calls.for_template)."""
         if messages is not None:
             chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
             if not chat_template:
                 raise InvalidRequest("this model has no chat template; send `prompt` instead of `messages`")
+            messages, tools = for_template(messages, tools, bool(tools) and self.renders_tools(chat_template))
             ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                                      chat_template=chat_template)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids

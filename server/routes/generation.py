@@ -19,6 +19,7 @@ from server.engine.request import SamplingParams
 from server.errors import AdapterNotFound, DeadlineExceeded, GenerationFailed, InvalidRequest
 from server.routes.security import check_may_see
 from server.schemas import SEED_MAX, SEED_MIN
+from server.tool_calls import for_template
 
 # Prompts up to this many characters (a message's template costs about MESSAGE_CHARS more) are tokenized on
 # the event loop (under 1 ms); longer ones in a worker thread so one large prompt does not stall every
@@ -28,19 +29,22 @@ INLINE_ENCODE_CHARS = 2048
 MESSAGE_CHARS = 32
 
 
-def _prompt_chars(prompt: str | None, messages: list[dict] | None) -> int:
+def _prompt_chars(prompt: str | None, messages: list[dict] | None, tools: list[dict] | None) -> int:
+    """Tools and earlier calls count as a template without a tool format is shown them, whichever template
+    renders them: the bound does not depend on the template."""
     if messages is None:
         return len(prompt or "")
-    return sum(len(str(m.get("content") or "")) for m in messages)
+    shown, _ = for_template(messages, tools, native=False)
+    return sum(len(str(m.get("content") or "")) for m in shown)
 
 
 def check_prompt_shape(settings, prompt: str | None, messages: list[dict] | None, params: SamplingParams,
-                       vocab_size: int) -> int:
+                       vocab_size: int, tools: list[dict] | None = None) -> int:
     """The limits that cost nothing to check, checked before the costly templating and tokenizing; returns
     the prompt's characters."""
     if messages is not None and len(messages) > settings.max_messages:
         raise InvalidRequest(f"{len(messages)} messages; the limit is {settings.max_messages}")
-    chars = _prompt_chars(prompt, messages)
+    chars = _prompt_chars(prompt, messages, tools)
     if chars > settings.max_prompt_chars:
         raise InvalidRequest(f"the prompt has {chars} characters; the limit is {settings.max_prompt_chars}")
     if any(len(stop) > settings.max_stop_chars for stop in params.stop):
@@ -83,10 +87,10 @@ async def start_generations(rt, principal: Principal, adapter_name: str | None, 
                             mix: list[tuple[str, float]] | None = None, copies: int = 1,
                             tools: list[dict] | None = None) -> list[AsyncIterator]:
     """`copies` requests for one prompt (OpenAI's n), tokenized once and queued all together or not at all; a
-    seeded request's copy i samples with seed + i, so the choices differ as OpenAI's do. `tools` are for a
-    chat template with a tool format of its own."""
+    seeded request's copy i samples with seed + i, so the choices differ as OpenAI's do. `tools` go to the
+    template with the messages (Runtime.encode shows them as that template can)."""
     adapter = await resolve_adapter(rt, principal, adapter_name, mix)
-    chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size)
+    chars = check_prompt_shape(rt.settings, prompt, messages, params, rt.loaded.config.vocab_size, tools)
     template_chars = MESSAGE_CHARS * len(messages) if messages is not None else 0
     template = adapter.chat_template if adapter is not None else None  # an adapter's own, else the base's
     if chars + template_chars <= INLINE_ENCODE_CHARS:

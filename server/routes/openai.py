@@ -22,7 +22,7 @@ from server.errors import Forbidden, GenerationFailed, InvalidRequest
 from server.auth import Principal
 from server.routes.generation import merged, output_grammar, raise_if_failed, start_generations, until_disconnected
 from server.routes.security import admin, caller, check_may_manage, check_may_see
-from server.tool_calls import call_grammar, parse_call, with_tools
+from server.tool_calls import call_grammar, parse_call
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 
 router = APIRouter(prefix="/v1")
@@ -169,17 +169,15 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     top = (req.top_logprobs or 0) if req.logprobs else None
     mode, named = req.tool_mode()
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if mode != "none" else None
-    native = bool(tools) and rt.native_tools
-    messages = [m.as_template_message(native) for m in req.messages]
-    if tools and not native:
-        messages = with_tools(messages, tools)
+    # structured: the template that renders them (an adapter's own or the base's) decides how tools are shown
+    messages = [m.as_template_message(native_tools=True) for m in req.messages]
     if mode in ("required", "named"):
         grammar = await run_in_threadpool(call_grammar, rt.grammars, tools, named)
     else:
         grammar = await _response_grammar(rt, req.response_format)
     params = _params(req, req.max_completion_tokens or req.max_tokens, top, grammar)
     streams = await start_generations(rt, principal, _adapter_of(rt, req), None, messages, params, req.mix(), req.n,
-                                      tools if native else None)
+                                      tools)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     lp = _Logprobs(rt.tokenizer) if req.logprobs else None
     head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": None}

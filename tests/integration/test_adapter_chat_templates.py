@@ -1,6 +1,7 @@
 """An adapter's own chat template: a PEFT folder that carries one (as `tokenizer.save_pretrained` leaves it)
 has its chat requests rendered by it, whether uploaded, found in an --adapter-dir or read back after a
-restart; one that cannot render a conversation is refused with the reason. The base here has no template."""
+restart; one that cannot render a conversation is refused with the reason; one with a tool format is given the
+tools in it. The base here has no template."""
 
 import json
 import shutil
@@ -17,6 +18,9 @@ pytestmark = pytest.mark.integration
 TINY = llama_base_shapes(num_layers=2, hidden=64, intermediate=128, kv_dim=32)  # tiny_llama's projections
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }} said|> {{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|now the adapter answers|>{% endif %}")
+TOOL_TEMPLATE = ("{% if tools %}<|tools|>{{ tools | tojson }}\n{% endif %}" + TEMPLATE)
+CITY = {"type": "function", "function": {"name": "city_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tide?"}]
 
 
@@ -45,9 +49,9 @@ def server(tmp_path_factory, model, folders):
     proc.stop()
 
 
-def expected_prompt_tokens(model) -> int:
+def expected_prompt_tokens(model, template: str = TEMPLATE, tools: list | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    return len(tokenizer.apply_chat_template(CHAT, chat_template=TEMPLATE, add_generation_prompt=True,
+    return len(tokenizer.apply_chat_template(CHAT, chat_template=template, tools=tools, add_generation_prompt=True,
                                              tokenize=True, return_dict=True)["input_ids"])
 
 
@@ -84,6 +88,15 @@ def test_a_template_in_tokenizer_config_json_is_used(server, model):
         config = json.dumps({"chat_template": TEMPLATE, "model_max_length": 2048}).encode()
         assert upload(c, "configured", **{"tokenizer_config.json": config}).status_code == 201
         assert chat_prompt_tokens(c, "configured") == expected_prompt_tokens(model)
+
+
+def test_an_adapter_template_with_a_tool_format_is_given_the_tools_in_it(server, model):
+    with server.client() as c:
+        assert upload(c, "tooled", **{"chat_template.jinja": TOOL_TEMPLATE.encode()}).status_code == 201
+        r = c.post("/v1/chat/completions", json={"model": "tooled", "messages": CHAT, "tools": [CITY],
+                                                 "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == expected_prompt_tokens(model, TOOL_TEMPLATE, [CITY])
 
 
 def test_a_folder_found_in_an_adapter_dir_chats_with_its_template(server, model):

@@ -1,6 +1,7 @@
 """A server on a folder of the user's: the base answers to every --served-model-name, /v1/models lists it
 under each with the adapters' `parent` set to it, and --chat-template replaces a tokenizer without one (here
-a template with a tool format of its own, which then gets the tools and earlier calls)."""
+a template with a tool format of its own, which then gets the tools and earlier calls; an adapter whose own
+template has none is shown them in a system message)."""
 
 import json
 
@@ -11,6 +12,7 @@ from adapters import random_adapter, write_peft_folder
 from server.model.backend import resolve_backend
 from server.model.loader import ModelFolder
 from server.model.weights import LoadedModel
+from server.tool_calls import INSTRUCTIONS
 from tests.integration.server_process import ServerProcess
 from tests.integration.tiny_models import tiny_llama
 
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.integration
 TEMPLATE = ("{% if tools %}<<tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}>>{% endif %}"
             "{% for m in messages %}<<{{ m['role'] }}: {{ m['content'] }}{% for c in m.tool_calls or [] %}"
             "[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}>>{% endfor %}")
+PLAIN = "{% for m in messages %}<<{{ m['role'] }}: {{ m['content'] }}>>{% endfor %}"  # no tool format
 CITY = {"type": "function", "function": {"name": "city_weather", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
     "additionalProperties": False}}}
@@ -31,6 +34,8 @@ def server(tmp_path_factory, default_model_folder):
     base = LoadedModel(ModelFolder(folder), resolve_backend(torch.device("cpu"), torch.float32, "torch"))
     shapes = base.transformer.lora_target_shapes()
     write_peft_folder(random_adapter("style", shapes), root / "preload" / "style")
+    write_peft_folder(random_adapter("plain-chat", shapes, seed=3), root / "preload" / "plain-chat")
+    (root / "preload" / "plain-chat" / "chat_template.jinja").write_text(PLAIN)
     (root / "template.jinja").write_text(TEMPLATE)
     proc = ServerProcess(root / "store", "--model", str(folder), "--served-model-name", "tiny-llama", "org/alias",
                          "--chat-template", str(root / "template.jinja"), "--preload-dir", str(root / "preload"))
@@ -64,14 +69,16 @@ def test_the_chat_template_file_renders_the_messages(server):
     assert templated == plain
 
 
+CALLED_BEFORE = [{"role": "user", "content": "weather in Rome?"},
+                 {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                     "name": "city_weather", "arguments": json.dumps({"city": "Rome"})}}]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                 {"role": "user", "content": "and Paris?"}]
+
+
 def test_a_template_with_a_tool_format_renders_the_tools_and_earlier_calls_itself(server):
-    messages = [{"role": "user", "content": "weather in Rome?"},
-                {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
-                    "name": "city_weather", "arguments": json.dumps({"city": "Rome"})}}]},
-                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-                {"role": "user", "content": "and Paris?"}]
     with server.client() as c:
-        r = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "tools": [CITY],
+        r = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": CALLED_BEFORE, "tools": [CITY],
                                                  "tool_choice": "required", "max_tokens": 64, "temperature": 0})
         rendered = ('<<tools: city_weather>><<user: weather in Rome?>><<assistant: [call city_weather {"city": '
                     '"Rome"}]>><<tool: sunny>><<user: and Paris?>>')
@@ -82,3 +89,31 @@ def test_a_template_with_a_tool_format_renders_the_tools_and_earlier_calls_itsel
     (call,) = reply["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "city_weather"
     assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+
+
+def test_an_adapter_template_without_a_tool_format_is_shown_the_tools_in_a_system_message(server):
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "plain-chat", "messages": CALLED_BEFORE, "tools": [CITY],
+                                                 "tool_choice": "required", "max_tokens": 64, "temperature": 0})
+        described = f"{INSTRUCTIONS}\n<tools>\n{json.dumps([CITY['function']])}\n</tools>"
+        rendered = (f"<<system: {described}>><<user: weather in Rome?>><<assistant: "
+                    f'{json.dumps({"name": "city_weather", "arguments": {"city": "Rome"}})}>><<tool: sunny>>'
+                    "<<user: and Paris?>>")
+        plain = c.post("/tokenize", json={"prompt": rendered, "add_special_tokens": False}).json()["tokens"]
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(plain)  # the adapter's template, the tools described
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "city_weather"
+
+
+def test_tools_count_toward_the_prompt_characters_however_the_template_shows_them(server):
+    limit = 1 << 18  # --max-prompt-chars' default
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "x" * (limit // 64),
+                                               "parameters": {"type": "object", "properties": {}}}}
+             for i in range(64)]
+    with server.client() as c:
+        refusals = [c.post("/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, **ask})
+                    for ask in ({"messages": [{"role": "user", "content": "x" * (limit + 1)}]},
+                                {"messages": [{"role": "user", "content": "hi"}], "tools": tools})]
+    assert [r.status_code for r in refusals] == [400, 400]
+    assert all("characters; the limit is" in r.json()["error"]["message"] for r in refusals)
