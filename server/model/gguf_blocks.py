@@ -8,8 +8,9 @@ products are stored as the kernel's fp16 block scale and offset, a rounding of a
 Any other type gguf can read (Q6_K, Q5_K, Q5_0, F16, ...) is dequantized and requantized to 8-bit blocks of
 32 (Q8_0's rule) at load, and the log says which types were. llama.cpp's converter permutes the rows of
 attn_q and attn_k of a Llama-family file (its rope pairs halves differently); they are put back in Hugging
-Face's order here. Phi-3's files hold q/k/v and gate/up fused, as the model's sites are (WHOLE_SITES). Files of
-other architectures (ARCHITECTURES) are refused before any tensor is read.
+Face's order here. Phi-3's files hold q/k/v and gate/up fused, as the model's sites are (WHOLE_SITES). Gemma's
+projections are stored as Hugging Face's; its norms (stored as 1 + w) and the embedding's sqrt(hidden) scale are
+the model's, not the blocks'. Files of other architectures (ARCHITECTURES) are refused before any tensor is read.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
 
 
 # GGUF architecture -> whether llama.cpp's converter permuted the rows of attn_q and attn_k (its Llama
-# family does, for its rope's pairing; Qwen's and Phi-3's keep Hugging Face's order).
-ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "phi3": False}
+# family does, for its rope's pairing; Qwen's, Phi-3's and Gemma's keep Hugging Face's order).
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "phi3": False, "gemma2": False, "gemma3": False}
+# a converted folder's model_type where it is not the GGUF architecture's name (transformers reads a gemma3 file
+# as the text-only model)
+MODEL_TYPES = {"gemma3_text": "gemma3"}
 # the tensors that hold a fused site whole, by architecture: Phi-3's files keep q/k/v and gate/up fused as the
 # model computes them (rows in the same order)
 WHOLE_SITES = {"phi3": {("q_proj", "k_proj", "v_proj"): "attn_qkv", ("gate_proj", "up_proj"): "ffn_up"}}
@@ -47,9 +51,10 @@ class UnsupportedTensor(ValueError):
 
 def serves_model_type(model_type: str | None) -> bool:
     """Whether a folder converted from a GGUF file, by its config's model_type, is served from the file's blocks
-    (else dequantized). transformers names each of ARCHITECTURES' files' configs after the architecture, so
-    the converted config answers without parsing the file's header again (seconds for a 49k vocabulary)."""
-    return model_type in ARCHITECTURES
+    (else dequantized). transformers names each of ARCHITECTURES' files' configs after the architecture (or as
+    MODEL_TYPES says), so the converted config answers without parsing the file's header again (seconds for a
+    49k vocabulary)."""
+    return MODEL_TYPES.get(model_type, model_type) in ARCHITECTURES
 
 
 def gguf_architecture(reader) -> str:

@@ -26,15 +26,6 @@ def tiny_llama(folder: Path, tokenizer_from: Path | None = None, **config) -> Pa
     return folder
 
 
-# a Hugging Face projection's GGUF name, as llama.cpp's converter writes them
-GGUF_PROJECTIONS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down",
-                    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's, fused
-GGUF_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-
-
 def byte_tokens() -> list[str]:
     """A byte-level BPE vocabulary of GGUF_VOCAB tokens: GPT-2's 256 byte characters, one merge's result and
     an end-of-text token (small, so transformers converts it in moments)."""
@@ -47,27 +38,19 @@ GGUF_VOCAB = 258
 
 
 def write_gguf(model, path: Path, arch: str, quant=None) -> Path:
-    """`model` (a tiny Llama, Qwen2, Qwen3 or Phi-3 built by transformers, vocabulary GGUF_VOCAB) written as
-    llama.cpp's converter writes it: its config as `arch`.* keys, a byte-level tokenizer (`byte_tokens`), norms
-    and biases in F32, the embedding and lm_head in Q8_0, projections in `quant` (Q8_0 by default), and for
-    `llama` the rows of attn_q and attn_k permuted as llama.cpp permutes them."""
-    from gguf import GGMLQuantizationType, GGUFWriter
+    """`model` (a tiny Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or Gemma 3 text model built by transformers, vocabulary
+    GGUF_VOCAB) written as llama.cpp's converter writes it: its config as `arch`.* keys (`_gguf_config`), a
+    byte-level tokenizer (`byte_tokens`), tensors under gguf's names for `arch`, norms and biases in F32 (a
+    Gemma's norms as 1 + w, the scale its RMS norm multiplies by), the embedding and lm_head in Q8_0,
+    projections in `quant` (Q8_0 by default), and for `llama` the rows of attn_q and attn_k permuted as
+    llama.cpp permutes them."""
+    from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, get_tensor_name_map
     from gguf.quants import quantize
 
     quant = quant or GGMLQuantizationType.Q8_0
     cfg = model.config
     writer = GGUFWriter(str(path), arch)
-    for key, value in {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
-                       "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
-                       "attention.head_count": cfg.num_attention_heads,
-                       "attention.head_count_kv": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size}.items():
-        writer.add_uint32(f"{arch}.{key}", value)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer.add_uint32(f"{arch}.attention.key_length", head_dim)
-    writer.add_uint32(f"{arch}.attention.value_length", head_dim)
-    writer.add_float32(f"{arch}.rope.freq_base", float(getattr(cfg, "rope_theta", None)
-                                                       or cfg.rope_parameters["rope_theta"]))
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    _gguf_config(writer, cfg, arch)
     tokens = byte_tokens()
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -78,33 +61,56 @@ def write_gguf(model, path: Path, arch: str, quant=None) -> Path:
     writer.add_eos_token_id(len(tokens) - 1)
     writer.add_pad_token_id(len(tokens) - 1)  # else Phi-3's config keeps its default, past this vocabulary
 
-    def add(name: str, tensor: torch.Tensor, kind=GGMLQuantizationType.F32) -> None:
-        data = tensor.detach().float().numpy()
-        writer.add_tensor(name, data if kind == GGMLQuantizationType.F32 else quantize(data, kind), raw_dtype=kind)
-
-    state = model.state_dict()
+    names = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    add("token_embd.weight", state["model.embed_tokens.weight"], GGMLQuantizationType.Q8_0)
-    add("output_norm.weight", state["model.norm.weight"])
-    if not cfg.tie_word_embeddings:
-        add("output.weight", state["lm_head.weight"], GGMLQuantizationType.Q8_0)
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        for hf_name, name in GGUF_NORMS.items():
-            if prefix + hf_name + ".weight" in state:
-                add(f"blk.{i}.{name}.weight", state[prefix + hf_name + ".weight"])
-        for hf_name, name in GGUF_PROJECTIONS.items():
-            if prefix + hf_name + ".weight" not in state:
-                continue
-            weight = state[prefix + hf_name + ".weight"]
-            if arch == "llama" and name in ("attn_q", "attn_k"):
-                n = heads if name == "attn_q" else kv_heads
-                weight = weight.reshape(n, 2, weight.shape[0] // n // 2, -1).transpose(1, 2).reshape(weight.shape)
-            add(f"blk.{i}.{name}.weight", weight, quant)
-            if prefix + hf_name + ".bias" in state:
-                add(f"blk.{i}.{name}.bias", state[prefix + hf_name + ".bias"])
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stem, suffix = hf_name.rsplit(".", 1)
+        name = names.get_name(stem)
+        if name is None:
+            raise ValueError(f"gguf has no {arch} name for {hf_name}")
+        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            tensor = tensor + 1
+        if arch == "llama" and name.endswith(("attn_q", "attn_k")):
+            n = heads if name.endswith("attn_q") else kv_heads
+            tensor = tensor.reshape(n, 2, tensor.shape[0] // n // 2, -1).transpose(1, 2).reshape(tensor.shape)
+        kind = GGMLQuantizationType.F32
+        if tensor.dim() == 2:
+            kind = GGMLQuantizationType.Q8_0 if name in ("token_embd", "output") else quant
+        data = tensor.detach().float().numpy()
+        writer.add_tensor(f"{name}.{suffix}", data if kind == GGMLQuantizationType.F32 else quantize(data, kind),
+                          raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _gguf_config(writer, cfg, arch: str) -> None:
+    """The config keys llama.cpp's converter writes for `arch`. Gemma 2's omit the rope base (llama.cpp's
+    default is Gemma 2's) and carry both soft-caps; Gemma 3's carry the global layers' rope base and linear
+    scaling. Neither carries query_pre_attn_scalar: llama.cpp takes head_dim (hidden / heads for a 27B)."""
+    for key, value in {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+                       "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
+                       "attention.head_count": cfg.num_attention_heads,
+                       "attention.head_count_kv": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size}.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_uint32(f"{arch}.attention.key_length", head_dim)
+    writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
+    if arch == "gemma3":
+        rope = rope["full_attention"]
+        if rope.get("rope_type", "default") != "default":
+            writer.add_string(f"{arch}.rope.scaling.type", rope["rope_type"])
+            writer.add_float32(f"{arch}.rope.scaling.factor", rope["factor"])
+    if arch != "gemma2":
+        writer.add_float32(f"{arch}.rope.freq_base", float(rope["rope_theta"]))
+    if arch.startswith("gemma"):
+        writer.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(cfg, key, None) is not None:
+                writer.add_float32(f"{arch}.{key}", getattr(cfg, key))

@@ -133,7 +133,7 @@ def test_an_untied_files_tokens_are_looked_up_in_its_own_embedding_blocks_never_
 
 
 @pytest.mark.parametrize("model_type, served", [("llama", "gguf"), ("qwen2", "gguf"), ("phi3", "gguf"),
-                                                ("gemma2", "none")])
+                                                ("gemma2", "gguf"), ("gemma3_text", "gguf"), ("stablelm", "none")])
 def test_auto_serves_a_converted_folder_from_its_blocks_only_for_the_architectures_read_here(
         tmp_path, model_type, served):
     import json
