@@ -19,6 +19,7 @@ from server.kernels.lora import SlotGroupsKernel, slot_groups_kernel
 from server.kernels.onednn import linear_works as onednn_linear_works
 from server.kernels.panel import PanelKernel, panel_kernel
 from server.kernels.pointwise import PointwiseKernels, pointwise_kernels
+from server.kernels.torch_int4 import TorchInt4Kernel, torch_int4_kernel
 
 LINEARS = ("auto", "torch", "mkldnn", "panel")
 
@@ -33,12 +34,14 @@ class Backend:
     decode_attention: DecodeAttention | None = None  # None: two batched matmuls
     lora: SlotGroupsKernel | None = None         # grouped LoRA from the slots' weights; None: stacked covers
     decoder_layers: DecoderLayersKernel | None = None  # a decode step's layers in one call; None: layer by layer
-    block: BlockKernel | None = None             # quantized base weights; None: the reference product
+    block: BlockKernel | TorchInt4Kernel | None = None  # quantized base weights; None: the reference product
 
     def describe(self, quantization: str = "none") -> str:
         """One line for the start-up log."""
         if quantization == "none":
             linear = self.linear
+        elif isinstance(self.block, TorchInt4Kernel):
+            linear = "torch int4 kernel"
         else:
             linear = "block kernel" if self.block else "reference"
         native = [name for name, kernel in (("pointwise", self.pointwise), ("decode attention", self.decode_attention),
@@ -54,7 +57,7 @@ def torch_backend(device: torch.device = torch.device("cpu"), dtype: torch.dtype
 def resolve_backend(device: torch.device, dtype: torch.dtype, linear: str = "auto",
                     quantization: str = "none") -> Backend:
     """The kernels that run here for `dtype` on `device`; `linear` names the projections' kernel (auto: the
-    fastest that runs), `quantization` the base weights' format (anything but none asks for the block kernel)."""
+    fastest that runs), `quantization` the base weights' format (anything but none asks for `quantized_kernel`)."""
     device = torch.device(device)
     cpu, fp32 = device.type == "cpu", dtype == torch.float32
     linear = _linear_kind(linear, device, dtype)
@@ -66,7 +69,28 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, linear: str = "aut
         decode_attention=decode_attention_kernel() if cpu and fp32 else None,
         lora=slot_groups_kernel() if cpu and fp32 else None,
         decoder_layers=decoder_layers_kernel() if cpu and fp32 else None,
-        block=block_kernel() if cpu and quantization != "none" else None)
+        block=quantized_kernel(device, dtype) if quantization != "none" else None)
+
+
+def quantized_kernel(device: torch.device, dtype: torch.dtype) -> BlockKernel | TorchInt4Kernel | None:
+    """What multiplies a quantized base on `device`: the block kernel on CPU, torch's int4 kernel on CUDA (each
+    where it runs); None: the reference, dequantize + F.linear."""
+    if device.type == "cpu":
+        return block_kernel()
+    return torch_int4_kernel(device, dtype) if device.type == "cuda" else None
+
+
+def serves_quantized(fmt: str, device: torch.device) -> bool:
+    """Whether `fmt` (int8, int4, gguf) can be served on `device`: every format on CPU, int4 on CUDA. On CUDA
+    8-bit blocks are held dequantized in the model's dtype (no kernel takes their per-block scales), so int8
+    would save nothing; a GGUF file's embedding blocks are looked up on the host where it was read."""
+    return device.type == "cpu" or (device.type == "cuda" and fmt == "int4")
+
+
+def gguf_by_default(device: torch.device) -> bool:
+    """auto serves a GGUF folder in its own blocks only where the CPU block kernel runs: faster than fp32 at every
+    batch size there (`python -m bench.quantized`); nothing else is measured against full precision."""
+    return device.type == "cpu" and block_kernel() is not None
 
 
 def linear_kinds(device: torch.device, dtype: torch.dtype) -> list[str]:
