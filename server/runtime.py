@@ -85,14 +85,14 @@ class Runtime:
         self.renders_tools = tool_formats(self.tokenizer)  # per template: an adapter may bring its own
         quantization = resolve_quantization(settings.quantization, self.device, self.folder)
         self.backend = backend = resolve_backend(self.device, self.dtype, settings.linear_backend, quantization)
-        self.loaded = LoadedModel(self.folder, backend, quantization)
+        self.loaded = LoadedModel(self.folder, backend, quantization, settings.max_seq_len)
         self.weight_format = self.loaded.weight_format
         weights = self.loaded.transformer.linear_tensors()
         self.base_weight_bytes = sum(t.numel() * t.element_size() for t in weights)
         if self.device.type == "cpu":
             back_with_huge_pages(weights)
         cfg = self.loaded.config
-        self.max_seq_len = min(settings.max_seq_len, cfg.max_position_embeddings)
+        self.max_seq_len = cfg.max_position_embeddings  # settings.max_seq_len, or less where the model is
         self.registry = self.registry_type(
             AdapterStore(settings.store_dir), self.loaded.transformer.lora_target_shapes(),
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,

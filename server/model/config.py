@@ -9,6 +9,8 @@ a model served without it would answer wrongly and without an error.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
@@ -24,7 +26,7 @@ UNSUPPORTED_FAMILIES = {
 }
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gate, in act(gate) * up
-ROPE_TYPES = ("default", "llama3", "linear")
+ROPE_TYPES = ("default", "llama3", "linear", "yarn", "longrope", "dynamic")
 # what transformers' config classes assume for a key config.json leaves out, where it differs from Llama's
 _FAMILY_DEFAULTS = {
     "gemma2": {"head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
@@ -90,6 +92,10 @@ class ModelConfig:
         _refuse_unserved_options(model_type, hf)
         rope, local_rope = _rope_parameters(model_type, hf)
         heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        pairs = head_dim // 2
+        if _rope_type(rope) == "longrope" and not len(rope["short_factor"]) == len(rope["long_factor"]) == pairs:
+            raise ModelNotSupported(f"longrope needs {pairs} short_factor and long_factor values (head_dim / 2)")
         qkv_bias = {"mistral": False, "qwen2": True, "phi3": False}.get(model_type, hf.get("attention_bias", False))
         gemma = model_type in GEMMA
         types = _layer_types(model_type, hf)
@@ -101,7 +107,7 @@ class ModelConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope["rope_theta"],
             rope_scaling=rope if _rope_type(rope) != "default" else None,
@@ -122,6 +128,13 @@ class ModelConfig:
             local_rope_theta=local_rope["rope_theta"] if local_rope else None,
             local_rope_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if local_rope else (),
         )
+
+    def served_up_to(self, max_len: int) -> "ModelConfig":
+        """This model served to at most `max_len` positions. LongRoPE picks its long factors for every token
+        when the served length passes the original one, as vLLM does by max_model_len: one rotation per model,
+        whatever a batch holds (transformers switches per forward, by the longest sequence in it). Dynamic NTK
+        changes nothing up to max_position_embeddings, past which no sequence is served."""
+        return dataclasses.replace(self, max_position_embeddings=min(max_len, self.max_position_embeddings))
 
     @property
     def q_size(self) -> int:
@@ -207,7 +220,32 @@ def _rope_parameters(model_type: str, hf: dict) -> tuple[dict, dict | None]:
         raise ModelNotSupported(f"rope type {_rope_type(rope)!r} is not supported ({', '.join(ROPE_TYPES)})")
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ModelNotSupported("partial_rotary_factor (rotary embedding on part of each head) is not supported")
-    return rope, local
+    return _with_attention_factor(rope, hf), local
+
+
+def _with_attention_factor(rope: dict, hf: dict) -> dict:
+    """YaRN's and LongRoPE's factor and the attention factor their cos/sin are multiplied by, as transformers
+    derives them, fixed here from the model's own max_position_embeddings (not the length it is served to)."""
+    kind = _rope_type(rope)
+    if kind not in ("yarn", "longrope"):
+        return rope
+    # transformers' precedence: Phi-3's top-level field, then the rope's own, then max_position_embeddings
+    max_positions = hf.get("max_position_embeddings", 2048)
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or \
+        max_positions
+    factor = rope.get("factor") or max_positions / original
+    attention = rope.get("attention_factor")
+    if attention is None and kind == "yarn":
+        mscale, all_dims = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dims) if mscale and all_dims else \
+            _yarn_mscale(factor)
+    elif attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return rope | {"original_max_position_embeddings": original, "factor": factor, "attention_factor": attention}
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _layer_types(model_type: str, hf: dict) -> list[str]:

@@ -13,6 +13,8 @@ requests or HTTP.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -44,10 +46,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: Pointwise
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     """The global layers' frequencies, or (local) those of the layers with their own base, unscaled."""
     theta, scaling = (cfg.local_rope_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":  # positions divided by factor
+    dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim
+    inv_freq = 1.0 / (theta ** dims)
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else "default"
+    if kind == "linear":  # positions divided by factor
         inv_freq = inv_freq / scaling["factor"]
-    elif scaling:  # llama3: stretch low frequencies, keep high ones, blend between
+    elif kind == "llama3":  # stretch low frequencies, keep high ones, blend between
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * torch.pi / inv_freq
@@ -55,7 +59,34 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, scaling, theta, cfg.head_dim)
+    elif kind == "longrope":  # per-dimension factors, the long ones where the served length passes the original
+        long = cfg.max_position_embeddings > scaling["original_max_position_embeddings"]
+        inv_freq = inv_freq / torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
+    # dynamic NTK equals the default up to max_position_embeddings, all a model is served to (served_up_to)
     return inv_freq.float()
+
+
+def rope_attention_factor(cfg: ModelConfig, local: bool = False) -> float:
+    """What YaRN and LongRoPE multiply cos and sin by (1 for every other rope)."""
+    return 1.0 if local or not cfg.rope_scaling else cfg.rope_scaling.get("attention_factor", 1.0)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, theta: float, dim: int) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original length are interpolated
+    (divided by factor), those turning more than beta_fast times kept, a linear ramp between (transformers')."""
+    original = scaling["original_max_position_embeddings"]
+
+    def turning_dim(turns: float) -> float:
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = turning_dim(scaling.get("beta_fast") or 32), turning_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    return inv_freq / scaling["factor"] * ramp + inv_freq * (1 - ramp)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -156,6 +187,7 @@ class Transformer:
         # as transformers scales them: the factor rounded to fp32, then to the model's dtype
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype) if cfg.embed_scale != 1.0 else None
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
+        self.rope_scale = rope_attention_factor(cfg)
         self.local_inv_freq = rope_inv_freq(cfg, local=True).to(self.device) if cfg.local_rope_layers else None
         # the decode steps' layers in one native call where they can be (None: always layer by layer); the
         # kernel computes Llama's layer and nothing more
@@ -165,7 +197,10 @@ class Transformer:
     def rope_tables(self, positions: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * (self.local_inv_freq if local else self.inv_freq)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # broadcast over heads
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_scale != 1.0 and not local:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        return cos.to(self.dtype), sin.to(self.dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, kv: KVTensors) -> torch.Tensor:

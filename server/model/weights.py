@@ -27,9 +27,13 @@ class LoadedModel:
     checkpoint in the backend's dtype, multiplied by its linear kernel), "int8"/"int4" (quantized as read),
     "gguf" (the GGUF file the folder was converted from, its blocks as they are)."""
 
-    def __init__(self, folder: ModelFolder, backend: Backend, quantization: str = "none"):
+    def __init__(self, folder: ModelFolder, backend: Backend, quantization: str = "none",
+                 max_seq_len: int | None = None):
+        """`max_seq_len`: the positions it is served to (a rope may depend on it: `ModelConfig.served_up_to`)."""
         self.folder = folder
         self.config = ModelConfig.from_hf(folder.config)
+        if max_seq_len is not None:
+            self.config = self.config.served_up_to(max_seq_len)
         self.checkpoint = MappedCheckpoint(folder.weight_files())
         if self.config.fused_in_checkpoint:
             self.checkpoint = UnfusedCheckpoint(self.checkpoint, self.config)

@@ -33,20 +33,31 @@ SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+# Phi-3's 128k form: per-dimension factors, and the long ones here (the test's 16 tokens and the model's 64
+# positions both pass the original 8); the attention factor multiplies cos and sin
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 12.0]}
 FAMILIES = {
     "llama-tied": lambda: LlamaConfig(**SHAPE, tie_word_embeddings=True),
     "llama-attention-bias-untied": lambda: LlamaConfig(**SHAPE, attention_bias=True, tie_word_embeddings=False),
     "llama3-rope-scaling": lambda: LlamaConfig(**SHAPE, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False),
+    # dynamic NTK within max_position_embeddings: the default rope
+    "llama-dynamic-rope": lambda: LlamaConfig(**SHAPE, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                        "rope_theta": 10000.0}),
     "mistral-sliding-window": lambda: MistralConfig(**SHAPE, sliding_window=5, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),
     # layer 0 attends to every key, layer 1 to the last 6
     "qwen2-sliding-layers": lambda: Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=6,
                                                 max_window_layers=1, tie_word_embeddings=False),
+    "qwen2-yarn": lambda: Qwen2Config(**SHAPE, rope_parameters=YARN_ROPE, tie_word_embeddings=False),
     # head_dim 32 with 4 heads: q is wider than the hidden state
     "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True),
     # qkv_proj and gate_up_proj fused in the checkpoint; PEFT's adapter reaches o_proj and down_proj alone
     "phi3-sliding-window": lambda: Phi3Config(**SHAPE, sliding_window=6, pad_token_id=0, bos_token_id=1,
                                               eos_token_id=2, tie_word_embeddings=False),
+    "phi3-longrope": lambda: Phi3Config(**SHAPE, original_max_position_embeddings=8, rope_parameters=LONGROPE,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
     # layer 0 local (the last 5 keys), layer 1 global; raw attention scores reach about 40 and logits about 10,
     # so both caps bite; query_pre_attn_scalar 8 where head_dim is 32
     "gemma2": lambda: Gemma2Config(**SHAPE, head_dim=32, query_pre_attn_scalar=8, sliding_window=5,

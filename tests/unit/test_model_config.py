@@ -24,7 +24,7 @@ def test_an_unsupported_family_is_refused_by_name(config, named):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'proportional'"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ({"quantization_config": {"quant_method": "awq"}}, "quantization_config \\(awq\\)"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
@@ -81,7 +81,7 @@ def test_gemma_keys_a_config_leaves_out_take_transformers_defaults():
 @pytest.mark.parametrize("change, named", [
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ({"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'proportional'"),
 ])
 def test_a_gemma_option_not_computed_is_refused_by_name(change, named):
     with pytest.raises(ModelNotSupported, match=named):
