@@ -25,14 +25,13 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.errors import InvalidRequest
 from server.heap import back_with_huge_pages, huge_page_bytes, keep_freed_memory
-from server.kernels.block_linear import block_kernel
 from server.lora import policy
 from server.lora.layers import LoraSlots
 from server.lora.manager import AdapterSlots
 from server.lora.mode_switch import ModeSwitch
 from server.metrics import Metrics
 from server.model.config import ModelConfig
-from server.model.backend import resolve_backend
+from server.model.backend import gguf_by_default, resolve_backend, serves_quantized
 from server.model.geometry import site_layouts
 from server.model.gguf_blocks import serves_model_type
 from server.model.loader import ModelFolder, load_tokenizer, resolve_model, served_names
@@ -167,15 +166,16 @@ class Runtime:
 
 def resolve_quantization(name: str, device: torch.device, folder: ModelFolder) -> str:
     """auto serves a folder converted from a GGUF file (of an architecture in gguf_blocks.ARCHITECTURES) in
-    that file's own blocks on a CPU where the block kernel runs (faster than fp32 at every batch size:
-    `python -m bench.quantized`), anything else in --dtype."""
+    that file's own blocks where the backend says that is the faster (`gguf_by_default`), anything else in
+    --dtype. A named format must run on `device` (`serves_quantized`)."""
     if name == "auto":
-        native = folder.gguf is not None and device.type == "cpu" and block_kernel() is not None
+        native = folder.gguf is not None and gguf_by_default(device)
         return "gguf" if native and serves_model_type(folder.config.get("model_type")) else "none"
     if name == "none":
         return "none"
-    if device.type != "cpu":
-        raise ValueError(f"--quantization {name} runs on CPU only so far; on {device} serve in --dtype")
+    if not serves_quantized(name, device):
+        raise ValueError(f"--quantization {name} does not run on {device} so far (int4 does on CUDA); serve in "
+                         "--dtype")
     return name
 
 

@@ -123,6 +123,19 @@ def test_the_backend_names_the_kernel_a_quantized_base_runs_through():
     assert resolve_backend(cuda, torch.bfloat16).block is None
 
 
+def test_cuda_serves_int4_and_refuses_the_formats_it_has_no_kernel_for(tmp_path):
+    from server.model.loader import ModelFolder
+    from server.runtime import resolve_quantization
+
+    cuda, folder = torch.device("cuda"), ModelFolder(tmp_path)
+    assert resolve_quantization("int4", cuda, folder) == "int4"
+    assert resolve_quantization("auto", cuda, folder) == "none"
+    for fmt in ("int8", "gguf"):
+        with pytest.raises(ValueError, match=f"--quantization {fmt} does not run on cuda"):
+            resolve_quantization(fmt, cuda, folder)
+    assert all(resolve_quantization(fmt, CPU, folder) == fmt for fmt in ("int4", "int8", "gguf"))
+
+
 @needs_cuda
 @pytest.mark.parametrize("out,inp", SHAPES)
 def test_on_cuda_the_kernel_is_within_bf16_rounding_of_dequantize(out, inp):
