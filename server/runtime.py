@@ -105,7 +105,12 @@ class Runtime:
         self.mixes = MixCache(self.registry.retired, settings.mix_cache_mb * 2**20, self.registry.is_current)
         self.lora = LoraSlots(cfg.num_layers, site_layouts(cfg), settings.lora_slots, backend)
         self.adapter_slots = AdapterSlots(self.lora, self.registry.retired)
-        kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype)
+        kv = KVCache(cfg, settings.max_batch, self.max_seq_len, self.device, self.dtype, settings.max_prefill_tokens)
+        if kv.smallest_ring is not None:
+            rings = [r for r in kv.rings if r is not None]
+            log.info("KV cache %d MiB: %d of %d layers keep a ring of their window + a prompt chunk (%s positions), "
+                     "%d MiB less than every position", kv.nbytes >> 20, len(rings), cfg.num_layers,
+                     "/".join(map(str, sorted(set(rings)))), (kv.flat_nbytes - kv.nbytes) >> 20)
         prefix_cache = PrefixCache(kv, settings.prefix_block_tokens, settings.prefix_cache_mb * 2**20) \
             if settings.prefix_cache_mb else None
         # merging into a quantized base computes the adapter's projections from a full-precision scratch:

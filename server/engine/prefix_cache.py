@@ -19,7 +19,9 @@ a key is the object's `id`, which Python may hand to a new adapter once the old 
 replaced under its name), so an entry also holds a weak reference to its adapter and matches only while
 that is the very adapter asked for. Weak, because a strong one kept every deleted adapter's weights in
 memory for as long as any of its blocks stayed cached (up to `max_bytes / block bytes` adapters).
-Blocks live on the compute device, evicted least recently used first beyond `max_bytes`.
+Blocks live on the compute device, evicted least recently used first beyond `max_bytes`. A block holds every
+layer's keys, so where a windowed layer keeps a ring (server.engine.kv_cache), only blocks it still holds are
+kept: a prompt's as each chunk is computed, a reply's only while the ring holds all of it.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class PrefixCache:
     def __init__(self, kv: KVCache, block_tokens: int, max_bytes: int):
         self.kv = kv
         self.block_tokens = block_tokens
-        layers, _, kv_heads, _, head_dim = kv.k.shape
-        self.token_bytes = 2 * layers * kv_heads * head_dim * kv.k.element_size()
+        cfg = kv.cfg
+        self.token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv.dtype.itemsize
         self.max_bytes = max_bytes
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()
         self._children: dict[bytes, set[bytes]] = {}
@@ -109,21 +111,24 @@ class PrefixCache:
             block = self._blocks[key]
             self._blocks.move_to_end(key)
             take = min(len(block.tokens), hit.tokens - position)
-            self.kv.k[:, slot, :, position : position + take] = block.k[:, :, :take]
-            self.kv.v[:, slot, :, position : position + take] = block.v[:, :, :take]
+            self.kv.write(slot, position, block.k[:, :, :take], block.v[:, :, :take])
             position += take
         self.hit_tokens += hit.tokens
         return hit.tokens
 
     def store(self, scope: str, adapter, tokens: list[int], slot: int) -> None:
         """Keeps the blocks of `tokens`, whose KV `slot` holds from position 0, that are not yet kept: the
-        whole blocks, and the tail after them unless a kept block already begins with it."""
+        whole blocks, and the tail after them unless a kept block already begins with it. `tokens` are all the
+        slot has written: where a ring has overwritten a block's positions, that block and those after it are
+        not kept (a chain is matched from its start, so they could not be found)."""
         if self.max_bytes < self.token_bytes:
             return
         n = self.block_tokens
+        held = self.kv.held_from(len(tokens))
         parent = self._root(scope, adapter)
         for i, key in enumerate(self._chain(scope, adapter, tokens, len(tokens) // n)):
-            self._keep(key, parent, tokens[i * n : (i + 1) * n], adapter, slot, i * n)
+            if not self._keep(key, parent, tokens[i * n : (i + 1) * n], adapter, slot, i * n, held):
+                return
             parent = key
         tail = tokens[len(tokens) // n * n :]
         if not tail:
@@ -133,22 +138,27 @@ class PrefixCache:
             if _common_prefix(block.tokens, tail) == len(tail) and block.computed_by(adapter):
                 self._blocks.move_to_end(key)
                 return
-        self._keep(_child_key(parent, tail), parent, tail, adapter, slot, len(tokens) - len(tail))
+        self._keep(_child_key(parent, tail), parent, tail, adapter, slot, len(tokens) - len(tail), held)
 
-    def _keep(self, key: bytes, parent: bytes, tokens: list[int], adapter, slot: int, start: int) -> None:
+    def _keep(self, key: bytes, parent: bytes, tokens: list[int], adapter, slot: int, start: int,
+              held: int) -> bool:
+        """Keeps the block at `start` of `slot` unless it is kept already; False where the slot no longer holds
+        it (positions before `held`)."""
         old = self._blocks.get(key)
         if old is not None and old.computed_by(adapter):
             self._blocks.move_to_end(key)
-            return
+            return True
+        if start < held:
+            return False
         if old is not None:  # a block of a gone adapter whose id this one now has
             self._drop(key)
-        end = start + len(tokens)
-        self._blocks[key] = _Block(tuple(tokens), parent, self.kv.k[:, slot, :, start:end].clone(),
-                                   self.kv.v[:, slot, :, start:end].clone(), _weak(adapter))
+        self._blocks[key] = _Block(tuple(tokens), parent, *self.kv.read(slot, start, start + len(tokens)),
+                                   _weak(adapter))
         self._children.setdefault(parent, set()).add(key)
         self._bytes += len(tokens) * self.token_bytes
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._blocks)))
+        return True
 
     def _drop(self, key: bytes) -> None:
         block = self._blocks.pop(key)

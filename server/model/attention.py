@@ -3,9 +3,11 @@ causally against theirs, each writing its new keys and values into the cache fir
 
 The cache (server.engine.kv_cache) is storage only; this is the math the model runs over it. Decode rows sit
 in KV slots 0..n-1 (see server.model.context), so their keys are read as a view, not gathered. Positions past
-a sequence's length are read and masked: the cache keeps them finite. Scores scale by `scale` (the head
-width's -1/2 power unless the family says otherwise) and, where a family caps them, become
-cap * tanh(score / cap) before the mask, as transformers' eager attention computes them.
+a sequence's length are read and masked: the cache keeps them finite. A windowed layer's cache may be a ring
+(position p at entry p % ring): once a sequence passes the ring, every entry is read and masked by the
+position it holds; the order of keys does not matter to the softmax, and rope is applied before the write.
+Scores scale by `scale` (the head width's -1/2 power unless the family says otherwise) and, where a family
+caps them, become cap * tanh(score / cap) before the mask, as transformers' eager attention computes them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from server.model.context import StepContext
 
 
 class KVTensors(Protocol):
-    k: torch.Tensor  # [layers, slots, kv_heads, max_len, head_dim]
-    v: torch.Tensor
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """A layer's keys, values [slots, kv_heads, entries, head_dim] and ring length (None: entry p holds
+        position p; else position p sits at entry p % ring, see server.engine.kv_cache)."""
 
 
 def attend(kv: KVTensors, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
@@ -30,7 +33,7 @@ def attend(kv: KVTensors, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch
     """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Stores k, v in the cache's `layer` and returns
     [tokens, heads, d]. `window`: the layer's sliding window, if any; `native_decode`: the backend's decode
     attention kernel (None: torch); `scale`: of the scores (None: d ** -0.5); `softcap`: their cap, if any."""
-    kc, vc = kv.k[layer], kv.v[layer]
+    kc, vc, ring = kv.layer(layer)
     if scale == q.shape[-1] ** -0.5:  # as None: each path then scales as it does by default, to the last bit
         scale = None
     outs = []
@@ -40,13 +43,17 @@ def attend(kv: KVTensors, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch
         # the kernel scales by d ** -0.5 and caps nothing; a window shorter than every row's keys changes
         # nothing, and the kernel attends to them all
         plain = softcap is None and scale is None
+        # (on a ring too: while no row passes the window, each position is its own entry)
         if native_decode is not None and plain and (window is None or ctx.kv_len <= window):
             out = native_decode(kc, vc, q[:n], k[:n], v[:n], ctx.positions[:n], ctx.kv_len)
-        outs.append(out if out is not None else _decode(kc, vc, q[:n], k[:n], v[:n], ctx, window, scale, softcap))
+        if out is None:
+            out = _decode(kc, vc, q[:n], k[:n], v[:n], ctx, window, scale, softcap, ring)
+        outs.append(out)
     row = n
     for chunk in ctx.prefills:
         rows = slice(row, row + chunk.length)
-        outs.append(_prefill(kc, vc, q[rows], k[rows], v[rows], chunk.slot, chunk.start, window, scale, softcap))
+        outs.append(_prefill(kc, vc, q[rows], k[rows], v[rows], chunk.slot, chunk.start, window, scale, softcap,
+                             ring))
         row += chunk.length
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
@@ -56,35 +63,61 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def _decode(kc, vc, q, k, v, ctx: StepContext, window: int | None = None, scale: float | None = None,
-            softcap: float | None = None) -> torch.Tensor:
+            softcap: float | None = None, ring: int | None = None) -> torch.Tensor:
     # The native kernel's reference and the path without it. Two batched matmuls, not SDPA: faster for one
     # query row per sequence (the timings and how they were taken: docs/decisions.md).
     n, heads, d = q.shape
     kv_heads = k.shape[1]
     positions = ctx.positions[:n]
-    kc[ctx.decode_slots, :, positions] = k
-    vc[ctx.decode_slots, :, positions] = v
-    keys, values = kc[:n, :, : ctx.kv_len], vc[:n, :, : ctx.kv_len]
+    hidden = None  # [n, keys]: keys outside a row's window, or never written for its sequence
+    if ring is not None and ctx.kv_len > ring:
+        kc[ctx.decode_slots, :, positions % ring] = k
+        vc[ctx.decode_slots, :, positions % ring] = v
+        keys, values, bias = kc[:n], vc[:n], None
+        held = ring_positions(positions, ring)
+        hidden = (held < 0) | (held <= positions[:, None] - window)
+    else:
+        kc[ctx.decode_slots, :, positions] = k
+        vc[ctx.decode_slots, :, positions] = v
+        keys, values, bias = kc[:n, :, : ctx.kv_len], vc[:n, :, : ctx.kv_len], ctx.decode_bias
+        if window is not None and ctx.kv_len > window:  # key j is seen from positions j .. j + window - 1
+            hidden = torch.arange(ctx.kv_len, device=q.device)[None, :] <= positions[:, None] - window
     grouped = q.view(n, kv_heads, heads // kv_heads, d)  # query head h reads KV head h // group
     scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()
     scores.mul_(d ** -0.5 if scale is None else scale)
     if softcap is not None:
         scores = soft_cap(scores, softcap)
-    scores.add_(ctx.decode_bias)
-    if window is not None and ctx.kv_len > window:  # key j is seen from positions j .. j + window - 1
-        before = torch.arange(ctx.kv_len, device=q.device)[None, :] <= positions[:, None] - window
-        scores.masked_fill_(before[:, None, None, :], float("-inf"))
+    if bias is not None:
+        scores.add_(bias)
+    if hidden is not None:
+        scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, values).view(n, heads, d)
 
 
+def ring_positions(last: torch.Tensor, ring: int) -> torch.Tensor:
+    """[rows, ring]: the position each entry of a ring holds once a row's sequence has written positions up to
+    last[row]: the newest one congruent to the entry, negative where none was written."""
+    entries = torch.arange(ring, device=last.device)
+    return last[:, None] - (last[:, None] - entries[None, :]) % ring
+
+
 def _prefill(kc, vc, q, k, v, slot: int, start: int, window: int | None = None, scale: float | None = None,
-             softcap: float | None = None) -> torch.Tensor:
+             softcap: float | None = None, ring: int | None = None) -> torch.Tensor:
     length = q.shape[0]
     end = start + length
-    kc[slot, :, start:end] = k.transpose(0, 1)
-    vc[slot, :, start:end] = v.transpose(0, 1)
-    if window is not None and end > window:  # query at p sees keys p - window + 1 .. p
+    wraps = ring is not None and end > ring
+    if wraps and length > ring - window + 1:  # its keys would overwrite ones its first queries see
+        raise ValueError(f"a prompt chunk of {length} tokens on a KV ring of {ring} for a window of {window}")
+    entries = torch.arange(start, end, device=q.device) % ring if wraps else slice(start, end)
+    kc[slot, :, entries] = k.transpose(0, 1)
+    vc[slot, :, entries] = v.transpose(0, 1)
+    if wraps:  # every entry, each masked by the position it holds (all written: the sequence passed the ring)
+        keys, values, causal = kc[slot], vc[slot], False
+        key_at = ring_positions(torch.tensor([end - 1], device=q.device), ring)
+        query_at = torch.arange(start, end, device=q.device)[:, None]
+        mask = (key_at <= query_at) & (key_at > query_at - window)
+    elif window is not None and end > window:  # query at p sees keys p - window + 1 .. p
         first = max(0, start + 1 - window)
         keys, values, causal = kc[slot, :, first:end], vc[slot, :, first:end], False
         key_at = torch.arange(first, end, device=q.device)[None, :]

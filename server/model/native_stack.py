@@ -4,10 +4,11 @@ The layer-by-layer path in `server.model.llama` stays the definition: this compu
 same kernels, and tests hold the two to equal logits (decode rows) or close ones (prompt chunks, which
 attend a row at a time here and with torch's SDPA there). It serves a step when the model computes every
 projection with the panel kernel or, on a quantized base, the block kernel (CPU, fp32 activations, no
-biases, no q/k norms), the KV cache is fp32 on CPU, no sliding window is shorter than the step's keys, the
-LoRA plan, if any, is the native kernel's, and no prompt chunk reaches past LONG_CHUNK_KEYS keys: row-at-a-time
-attention re-reads a sequence's keys for every row of its chunk, so a long chunk is faster layer by layer
-with torch's SDPA (the crossover, measured in-process in turns: docs/decisions.md).
+biases, no q/k norms), the KV cache is fp32 on CPU and holds every layer in one tensor (no ring), no sliding
+window is shorter than the step's keys, the LoRA plan, if any, is the native kernel's, and no prompt chunk
+reaches past LONG_CHUNK_KEYS keys: row-at-a-time attention re-reads a sequence's keys for every row of its
+chunk, so a long chunk is faster layer by layer with torch's SDPA (the crossover, measured in-process in
+turns: docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class NativeStack:
             lora = ctx.lora.native
             if lora is None:
                 return False
+        if kv.k is None:  # some layer's keys live in a ring, apart from the one tensor the kernel reads
+            return False
         if kv.k.dtype != torch.float32 or kv.k.device.type != "cpu" or kv.k.stride() != kv.v.stride():
             return False
         weights = self._weights()

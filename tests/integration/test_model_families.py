@@ -124,7 +124,7 @@ def run_sequences(model: LoadedModel, tokens: torch.Tensor, lora_rows: list[int]
     """Each KV slot i runs `tokens` (the prompt in two chunks, then one token per decode step), with the
     adapter slot lora_rows[i]; returns the logits of every position, [seqs, len(tokens), vocab]."""
     seqs = len(lora_rows) if lora_rows else 1
-    kv = KVCache(model.config, seqs, 32, CPU, torch.float32)
+    kv = KVCache(model.config, seqs, 32, CPU, torch.float32, max_chunk=FIRST_CHUNK)  # windowed layers: rings
     out = [[] for _ in range(seqs)]
     for start, stop in ((0, FIRST_CHUNK), (FIRST_CHUNK, PROMPT)):
         length = stop - start
@@ -143,6 +143,13 @@ def run_sequences(model: LoadedModel, tokens: torch.Tensor, lora_rows: list[int]
         for s in range(seqs):
             out[s].append(logits[s : s + 1])
     return torch.stack([torch.cat(rows) for rows in out])
+
+
+def test_windowed_layers_keep_a_ring_the_sequence_wraps(model):
+    kv = KVCache(model.config, 1, 32, CPU, torch.float32, max_chunk=FIRST_CHUNK)
+    windows = [model.config.window(layer) for layer in range(model.config.num_layers)]
+    assert kv.rings == tuple(None if w is None else w + FIRST_CHUNK - 1 for w in windows)
+    assert all(ring < PROMPT + DECODE_STEPS for ring in kv.rings if ring is not None)
 
 
 def test_base_logits_match_transformers_on_prompt_and_decode(model, family, reference):

@@ -1,5 +1,6 @@
 """The prefix cache's bookkeeping on a tiny KV cache: what matches, and what it keeps alive."""
 
+import dataclasses
 import gc
 import weakref
 
@@ -113,3 +114,27 @@ def test_an_adapter_that_inherits_a_gone_adapters_id_gets_no_stale_hit():
     assert cache.match("", second, prompt + [1]).tokens == 0
     cache.store("", second, prompt, slot=0)
     assert cache.match("", second, prompt + [1]).tokens == 8
+
+
+def test_with_a_ring_the_blocks_it_still_holds_are_kept_and_a_hit_loads_as_if_computed():
+    ringed = dataclasses.replace(TINY, layer_windows=(3, None))  # layer 0 keeps a ring of 3 + 4 - 1 positions
+    kv = KVCache(ringed, max_seqs=2, max_len=32, device=torch.device("cpu"), dtype=torch.float32, max_chunk=4)
+    assert kv.rings == (6, None)
+    cache, prompt = PrefixCache(kv, BLOCK, max_bytes=1 << 20), list(range(14))
+    history = torch.arange(2 * 14 * 4, dtype=torch.float32).view(2, 1, 14, 4)  # [layers, kv_heads, positions, d]
+    for start in range(0, 14, 4):  # prompt chunks of 4, each offered to the cache once computed
+        end = min(start + 4, 14)
+        kv.write(0, start, history[:, :, start:end], -history[:, :, start:end])
+        cache.store("", None, prompt[:end], slot=0)
+    hit = cache.match("", None, prompt + [99])
+    assert cache.load(hit, slot=1) == 14
+    k, v = kv.read(1, kv.held_from(14), 14)
+    assert torch.equal(k, history[:, :, 8:]) and torch.equal(v, -history[:, :, 8:])
+    assert torch.equal(kv.read(1, 0, 14)[0][1], history[1])  # the flat layer holds every position
+
+    kv.write(0, 0, history[:, :, :4], history[:, :, :4])
+    fresh = PrefixCache(kv, BLOCK, max_bytes=1 << 20)
+    fresh.store("", None, prompt[:4], slot=0)
+    kv.write(0, 4, history[:, :, 4:], history[:, :, 4:])  # ten positions at once: the ring holds the last six
+    fresh.store("", None, prompt, slot=0)
+    assert len(fresh) == 1 and fresh.match("", None, prompt + [99]).tokens == 4  # nothing it lost, nothing after
