@@ -14,6 +14,7 @@ from server.engine.scheduler import Scheduler
 from server.lora.layers import LoraSlots
 from server.lora.manager import AdapterSlots
 from server.model.backend import resolve_backend
+from server.model.context import PrefillChunk, build_step
 from server.model.geometry import site_layouts
 from server.model.loader import ModelFolder
 from server.model.weights import LoadedModel
@@ -95,3 +96,14 @@ def test_a_ring_serves_chunks_hits_and_moves_as_every_position(model):
     for i in want:
         assert len(got[i]) == len(want[i])
         torch.testing.assert_close(torch.stack(got[i]), torch.stack(want[i]), atol=1e-5, rtol=1e-5)
+
+
+def test_the_native_decoder_stack_steps_aside_for_a_ring_cache(model):
+    stack = model.transformer.native_stack
+    if stack is None:
+        pytest.skip("the native decoder stack does not take this model here")
+    ctx = build_step([], [PrefillChunk(0, 0, 3)], CPU)  # 3 keys: within the window, where it serves a flat cache
+    cos, sin = model.transformer.rope_tables(ctx.positions)
+    h = model.transformer.embed(torch.arange(3))
+    assert stack.run(h.clone(), ctx, cos, sin, KVCache(model.config, 1, MAX_LEN, CPU, torch.float32))
+    assert not stack.run(h.clone(), ctx, cos, sin, KVCache(model.config, 1, MAX_LEN, CPU, torch.float32, CHUNK))
