@@ -173,8 +173,9 @@ class Scheduler:
     def _move(self, src: int, dst: int) -> None:
         seq = self.running[src]
         # mid-step a sequence may not have been handed this step's token yet, and then kv_tokens is one
-        # short of what the step wrote: copy one position more (an unwritten one at worst)
-        length = min(seq.kv_tokens + 1, self.kv.max_len) if seq.prompt_done else seq.cached_tokens
+        # short of what the step wrote: copy one position more (an unwritten one at worst); a prompt's chunk
+        # computed this step is in its slot before `prefilled` counts it (chunk_tokens is 0 between steps)
+        length = min(seq.kv_tokens + 1, self.kv.max_len) if seq.prompt_done else seq.cached_tokens + seq.chunk_tokens
         self.kv.move(src, dst, length)
         seq.kv_slot = dst
         self.running[dst] = seq
