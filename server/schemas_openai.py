@@ -170,22 +170,18 @@ class ChatMessageIn(BaseModel):
     tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None             # a tool message: the call it answers
 
-    def as_template_message(self, native_tools: bool = False) -> dict:
-        """The message as a chat template takes it; `native_tools`: the template has a tool format of its own
-        and is given earlier calls as structured `tool_calls` (arguments as an object, as transformers asks)."""
+    def as_template_message(self) -> dict:
+        """The message as a chat template takes it, earlier calls as structured `tool_calls` (arguments as an
+        object, as transformers asks); a template without a tool format gets them written into the text
+        (server.tool_calls.for_template, in Runtime.encode)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        role = "system" if self.role == "developer" else self.role
-        calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
-                 for c in self.tool_calls or ()]
-        if native_tools:
-            message = {"role": role, "content": text}
-            if calls:
-                message["tool_calls"] = [{"type": "function", "function": call} for call in calls]
-            if self.tool_call_id is not None:
-                message["tool_call_id"] = self.tool_call_id
-            return message
-        # shown to the model as it was asked to write them
-        return {"role": role, "content": text + "".join(json.dumps(call) for call in calls)}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [{"type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields):

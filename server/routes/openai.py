@@ -170,7 +170,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     mode, named = req.tool_mode()
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if mode != "none" else None
     # structured: the template that renders them (an adapter's own or the base's) decides how tools are shown
-    messages = [m.as_template_message(native_tools=True) for m in req.messages]
+    messages = [m.as_template_message() for m in req.messages]
     if mode in ("required", "named"):
         grammar = await run_in_threadpool(call_grammar, rt.grammars, tools, named)
     else:

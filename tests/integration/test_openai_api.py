@@ -217,3 +217,14 @@ def test_an_earlier_tool_call_whose_arguments_are_not_a_json_object_is_refused(c
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=BASE_ID, max_tokens=4, tools=[WEATHER], messages=[*ASK_WEATHER, bad])
     assert err.value.body["param"] == "messages.1.tool_calls.0.function.arguments"
+
+
+def test_tokenize_writes_an_earlier_call_into_the_text_for_a_template_without_a_tool_format(server):
+    # the default model's template has no tool format: the call is shown as the model was asked to write it
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    structured = [*ASK_WEATHER, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    text = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    written = [*ASK_WEATHER, {"role": "assistant", "content": text}]
+    with httpx.Client(base_url=server.url) as c:
+        tokens = [c.post("/tokenize", json={"messages": m}).json()["tokens"] for m in (structured, written)]
+    assert tokens[0] == tokens[1]
