@@ -126,6 +126,7 @@ class AdapterInfo(BaseModel):
 
 class AdapterDetail(AdapterInfo):
     card: str | None = None  # the README.md uploaded or found with the adapter
+    chat_template: str | None = None  # its own chat template, used for its chat requests; None: the base's
 
 
 class AdapterList(BaseModel):

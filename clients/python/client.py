@@ -21,6 +21,7 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 Adapter = str | Mapping[str, float] | None
 
 PEFT_CONFIG = "adapter_config.json"
+COMPANIONS = ("README.md", "chat_template.jinja", "tokenizer_config.json")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -42,15 +43,16 @@ def generate_body(prompt: str | None, messages: Sequence[Message] | None, adapte
 
 def upload_parts(path: str | Path, name: str, rank: int | None, alpha: float | None,
                  replace: bool) -> dict[str, Any]:
-    """Multipart fields for POST /adapters: a PEFT folder's two files (and README.md, its card, if there), or one
-    raw .safetensors with rank and alpha."""
+    """Multipart fields for POST /adapters: a PEFT folder's two files (and its card, README.md, and chat template,
+    chat_template.jinja or tokenizer_config.json's, if there), or one raw .safetensors with rank and alpha."""
     path = Path(path)
     data: dict[str, Any] = {"name": name, **({"replace": "true"} if replace else {})}
     if path.is_dir():
         missing = [f for f in (PEFT_CONFIG, PEFT_WEIGHTS) if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is not a PEFT adapter folder: missing {', '.join(missing)}")
-        sent = (PEFT_CONFIG, PEFT_WEIGHTS, *(("README.md",) if (path / "README.md").is_file() else ()))
+        # its card and its own chat template (as tokenizer.save_pretrained leaves it) go along where present
+        sent = (PEFT_CONFIG, PEFT_WEIGHTS, *(f for f in COMPANIONS if (path / f).is_file()))
         files = [("files", (f, (path / f).read_bytes(), _content_type(f))) for f in sent]
     elif path.is_file() and path.suffix == ".safetensors":
         if rank is None or alpha is None:

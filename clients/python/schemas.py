@@ -96,6 +96,7 @@ class AdapterInfo:
     target_modules: list[str]
     size_bytes: int
     card: str | None = None  # the adapter's README.md: from get_adapter only
+    chat_template: str | None = None  # its own chat template (None: the base's): from get_adapter only
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AdapterInfo:

@@ -48,7 +48,7 @@ async def list_adapters(request: Request, principal: Principal = Depends(caller)
 async def get_adapter(name: str, request: Request, principal: Principal = Depends(caller)):
     check_may_see(principal, name)
     adapter = request.app.state.runtime.registry.describe(name)
-    return AdapterDetail(**adapter_info(adapter).model_dump(), card=adapter.card)
+    return AdapterDetail(**adapter_info(adapter).model_dump(), card=adapter.card, chat_template=adapter.chat_template)
 
 
 @router.delete("/{name}", status_code=204, responses={404: {"description": "unknown adapter"}})

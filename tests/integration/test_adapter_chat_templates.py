@@ -128,3 +128,16 @@ def test_the_template_survives_a_restart(server, tmp_path, model):
             assert chat_prompt_tokens(c, "kept") == expected_prompt_tokens(model)
     finally:
         restarted.stop()
+
+
+def test_the_python_client_uploads_a_folder_with_its_template_and_shows_it(server, model, folders, tmp_path):
+    from clients.python import LoraplexClient
+
+    write_peft_folder(random_adapter("plain", TINY, seed=4), tmp_path / "plain")
+    with LoraplexClient(server.url) as client:
+        client.upload_adapter(folders[1], "by-client")
+        client.upload_adapter(tmp_path / "plain", "plain-by-client")
+        assert client.get_adapter("by-client").chat_template == TEMPLATE
+        assert client.get_adapter("plain-by-client").chat_template is None
+    with server.client() as c:
+        assert chat_prompt_tokens(c, "by-client") == expected_prompt_tokens(model)
