@@ -58,7 +58,7 @@ def test_upload_generate_delete(server):
         assert info["name"] == "crew" and info["rank"] == 8 and info["target_modules"] == ["q_proj", "v_proj"]
         assert info["size_bytes"] > 0
         assert [a["name"] for a in c.get("/adapters").json()["adapters"]] == ["crew"]
-        assert c.get("/adapters/crew").json() == {**info, "card": None}  # uploaded without a README.md
+        assert c.get("/adapters/crew").json() == {**info, "card": None, "chat_template": None}  # neither was uploaded
 
         base = generate(c).json()
         tuned = generate(c, "crew").json()
