@@ -13,12 +13,12 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 
 from server.model.backend import resolve_backend
 from server.model.config import ModelConfig
-from server.model.context import PrefillChunk, build_step
 from server.engine.kv_cache import KVCache
 from server.model.gguf_blocks import UnsupportedTensor
 from server.model.loader import gguf_folder
 from server.model.weights import LoadedModel
 from tests.integration.server_process import ServerProcess
+from tests.integration.test_reference_logits import prefill
 from tests.integration.tiny_models import GGUF_VOCAB, write_gguf
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -74,11 +74,7 @@ def family(request, tmp_path_factory):
 
 
 def prompt_logits(model: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
-    kv = KVCache(model.config, 1, 32, CPU, torch.float32)
-    ctx = build_step([], [PrefillChunk(0, 0, len(tokens))], CPU)
-    ctx.logits_rows = torch.arange(len(tokens))
-    with torch.no_grad():
-        return model.transformer.forward(tokens, ctx, kv)
+    return prefill(model, tokens, 1, KVCache(model.config, 1, 32, CPU, torch.float32))[0]
 
 
 def test_each_family_served_from_its_blocks_matches_the_file_dequantized_and_its_source(family):

@@ -84,11 +84,12 @@ def reference(default_model_folder, prompt_ids, adapters):
 
 
 def prefill(model: LoadedModel, tokens: torch.Tensor, seqs: int, kv: KVCache, lora=None) -> torch.Tensor:
-    """`seqs` copies of the prompt prefilled in one step (KV slots 0..seqs-1); logits for every row."""
-    T = len(tokens)
+    """`seqs` copies of the prompt prefilled in one step (KV slots 0..seqs-1) on the model's device; logits for
+    every row."""
+    T, device = len(tokens), model.transformer.device
     rows = T * seqs
-    ctx = build_step([], [PrefillChunk(slot, 0, T) for slot in range(seqs)], torch.device("cpu"))
-    ctx.logits_rows, ctx.lora = torch.arange(rows), lora
+    ctx = build_step([], [PrefillChunk(slot, 0, T) for slot in range(seqs)], device)
+    ctx.logits_rows, ctx.lora = torch.arange(rows, device=device), lora
     return model.transformer.forward(tokens.repeat(seqs), ctx, kv).view(seqs, T, -1)
 
 

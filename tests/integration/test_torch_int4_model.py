@@ -11,10 +11,10 @@ from server.kernels.torch_int4 import TorchInt4Kernel
 from server.lora.layers import LoraSlots
 from server.lora.merge import merge_into_base, restore_base
 from server.model.backend import Backend, resolve_backend, torch_backend
-from server.model.context import PrefillChunk, build_step
 from server.model.geometry import site_layouts
 from server.model.loader import ModelFolder
 from server.model.weights import LoadedModel
+from tests.integration.test_reference_logits import prefill
 from tests.integration.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,10 +39,8 @@ def twin_backend(dtype: torch.dtype) -> Backend:
 def logits(model: LoadedModel, slots: LoraSlots | None = None) -> torch.Tensor:
     device, T = model.transformer.device, len(PROMPT)
     kv = KVCache(model.config, 1, T, device, model.transformer.dtype)
-    ctx = build_step([], [PrefillChunk(slot=0, start=0, length=T)], device)
-    ctx.logits_rows = torch.arange(T, device=device)
-    ctx.lora = slots.plan([0] * T) if slots is not None else None
-    return model.transformer.forward(PROMPT.to(device), ctx, kv).float().cpu()
+    plan = slots.plan([0] * T) if slots is not None else None
+    return prefill(model, PROMPT.to(device), 1, kv, plan)[0].float().cpu()
 
 
 def reference_logits(folder: ModelFolder) -> torch.Tensor:
