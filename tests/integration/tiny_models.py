@@ -47,7 +47,7 @@ def write_gguf(model, path: Path, arch: str, quant=None) -> Path:
     from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, get_tensor_name_map
     from gguf.quants import quantize
 
-    quant = quant or GGMLQuantizationType.Q8_0
+    quant = GGMLQuantizationType.Q8_0 if quant is None else quant  # F32 is 0: `or` would take it for none
     cfg = model.config
     writer = GGUFWriter(str(path), arch)
     _gguf_config(writer, cfg, arch)
