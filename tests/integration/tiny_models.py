@@ -37,17 +37,15 @@ def byte_tokens() -> list[str]:
 GGUF_VOCAB = 258
 
 
-def write_gguf(model, path: Path, arch: str, quant=None) -> Path:
+def write_gguf(model, path: Path, arch: str) -> Path:
     """`model` (a tiny Llama, Qwen2, Qwen3, Phi-3, Gemma 2 or Gemma 3 text model built by transformers, vocabulary
     GGUF_VOCAB) written as llama.cpp's converter writes it: its config as `arch`.* keys (`_gguf_config`), a
     byte-level tokenizer (`byte_tokens`), tensors under gguf's names for `arch`, norms and biases in F32 (a
-    Gemma's norms as 1 + w, the scale its RMS norm multiplies by), the embedding and lm_head in Q8_0,
-    projections in `quant` (Q8_0 by default), and for `llama` the rows of attn_q and attn_k permuted as
-    llama.cpp permutes them."""
+    Gemma's norms as 1 + w, the scale its RMS norm multiplies by), every matrix in Q8_0, and for `llama` the
+    rows of attn_q and attn_k permuted as llama.cpp permutes them."""
     from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, get_tensor_name_map
     from gguf.quants import quantize
 
-    quant = GGMLQuantizationType.Q8_0 if quant is None else quant  # F32 is 0: `or` would take it for none
     cfg = model.config
     writer = GGUFWriter(str(path), arch)
     _gguf_config(writer, cfg, arch)
@@ -75,9 +73,7 @@ def write_gguf(model, path: Path, arch: str, quant=None) -> Path:
         if arch == "llama" and name.endswith(("attn_q", "attn_k")):
             n = heads if name.endswith("attn_q") else kv_heads
             tensor = tensor.reshape(n, 2, tensor.shape[0] // n // 2, -1).transpose(1, 2).reshape(tensor.shape)
-        kind = GGMLQuantizationType.F32
-        if tensor.dim() == 2:
-            kind = GGMLQuantizationType.Q8_0 if name in ("token_embd", "output") else quant
+        kind = GGMLQuantizationType.Q8_0 if tensor.dim() == 2 else GGMLQuantizationType.F32
         data = tensor.detach().float().numpy()
         writer.add_tensor(f"{name}.{suffix}", data if kind == GGMLQuantizationType.F32 else quantize(data, kind),
                           raw_dtype=kind)
